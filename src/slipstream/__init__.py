@@ -1,0 +1,30 @@
+"""slipstream: make a trained model a fast, small, verified, monitored production service.
+
+The public API is re-exported here; everything else is an implementation detail.
+"""
+
+from slipstream.artifact import Bundle, Manifest, TensorSpec
+from slipstream.artifact.summary import BundleSummary, summarize
+from slipstream.errors import SlipstreamError
+from slipstream.evaluate import BenchReport, BenchSettings, bench
+from slipstream.importers import convert
+from slipstream.runtime import Engine, Target, target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BenchReport",
+    "BenchSettings",
+    "Bundle",
+    "BundleSummary",
+    "Engine",
+    "Manifest",
+    "SlipstreamError",
+    "Target",
+    "TensorSpec",
+    "__version__",
+    "bench",
+    "convert",
+    "summarize",
+    "target",
+]

@@ -1,0 +1,18 @@
+"""The bundle: model.onnx + manifest.json, written atomically and verified on load."""
+
+from slipstream.artifact.bundle import Bundle, Step, write_bundle
+from slipstream.artifact.manifest import SCHEMA_VERSION, FileDigest, LineageEntry, Manifest, Source
+from slipstream.artifact.tensor import DType, TensorSpec
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Bundle",
+    "DType",
+    "FileDigest",
+    "LineageEntry",
+    "Manifest",
+    "Source",
+    "Step",
+    "TensorSpec",
+    "write_bundle",
+]

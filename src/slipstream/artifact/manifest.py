@@ -1,0 +1,74 @@
+"""manifest.json: what a bundle holds, where it came from and what was measured on it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from slipstream.artifact.tensor import TensorSpec
+
+SCHEMA_VERSION = 1
+
+
+def current_version() -> str:
+    from slipstream import __version__
+
+    return __version__
+
+
+Framework = Literal["onnx", "torch", "keras", "tensorflow", "tflite", "sklearn"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Source(_Frozen):
+    """The model a bundle was made from."""
+
+    framework: Framework = Field(description="The framework of the source model.")
+    path: str | None = Field(default=None, description="The source file, when it came from one.")
+    sha256: str | None = Field(default=None, description="Digest of the source file.")
+
+
+class LineageEntry(_Frozen):
+    """One step that produced this bundle from its parent."""
+
+    step: str = Field(description="Stable name with version, e.g. 'import.onnx@1' or 'quantize.dynamic@1'.")
+    config: dict[str, JsonValue] = Field(default_factory=dict, description="The step's resolved config.")
+    duration_s: float = Field(ge=0, description="Wall time the step took, in seconds.")
+    input_sha256: str | None = Field(default=None, description="Digest of the step's input model.")
+    output_sha256: str = Field(description="Digest of the model.onnx the step wrote.")
+    at: datetime = Field(description="When the step finished (UTC).")
+
+
+class FileDigest(_Frozen):
+    sha256: str
+    size_bytes: int = Field(ge=0)
+
+
+class Manifest(_Frozen):
+    """The bundle's description. Frozen: change it with ``model_copy(update=...)``."""
+
+    schema_version: int = Field(default=SCHEMA_VERSION, description="Manifest schema version.")
+    name: str = Field(min_length=1, description="Model name; also the serving name.")
+    version: str = Field(default="1", min_length=1, description="Model version.")
+    created_at: datetime = Field(
+        default_factory=lambda: datetime.now(UTC), description="When the bundle was written (UTC)."
+    )
+    slipstream_version: str = Field(
+        default_factory=current_version, description="The slipstream version that wrote it."
+    )
+    source: Source
+    inputs: tuple[TensorSpec, ...] = Field(min_length=1)
+    outputs: tuple[TensorSpec, ...] = Field(min_length=1)
+    lineage: tuple[LineageEntry, ...] = Field(default=())
+    resolved: dict[str, JsonValue] = Field(
+        default_factory=dict, description="Choices made on the user's behalf (opset, exporter, provider...)."
+    )
+    metrics: dict[str, JsonValue] = Field(default_factory=dict, description="Measured quality and speed.")
+    files: dict[str, FileDigest] = Field(
+        default_factory=dict, description="sha256 and size of every file in the bundle but the manifest."
+    )

@@ -1,0 +1,90 @@
+"""Rich renderings of summaries and reports."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.table import Table
+
+from slipstream.artifact.summary import BundleSummary
+from slipstream.artifact.tensor import TensorSpec
+from slipstream.cli.output import console
+from slipstream.evaluate.bench import BenchReport
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _io_table(title: str, specs: tuple[TensorSpec, ...]) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("name")
+    table.add_column("dtype")
+    table.add_column("shape")
+    for s in specs:
+        table.add_row(escape(s.name), s.dtype, escape(s.shape_text()))
+    return table
+
+
+def render_summary(s: BundleSummary) -> None:
+    console.print(f"[bold]{escape(s.name)}[/] v{escape(s.version)}  ({escape(s.path)})", highlight=False)
+    src = s.source
+    console.print(f"source: {src.framework} {escape(src.path or '')}", highlight=False)
+    console.print(
+        f"{s.node_count} nodes · {s.parameter_count:,} parameters · weights {_human_bytes(s.weights_bytes)}"
+        f" · bundle {_human_bytes(s.bundle_bytes)} · opsets {escape(str(s.opsets))}",
+        highlight=False,
+    )
+    console.print(_io_table("inputs", s.inputs))
+    console.print(_io_table("outputs", s.outputs))
+    ops = Table(title="operators", title_justify="left")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, count in s.op_histogram.items():
+        ops.add_row(op, str(count))
+    console.print(ops)
+    if s.largest_initializers:
+        inits = Table(title="largest weights", title_justify="left")
+        for col in ("name", "dtype", "shape", "size"):
+            inits.add_column(col, justify="right" if col == "size" else "left")
+        for i in s.largest_initializers:
+            inits.add_row(escape(i.name), i.dtype, escape(str(list(i.shape))), _human_bytes(i.size_bytes))
+        console.print(inits)
+    lineage = Table(title="lineage", title_justify="left")
+    for col in ("step", "duration", "output sha256", "at"):
+        lineage.add_column(col)
+    for e in s.lineage:
+        lineage.add_row(e.step, f"{e.duration_s:.3f} s", e.output_sha256[:12], e.at.isoformat(timespec="seconds"))
+    console.print(lineage)
+    if s.metrics:
+        console.print("metrics:", s.metrics)
+
+
+def render_bench(r: BenchReport) -> None:
+    eng = r.engine
+    console.print(
+        f"[bold]{escape(r.model)}[/] v{escape(r.version)} on {eng.target} · providers {', '.join(eng.providers)} · "
+        f"threads {eng.intra_op_threads} · session load {r.session_load_s * 1000:.1f} ms · "
+        f"peak RSS {r.peak_rss_mb:.0f} MiB",
+        highlight=False,
+    )
+    if eng.fallback:
+        console.print(f"[yellow]fallback:[/] {escape(eng.fallback)}", highlight=False)
+    table = Table(title="latency", title_justify="left")
+    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "stdev ms", "samples/s", "runs", "settled"):
+        table.add_column(col, justify="right")
+    for b in r.results:
+        table.add_row(
+            str(b.batch),
+            f"{b.p50_ms:.3f}",
+            f"{b.p90_ms:.3f}",
+            f"{b.p99_ms:.3f}",
+            f"{b.stdev_ms:.3f}",
+            f"{b.throughput_sps:,.0f}",
+            str(b.runs),
+            "yes" if b.settled else "no",
+        )
+    console.print(table)

@@ -1,0 +1,141 @@
+"""Every error slipstream raises, rooted in one tree.
+
+::
+
+    SlipstreamError                      base; ``hint`` says what to do
+    ├── ConfigError                 400  a setting, option or recipe field is invalid
+    ├── MissingDependencyError           an optional extra is not installed (names the extra)
+    ├── BundleError                      something is wrong with a bundle on disk (``path``)
+    │   ├── BundleNotFoundError     404  no bundle where one was expected
+    │   ├── BundleExistsError            the output path is taken and overwriting was not asked for
+    │   ├── SchemaError                  manifest.json is unreadable, invalid or from a newer slipstream
+    │   └── IntegrityError               a file's sha256 or size differs from the manifest (``file``)
+    ├── ConversionError                  a source model could not become a bundle (``source``)
+    │   └── InvalidModelError       400  the model file is not a valid model of its kind
+    ├── InputError                  400  a caller's tensors do not match the model (``input_name``)
+    └── EngineError                      onnxruntime could not build or run a session
+        └── ProviderUnavailableError     a requested execution provider is missing (``provider``)
+
+Client-facing errors carry ``status_code``; the HTTP layer reads the attribute instead of branching on
+types. Every message says what was expected, what came, and what to do (the ``hint``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "BundleError",
+    "BundleExistsError",
+    "BundleNotFoundError",
+    "ConfigError",
+    "ConversionError",
+    "EngineError",
+    "InputError",
+    "IntegrityError",
+    "InvalidModelError",
+    "MissingDependencyError",
+    "ProviderUnavailableError",
+    "SchemaError",
+    "SlipstreamError",
+]
+
+
+class SlipstreamError(Exception):
+    """The root of every error slipstream raises.
+
+    ``message`` says what was expected and what came; ``hint`` says what to do about it.
+    ``status_code`` is ``None`` for errors that are not a client's fault (they map to 500).
+    """
+
+    status_code: int | None = None
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}\n  hint: {self.hint}"
+        return self.message
+
+
+class ConfigError(SlipstreamError):
+    """A setting, CLI option or recipe field is invalid; ``field`` names it when known."""
+
+    status_code = 400
+
+    def __init__(self, message: str, *, field: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.field = field
+
+
+class MissingDependencyError(SlipstreamError):
+    """An optional extra that this feature needs is not installed."""
+
+    def __init__(self, package: str, *, extra: str, feature: str) -> None:
+        super().__init__(
+            f"{feature} needs the Python package '{package}', which is not installed.",
+            hint=f"pip install 'slipstream[{extra}]'",
+        )
+        self.package = package
+        self.extra = extra
+
+
+class BundleError(SlipstreamError):
+    """Something is wrong with a bundle directory."""
+
+    def __init__(self, message: str, *, path: Path | str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = Path(path)
+
+
+class BundleNotFoundError(BundleError):
+    status_code = 404
+
+
+class BundleExistsError(BundleError):
+    pass
+
+
+class SchemaError(BundleError):
+    pass
+
+
+class IntegrityError(BundleError):
+    """A file in a bundle does not match the digest recorded in its manifest."""
+
+    def __init__(self, message: str, *, path: Path | str, file: str, hint: str | None = None) -> None:
+        super().__init__(message, path=path, hint=hint)
+        self.file = file
+
+
+class ConversionError(SlipstreamError):
+    def __init__(self, message: str, *, source: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.source = source
+
+
+class InvalidModelError(ConversionError):
+    status_code = 400
+
+
+class InputError(SlipstreamError):
+    """A caller's tensors do not match what the model takes."""
+
+    status_code = 400
+
+    def __init__(self, message: str, *, input_name: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.input_name = input_name
+
+
+class EngineError(SlipstreamError):
+    pass
+
+
+class ProviderUnavailableError(EngineError):
+    def __init__(self, message: str, *, provider: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.provider = provider

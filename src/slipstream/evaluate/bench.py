@@ -1,0 +1,156 @@
+"""Latency and throughput of an engine, measured until the median settles."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+
+import numpy as np
+import psutil
+from pydantic import BaseModel, ConfigDict, Field
+
+from slipstream.data.synthetic import example_inputs
+from slipstream.errors import ConfigError
+from slipstream.runtime.engine import Engine, EngineInfo
+
+Clock = Callable[[], float]
+
+
+class BenchSettings(BaseModel):
+    """How long and at which batch sizes to time a model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    batch_sizes: tuple[int, ...] = Field(default=(1, 8, 32), min_length=1, description="Batch sizes to time.")
+    warmup_runs: int = Field(default=5, ge=0, description="Untimed runs before measuring each batch size.")
+    round_runs: int = Field(default=20, ge=3, description="Timed runs per round.")
+    max_rounds: int = Field(default=200, ge=1, description="Stop after this many rounds even if unsettled.")
+    min_time_s: float = Field(
+        default=0.5, ge=0, description="Keep timing at least this long per batch size (for stable tails)."
+    )
+    max_time_s: float = Field(default=5.0, gt=0, description="Time budget per batch size, in seconds.")
+    stable_rel: float = Field(
+        default=0.05, gt=0, description="Settled when a round's median is within this fraction of the last."
+    )
+    dims: dict[str, int] = Field(default_factory=dict, description="Sizes for symbolic non-batch dims.")
+    seed: int = Field(default=0, description="Seed for generated inputs.")
+
+
+class BatchResult(BaseModel):
+    """Latency and throughput at one batch size."""
+
+    model_config = ConfigDict(frozen=True)
+
+    batch: int
+    runs: int
+    rounds: int
+    settled: bool = Field(description="Whether the median stopped moving before the budget ran out.")
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    stdev_ms: float
+    throughput_sps: float = Field(description="Samples per second at the median latency.")
+
+
+class BenchReport(BaseModel):
+    """What `slipstream bench` measured, with the engine settings that were in force."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    version: str
+    engine: EngineInfo
+    session_load_s: float
+    rss_before_load_mb: float
+    peak_rss_mb: float
+    results: tuple[BatchResult, ...]
+
+
+def _percentile(sorted_ms: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(sorted_ms), q))
+
+
+def time_batch(
+    run: Callable[[], object], batch: int, settings: BenchSettings, clock: Clock = time.perf_counter
+) -> BatchResult:
+    """Time ``run`` in rounds until the median settles or the budget is spent."""
+    for _ in range(settings.warmup_runs):
+        run()
+    samples: list[float] = []
+    last_median: float | None = None
+    settled = False
+    rounds = 0
+    start = clock()
+    while rounds < settings.max_rounds:
+        rounds += 1
+        for _ in range(settings.round_runs):
+            t0 = clock()
+            run()
+            samples.append((clock() - t0) * 1000.0)
+        median = statistics.median(samples)
+        elapsed = clock() - start
+        stable = last_median is not None and abs(median - last_median) <= settings.stable_rel * last_median
+        last_median = median
+        if stable and elapsed >= min(settings.min_time_s, settings.max_time_s):
+            settled = True
+            break
+        if elapsed > settings.max_time_s:
+            break
+    ordered = sorted(samples)
+    p50 = _percentile(ordered, 50)
+    return BatchResult(
+        batch=batch,
+        runs=len(samples),
+        rounds=rounds,
+        settled=settled,
+        p50_ms=p50,
+        p90_ms=_percentile(ordered, 90),
+        p99_ms=_percentile(ordered, 99),
+        mean_ms=statistics.fmean(samples),
+        stdev_ms=statistics.pstdev(samples),
+        throughput_sps=batch / (p50 / 1000.0) if p50 > 0 else float("inf"),
+    )
+
+
+def bench(
+    engine_factory: Callable[[], Engine],
+    settings: BenchSettings | None = None,
+    *,
+    feeds: Mapping[int, Mapping[str, np.ndarray]] | None = None,
+    clock: Clock = time.perf_counter,
+) -> BenchReport:
+    """Build the engine (timing the load) and time it at each batch size on generated inputs."""
+    settings = settings or BenchSettings()
+    if any(b < 1 for b in settings.batch_sizes):
+        raise ConfigError(f"Batch sizes must be ≥ 1; got {list(settings.batch_sizes)}.", field="batch_sizes")
+    proc = psutil.Process()
+    rss_before = proc.memory_info().rss
+    peak = rss_before
+    engine = engine_factory()
+    results: list[BatchResult] = []
+    for batch in settings.batch_sizes:
+        data = dict(feeds[batch]) if feeds and batch in feeds else None
+        data = data or example_inputs(engine.inputs, batch, dims=settings.dims, seed=settings.seed)
+        checked = engine.check_inputs(data)
+        results.append(time_batch(partial(engine.run, checked, check=False), batch, settings, clock))
+        peak = max(peak, proc.memory_info().rss)
+    manifest = engine.bundle.manifest
+    return BenchReport(
+        model=manifest.name,
+        version=manifest.version,
+        engine=engine.resolved(),
+        session_load_s=engine.load_time_s,
+        rss_before_load_mb=rss_before / 2**20,
+        peak_rss_mb=max(peak, _peak_rss_bytes()) / 2**20,
+        results=tuple(results),
+    )
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    # ru_maxrss is in KiB on Linux: the high-water mark of the whole process.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

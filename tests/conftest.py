@@ -1,0 +1,50 @@
+"""Shared fixtures: real ONNX files and bundles, built once per session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+from slipstream.artifact import Bundle
+from slipstream.importers import import_onnx
+from tests.onnx_models import build_mlp, build_token_scorer
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def mlp_onnx(models_dir: Path) -> Path:
+    path = models_dir / "mlp.onnx"
+    onnx.save_model(build_mlp((8, 16, 4)), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def scorer_onnx(models_dir: Path) -> Path:
+    path = models_dir / "scorer.onnx"
+    onnx.save_model(build_token_scorer(), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlp_bundle_dir(mlp_onnx: Path, models_dir: Path) -> Path:
+    """A bundle shared by read-only tests; tests that change files use ``bundle_copy``."""
+    return import_onnx(mlp_onnx, models_dir / "mlp-bundle").path
+
+
+@pytest.fixture(scope="session")
+def mlp_bundle(mlp_bundle_dir: Path) -> Bundle:
+    return Bundle.load(mlp_bundle_dir)
+
+
+@pytest.fixture
+def bundle_copy(mlp_bundle_dir: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "bundle"
+    shutil.copytree(mlp_bundle_dir, dest)
+    return dest
