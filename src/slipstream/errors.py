@@ -11,7 +11,8 @@
     │   ├── SchemaError                  manifest.json is unreadable, invalid or from a newer slipstream
     │   └── IntegrityError               a file's sha256 or size differs from the manifest (``file``)
     ├── ConversionError                  a source model could not become a bundle (``source``)
-    │   └── InvalidModelError       400  the model file is not a valid model of its kind
+    │   ├── InvalidModelError       400  the model file is not a valid model of its kind
+    │   └── ParityError                  the converted model's outputs differ from the source's (``mismatches``)
     ├── InputError                  400  a caller's tensors do not match the model (``input_name``)
     └── EngineError                      onnxruntime could not build or run a session
         └── ProviderUnavailableError     a requested execution provider is missing (``provider``)
@@ -35,6 +36,7 @@ __all__ = [
     "IntegrityError",
     "InvalidModelError",
     "MissingDependencyError",
+    "ParityError",
     "ProviderUnavailableError",
     "SchemaError",
     "SlipstreamError",
@@ -119,6 +121,19 @@ class ConversionError(SlipstreamError):
 
 class InvalidModelError(ConversionError):
     status_code = 400
+
+
+class ParityError(ConversionError):
+    """The ONNX model does not reproduce the source; ``mismatches`` lists every failed comparison."""
+
+    def __init__(self, mismatches: list[str], *, source: str | None = None, hint: str | None = None) -> None:
+        listing = "\n".join(f"  - {m}" for m in mismatches)
+        super().__init__(
+            f"The converted model does not match the source on {len(mismatches)} comparison(s):\n{listing}",
+            source=source,
+            hint=hint,
+        )
+        self.mismatches = mismatches
 
 
 class InputError(SlipstreamError):

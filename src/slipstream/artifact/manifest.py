@@ -44,6 +44,36 @@ class LineageEntry(_Frozen):
     at: datetime = Field(description="When the step finished (UTC).")
 
 
+class OutputParity(_Frozen):
+    """How one output of the converted model compared with the source on one input case."""
+
+    output: str
+    max_abs_error: float = Field(description="Largest |onnx - source| over all elements (0 when exact).")
+    max_rel_error: float = Field(description="Largest |onnx - source| / max(|source|, tiny).")
+    atol: float = Field(description="Absolute tolerance applied.")
+    rtol: float = Field(description="Relative tolerance applied.")
+    exact: bool = Field(description="Compared for equality (integer, bool and string outputs).")
+    passed: bool
+
+
+class ParityCase(_Frozen):
+    """One set of inputs both models ran on."""
+
+    batch: int
+    dims: dict[str, int] = Field(default_factory=dict, description="Sizes given to symbolic non-batch dims.")
+    outputs: tuple[OutputParity, ...]
+
+
+class ParityRecord(_Frozen):
+    """The numerical parity proof of a conversion, or the record that it was skipped on request."""
+
+    status: Literal["passed", "skipped"]
+    reference: str = Field(description="What the ONNX model was compared with, e.g. 'torch eager'.")
+    data: Literal["sample", "generated", "none"] = Field(description="Where the inputs came from.")
+    cases: tuple[ParityCase, ...] = Field(default=())
+    reason: str | None = Field(default=None, description="Why the proof was skipped, when it was.")
+
+
 class FileDigest(_Frozen):
     sha256: str
     size_bytes: int = Field(ge=0)
@@ -69,6 +99,9 @@ class Manifest(_Frozen):
         default_factory=dict, description="Choices made on the user's behalf (opset, exporter, provider...)."
     )
     metrics: dict[str, JsonValue] = Field(default_factory=dict, description="Measured quality and speed.")
+    parity: ParityRecord | None = Field(
+        default=None, description="The conversion's parity proof (None for an ONNX source: nothing converted)."
+    )
     files: dict[str, FileDigest] = Field(
         default_factory=dict, description="sha256 and size of every file in the bundle but the manifest."
     )
