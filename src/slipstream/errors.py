@@ -14,8 +14,19 @@
     │   ├── InvalidModelError       400  the model file is not a valid model of its kind
     │   └── ParityError                  the converted model's outputs differ from the source's (``mismatches``)
     ├── InputError                  400  a caller's tensors do not match the model (``input_name``)
-    └── EngineError                      onnxruntime could not build or run a session
-        └── ProviderUnavailableError     a requested execution provider is missing (``provider``)
+    ├── DataError                   400  a dataset file or callable does not fit the model (``source``)
+    ├── PassError                        an optimization pass failed on a model (``pass_name``)
+    ├── EngineError                      onnxruntime could not build or run a session
+    │   └── ProviderUnavailableError     a requested execution provider is missing (``provider``)
+    └── ServingError                     the server refused a request (``retry_after_s`` when it may retry)
+        ├── ProtocolError           400  a request does not follow the Open Inference Protocol v2
+        ├── UnauthorizedError       401  no API key, or one the server does not know
+        ├── ForbiddenError          403  the endpoint needs an admin key, or none is configured
+        ├── ModelNotFoundError      404  no such model or version in the repository
+        ├── PayloadTooLargeError    413  the request body is over the configured limit
+        ├── RateLimitedError        429  the caller's token bucket is empty
+        ├── ServerBusyError         503  a full queue, a model not ready, or a server draining
+        └── RequestTimeoutError     504  the request waited longer than its timeout
 
 Client-facing errors carry ``status_code``; the HTTP layer reads the attribute instead of branching on
 types. Every message says what was expected, what came, and what to do (the ``hint``).
@@ -31,15 +42,26 @@ __all__ = [
     "BundleNotFoundError",
     "ConfigError",
     "ConversionError",
+    "DataError",
     "EngineError",
+    "ForbiddenError",
     "InputError",
     "IntegrityError",
     "InvalidModelError",
     "MissingDependencyError",
+    "ModelNotFoundError",
     "ParityError",
+    "PassError",
+    "PayloadTooLargeError",
+    "ProtocolError",
     "ProviderUnavailableError",
+    "RateLimitedError",
+    "RequestTimeoutError",
     "SchemaError",
+    "ServerBusyError",
+    "ServingError",
     "SlipstreamError",
+    "UnauthorizedError",
 ]
 
 
@@ -146,6 +168,24 @@ class InputError(SlipstreamError):
         self.input_name = input_name
 
 
+class PassError(SlipstreamError):
+    """An optimization pass could not produce its output; ``pass_name`` names it."""
+
+    def __init__(self, message: str, *, pass_name: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.pass_name = pass_name
+
+
+class DataError(SlipstreamError):
+    """Evaluation, calibration or training data does not fit the model."""
+
+    status_code = 400
+
+    def __init__(self, message: str, *, source: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.source = source
+
+
 class EngineError(SlipstreamError):
     pass
 
@@ -154,3 +194,45 @@ class ProviderUnavailableError(EngineError):
     def __init__(self, message: str, *, provider: str, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.provider = provider
+
+
+class ServingError(SlipstreamError):
+    """The server refused a request; ``retry_after_s`` (when set) becomes a ``Retry-After`` header."""
+
+    status_code: int | None = 500
+
+    def __init__(self, message: str, *, hint: str | None = None, retry_after_s: float | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after_s = retry_after_s
+
+
+class ProtocolError(ServingError):
+    status_code = 400
+
+
+class UnauthorizedError(ServingError):
+    status_code = 401
+
+
+class ForbiddenError(ServingError):
+    status_code = 403
+
+
+class ModelNotFoundError(ServingError):
+    status_code = 404
+
+
+class PayloadTooLargeError(ServingError):
+    status_code = 413
+
+
+class RateLimitedError(ServingError):
+    status_code = 429
+
+
+class ServerBusyError(ServingError):
+    status_code = 503
+
+
+class RequestTimeoutError(ServingError):
+    status_code = 504
