@@ -42,13 +42,14 @@ def test_stops_when_the_median_settles() -> None:
 
 
 def test_keeps_going_while_the_median_moves_and_reports_tails() -> None:
-    # Runs slow down from 1 ms to 4 ms; the running median moves 1, 1.5, 2, 3, 4, 4: settled in round 6.
+    # Runs slow down from 1 ms to 4 ms; rounds of 10, 10, 20, 40, 80 runs move the running median
+    # 1, 1.5, 3, 4, 4: settled in round 5.
     times = itertools.chain([1.0] * 10, [2.0] * 10, itertools.repeat(4.0))
     clock = FakeClock(times)
     result = time_batch(clock.run, 1, _settings(), clock)
-    assert result.settled and result.rounds == 6
+    assert result.settled and result.rounds == 5 and result.runs == 160
     assert result.p99_ms == pytest.approx(4.0)
-    assert result.mean_ms == pytest.approx((10 * 1 + 10 * 2 + 40 * 4) / 60)
+    assert result.mean_ms == pytest.approx((10 * 1 + 10 * 2 + 140 * 4) / 160)
     assert result.stdev_ms > 0
 
 

@@ -74,7 +74,7 @@ def render_bench(r: BenchReport) -> None:
     if eng.fallback:
         console.print(f"[yellow]fallback:[/] {escape(eng.fallback)}", highlight=False)
     table = Table(title="latency", title_justify="left")
-    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "stdev ms", "samples/s", "runs", "settled"):
+    for col in ("batch", "p50 ms", "p90 ms", "p99 ms", "stdev ms", "samples/s", "GFLOP/s", "runs", "settled"):
         table.add_column(col, justify="right")
     for b in r.results:
         table.add_row(
@@ -84,7 +84,14 @@ def render_bench(r: BenchReport) -> None:
             f"{b.p99_ms:.3f}",
             f"{b.stdev_ms:.3f}",
             f"{b.throughput_sps:,.0f}",
+            "-" if b.achieved_gflops is None else f"{b.achieved_gflops:.2f}",
             str(b.runs),
             "yes" if b.settled else "no",
         )
     console.print(table)
+    best = max((b.achieved_gflops or 0.0 for b in r.results), default=0.0)
+    console.print(
+        f"best {best:.2f} GFLOP/s = {100 * best / r.peak.gflops:.1f} % of an estimated {r.peak.gflops:.0f} GFLOP/s "
+        f"fp32 peak ({escape(r.peak.method)}); counted ops: {escape(str(r.counted_ops))}",
+        highlight=False,
+    )

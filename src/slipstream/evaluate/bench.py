@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slipstream.data.synthetic import example_inputs
 from slipstream.errors import ConfigError
+from slipstream.evaluate.flops import PeakEstimate, count_work, estimate_peak_gflops
 from slipstream.runtime.engine import Engine, EngineInfo
 
 Clock = Callable[[], float]
@@ -25,8 +26,8 @@ class BenchSettings(BaseModel):
 
     batch_sizes: tuple[int, ...] = Field(default=(1, 8, 32), min_length=1, description="Batch sizes to time.")
     warmup_runs: int = Field(default=5, ge=0, description="Untimed runs before measuring each batch size.")
-    round_runs: int = Field(default=20, ge=3, description="Timed runs per round.")
-    max_rounds: int = Field(default=200, ge=1, description="Stop after this many rounds even if unsettled.")
+    round_runs: int = Field(default=20, ge=3, description="Timed runs in the first round; each later round doubles.")
+    max_rounds: int = Field(default=40, ge=1, description="Stop after this many (doubling) rounds even if unsettled.")
     min_time_s: float = Field(
         default=0.5, ge=0, description="Keep timing at least this long per batch size (for stable tails)."
     )
@@ -53,6 +54,8 @@ class BatchResult(BaseModel):
     mean_ms: float
     stdev_ms: float
     throughput_sps: float = Field(description="Samples per second at the median latency.")
+    gflop_per_run: float | None = Field(default=None, description="Counted work of one run (see flops.py).")
+    achieved_gflops: float | None = Field(default=None, description="gflop_per_run / median latency.")
 
 
 class BenchReport(BaseModel):
@@ -67,6 +70,8 @@ class BenchReport(BaseModel):
     rss_before_load_mb: float
     peak_rss_mb: float
     results: tuple[BatchResult, ...]
+    peak: PeakEstimate = Field(description="This CPU's estimated fp32 peak, and how it was estimated.")
+    counted_ops: dict[str, int] = Field(description="Node types counted in gflop_per_run.")
 
 
 def _percentile(sorted_ms: Sequence[float], q: float) -> float:
@@ -86,10 +91,13 @@ def time_batch(
     start = clock()
     while rounds < settings.max_rounds:
         rounds += 1
-        for _ in range(settings.round_runs):
+        # Rounds double in size, so the median is recomputed O(log n) times however fast the model is.
+        for _ in range(max(settings.round_runs, len(samples))):
             t0 = clock()
             run()
             samples.append((clock() - t0) * 1000.0)
+            if clock() - start > settings.max_time_s:
+                break
         median = statistics.median(samples)
         elapsed = clock() - start
         stable = last_median is not None and abs(median - last_median) <= settings.stable_rel * last_median
@@ -130,12 +138,20 @@ def bench(
     rss_before = proc.memory_info().rss
     peak = rss_before
     engine = engine_factory()
+    model = engine.bundle.load_model()
+    counted_ops: dict[str, int] = {}
     results: list[BatchResult] = []
     for batch in settings.batch_sizes:
         data = dict(feeds[batch]) if feeds and batch in feeds else None
         data = data or example_inputs(engine.inputs, batch, dims=settings.dims, seed=settings.seed)
         checked = engine.check_inputs(data)
-        results.append(time_batch(partial(engine.run, checked, check=False), batch, settings, clock))
+        timed = time_batch(partial(engine.run, checked, check=False), batch, settings, clock)
+        work = count_work(model, {k: v.shape for k, v in checked.items()})
+        counted_ops = work.counted_ops
+        gflop = work.flops / 1e9
+        results.append(
+            timed.model_copy(update={"gflop_per_run": gflop, "achieved_gflops": gflop / (timed.p50_ms / 1000.0)})
+        )
         peak = max(peak, proc.memory_info().rss)
     manifest = engine.bundle.manifest
     return BenchReport(
@@ -146,6 +162,8 @@ def bench(
         rss_before_load_mb=rss_before / 2**20,
         peak_rss_mb=max(peak, _peak_rss_bytes()) / 2**20,
         results=tuple(results),
+        peak=estimate_peak_gflops(),
+        counted_ops=counted_ops,
     )
 
 
