@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, JsonValue
 
-from slipstream.artifact.manifest import LineageEntry, Source
+from slipstream.artifact.manifest import LineageEntry, ParityRecord, Source
 from slipstream.artifact.tensor import ONNX_ELEM_TO_DTYPE, TensorSpec
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ class BundleSummary(BaseModel):
     lineage: tuple[LineageEntry, ...]
     resolved: dict[str, JsonValue]
     metrics: dict[str, JsonValue]
+    parity: ParityRecord | None
 
 
 def _walk_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -107,4 +108,5 @@ def summarize(bundle: Bundle, *, top: int = 10) -> BundleSummary:
         lineage=m.lineage,
         resolved=m.resolved,
         metrics=m.metrics,
+        parity=m.parity,
     )

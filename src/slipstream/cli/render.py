@@ -29,6 +29,22 @@ def _io_table(title: str, specs: tuple[TensorSpec, ...]) -> Table:
     return table
 
 
+def _render_parity(s: BundleSummary) -> None:
+    p = s.parity
+    if p is None:
+        console.print("parity: not applicable (the source is ONNX; nothing was converted)", highlight=False)
+        return
+    if p.status == "skipped":
+        console.print(f"[yellow]parity: skipped[/] ({escape(p.reason or '')})", highlight=False)
+        return
+    worst = max((o.max_abs_error for c in p.cases for o in c.outputs), default=0.0)
+    console.print(
+        f"[green]parity: passed[/] against {escape(p.reference)} on {len(p.cases)} input sets ({p.data} data); "
+        f"largest abs error {worst:.3g}",
+        highlight=False,
+    )
+
+
 def render_summary(s: BundleSummary) -> None:
     console.print(f"[bold]{escape(s.name)}[/] v{escape(s.version)}  ({escape(s.path)})", highlight=False)
     src = s.source
@@ -38,6 +54,7 @@ def render_summary(s: BundleSummary) -> None:
         f" · bundle {_human_bytes(s.bundle_bytes)} · opsets {escape(str(s.opsets))}",
         highlight=False,
     )
+    _render_parity(s)
     console.print(_io_table("inputs", s.inputs))
     console.print(_io_table("outputs", s.outputs))
     ops = Table(title="operators", title_justify="left")
