@@ -110,3 +110,29 @@ def test_sample_cases_and_skipped_record() -> None:
     assert [c.batch for c in sample_cases({"x": np.zeros((5, 4), np.float32)})] == [1, 5]
     record = skipped("torch eager", "--skip-parity given")
     assert record.status == "skipped" and record.data == "none" and record.cases == ()
+
+
+def test_integer_outputs_can_be_given_a_tolerance() -> None:
+    """Quantized models: an int8 output one step off is within a tolerance the importer chooses."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["q"], to=TensorProto.INT8)],
+        "cast",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("q", TensorProto.INT8, ["batch", 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    _, outputs = graph_io_specs(model.graph)
+    case = [InputCase(feeds={"x": np.array([[3.0, -5.0]], np.float32)}, batch=1)]
+
+    def one_off(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"q": np.array([[4, -5]], np.int8)}
+
+    with pytest.raises(ParityError, match="values differ"):
+        prove_parity(one_off, model.SerializeToString(), outputs, case, reference_name="s", data="sample")
+    record = prove_parity(
+        one_off, model.SerializeToString(), outputs, case, reference_name="s", data="sample",
+        tolerances={"int8": (1.0, 0.0)},
+    )  # fmt: skip
+    (result,) = record.cases[0].outputs
+    assert not result.exact and result.max_abs_error == 1.0

@@ -20,7 +20,8 @@ from slipstream.artifact.tensor import TensorSpec
 from slipstream.data.synthetic import example_inputs
 from slipstream.errors import ParityError
 
-# (atol, rtol) per output dtype. Integer, bool and string outputs are compared exactly.
+# (atol, rtol) per output dtype. Integer, bool and string outputs are compared exactly unless the caller
+# gives a tolerance for their dtype (e.g. int8 outputs of a quantized TFLite model: a step or two).
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
     "float64": (1e-6, 1e-5),
     "float32": (1e-4, 1e-3),
@@ -80,9 +81,10 @@ def _fixed_batch(specs: Sequence[TensorSpec]) -> int:
     return first if isinstance(first, int) else 1
 
 
-def _compare(name: str, dtype: str, ref: np.ndarray, got: np.ndarray, tol: tuple[float, float]) -> OutputParity:
-    exact = dtype not in DEFAULT_TOLERANCES
-    atol, rtol = (0.0, 0.0) if exact else tol
+def _compare(name: str, ref: np.ndarray, got: np.ndarray, tol: tuple[float, float] | None) -> OutputParity:
+    """Numeric comparison within ``tol`` = (atol, rtol); ``None`` means exact (integers, bools, strings)."""
+    exact = tol is None
+    atol, rtol = (0.0, 0.0) if tol is None else tol
     if exact:
         equal = bool(np.array_equal(ref, got))
         return OutputParity(
@@ -146,7 +148,7 @@ def prove_parity(
                     f"{list(ref.shape)}; a dynamic axis was probably baked in as a constant at export."
                 )
                 continue
-            result = _compare(spec.name, spec.dtype, ref, out, tol.get(spec.dtype, (0.0, 0.0)))
+            result = _compare(spec.name, ref, out, tol.get(spec.dtype))
             compared.append(result)
             if not result.passed:
                 detail = (
