@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck clean
+.PHONY: install browser demo test lint typecheck clean
 
 # One venv with every extra, pinned by constraints.txt (torch is the CPU wheel on this disk).
 $(STAMP): pyproject.toml constraints.txt
@@ -25,7 +25,16 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: install lint typecheck
+# Report and dashboard tests drive Debian's Chromium headless through Playwright (no browser download).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "The browser tests need Chromium: run 'sudo apt-get install chromium' (Debian) and retry." >&2; exit 1; \
+	  fi; }
+
+test: install browser lint typecheck
 	$(BIN)/pytest
 
 clean:

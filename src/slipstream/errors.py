@@ -12,6 +12,8 @@
     │   └── IntegrityError               a file's sha256 or size differs from the manifest (``file``)
     ├── ConversionError                  a source model could not become a bundle (``source``)
     │   ├── InvalidModelError       400  the model file is not a valid model of its kind
+    │   ├── UntrustedPickleError         loading the source would run pickled code, and that was not allowed
+    │   ├── UnsupportedOpError           the exporter has no ONNX conversion for an op (``op``, ``module``)
     │   └── ParityError                  the converted model's outputs differ from the source's (``mismatches``)
     ├── InputError                  400  a caller's tensors do not match the model (``input_name``)
     ├── DataError                   400  a dataset file or callable does not fit the model (``source``)
@@ -23,6 +25,7 @@
         ├── UnauthorizedError       401  no API key, or one the server does not know
         ├── ForbiddenError          403  the endpoint needs an admin key, or none is configured
         ├── ModelNotFoundError      404  no such model or version in the repository
+        ├── MethodNotAllowedError   405  the endpoint exists but answers another HTTP method
         ├── PayloadTooLargeError    413  the request body is over the configured limit
         ├── RateLimitedError        429  the caller's token bucket is empty
         ├── ServerBusyError         503  a full queue, a model not ready, or a server draining
@@ -48,6 +51,7 @@ __all__ = [
     "InputError",
     "IntegrityError",
     "InvalidModelError",
+    "MethodNotAllowedError",
     "MissingDependencyError",
     "ModelNotFoundError",
     "ParityError",
@@ -62,6 +66,8 @@ __all__ = [
     "ServingError",
     "SlipstreamError",
     "UnauthorizedError",
+    "UnsupportedOpError",
+    "UntrustedPickleError",
 ]
 
 
@@ -145,6 +151,21 @@ class InvalidModelError(ConversionError):
     status_code = 400
 
 
+class UntrustedPickleError(ConversionError):
+    """The source is a pickle (it runs code when loaded) and ``trust_pickle`` was not given."""
+
+
+class UnsupportedOpError(ConversionError):
+    """The exporter cannot convert ``op``; ``module`` names the submodule that calls it, when known."""
+
+    def __init__(
+        self, message: str, *, op: str, module: str | None = None, source: str | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(message, source=source, hint=hint)
+        self.op = op
+        self.module = module
+
+
 class ParityError(ConversionError):
     """The ONNX model does not reproduce the source; ``mismatches`` lists every failed comparison."""
 
@@ -220,6 +241,10 @@ class ForbiddenError(ServingError):
 
 class ModelNotFoundError(ServingError):
     status_code = 404
+
+
+class MethodNotAllowedError(ServingError):
+    status_code = 405
 
 
 class PayloadTooLargeError(ServingError):

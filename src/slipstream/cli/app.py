@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal, cast
 
 import typer
 
@@ -40,22 +40,75 @@ def _root(
 
 @app.command()
 def convert(
-    model: Annotated[Path, typer.Argument(help="The source model file (.onnx).")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="The source model (.onnx, .keras, .h5, .tflite, SavedModel dir, .pt, .pt2, .joblib/.pkl, "
+            "or a PyTorch entry point FILE.py:FACTORY)."
+        ),
+    ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the bundle directory.")],
     name: Annotated[str | None, typer.Option(help="Model name (default: the file's stem).")] = None,
     model_version: Annotated[str, typer.Option("--model-version", help="Model version.")] = "1",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at OUTPUT.")] = False,
+    framework: Annotated[
+        str,
+        typer.Option(
+            help="auto (from the suffix), onnx, keras, tensorflow (SavedModel dir), tflite, torch or sklearn."
+        ),
+    ] = "auto",
+    signature: Annotated[str, typer.Option(help="The SavedModel signature to convert.")] = "serving_default",
+    custom_objects: Annotated[
+        str | None, typer.Option(help="Keras custom layers as module:dict (importing the module runs its code).")
+    ] = None,
+    trust_pickle: Annotated[
+        bool, typer.Option(help="Load sources that run code when loaded (pickled models, Keras Lambda layers).")
+    ] = False,
+    skip_parity: Annotated[
+        bool, typer.Option(help="Write the bundle without the parity proof (recorded in the manifest).")
+    ] = False,
+    input_shape: Annotated[
+        list[str] | None,
+        typer.Option(help="PyTorch example input shape, e.g. batch,1,8,8 (names are dynamic axes); per input."),
+    ] = None,
+    input_dtype: Annotated[
+        list[str] | None, typer.Option(help="dtype of the --input-shape inputs (default float32); one or per input.")
+    ] = None,
+    dynamic_axis: Annotated[
+        list[str] | None, typer.Option(help="Another dynamic axis, INPUT:AXIS=NAME or AXIS=NAME; repeatable.")
+    ] = None,
+    exporter: Annotated[str | None, typer.Option(help="PyTorch exporter: dynamo (default) or torchscript.")] = None,
+    opset: Annotated[int | None, typer.Option(min=7, help="ai.onnx opset to export to (default: exporter's).")] = None,
+    sample_data: Annotated[
+        Path | None, typer.Option(help="An .npz of sample inputs (one array per input) for the parity proof.")
+    ] = None,
+    output_name: Annotated[list[str] | None, typer.Option(help="PyTorch output names, in order.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert a model into a verified bundle."""
+    from typing import cast
+
     from slipstream.importers import convert as do_convert
+    from slipstream.importers.convert import FrameworkChoice
 
     with reporting(as_json=as_json), status(f"Converting {model}…", quiet=as_json):
-        bundle = do_convert(model, output, name=name, version=model_version, overwrite=overwrite)
+        bundle = do_convert(
+            model, output, name=name, version=model_version, overwrite=overwrite,
+            framework=cast(FrameworkChoice, framework), signature=signature, custom_objects=custom_objects,
+            trust_pickle=trust_pickle, skip_parity=skip_parity, input_shapes=input_shape, input_dtypes=input_dtype,
+            dynamic_axes=dynamic_axis, exporter=_exporter(exporter), opset=opset, sample=sample_data,
+            output_names=output_name,
+        )  # fmt: skip
     if as_json:
         print_json(bundle.manifest)
     else:
         console.print(f"[green]✓[/] wrote bundle [bold]{bundle.path}[/] ({bundle.manifest.name})", highlight=False)
+
+
+def _exporter(value: str | None) -> Literal["dynamo", "torchscript"] | None:
+    if value is None or value in ("dynamo", "torchscript"):
+        return cast(Literal["dynamo", "torchscript"] | None, value)
+    raise typer.BadParameter(f"expected dynamo or torchscript; got {value!r}", param_hint="--exporter")
 
 
 @app.command()

@@ -123,7 +123,7 @@ def prove_parity(
     tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # run failures are reported in the ParityError, not logged to stderr as well
     session = ort.InferenceSession(onnx_model, sess_options=opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in outputs]
     first_label = cases[0].label() if cases else ""
