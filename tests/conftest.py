@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,12 @@ import pytest
 from slipstream.artifact import Bundle
 from slipstream.importers import import_onnx
 from tests.onnx_models import build_mlp, build_token_scorer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_pass_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the pass cache of a test session out of the user's cache directory."""
+    os.environ["SLIPSTREAM_CACHE_DIR"] = str(tmp_path_factory.mktemp("pass-cache"))
 
 
 @pytest.fixture(scope="session")

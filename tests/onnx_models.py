@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +50,45 @@ def save_with_external_data(model: onnx.ModelProto, path: Path) -> Path:
         size_threshold=0,
     )
     return path
+
+
+def build_trained_digits_mlp(hidden: int = 64, seed: int = 0) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """A real classifier: scikit-learn's MLP trained on load_digits, written as an ONNX graph by hand.
+
+    Returns the model (input 'pixels' [batch, 64] float32 → 'probabilities' [batch, 10]) and a held-out
+    test split (pixels, labels).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import train_test_split
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=seed, stratify=y)
+    with warnings.catch_warnings():
+        # A few hundred iterations reach ~97 % test accuracy; full convergence is not the point here.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=300, random_state=seed).fit(x_train, y_train)
+    inits = [
+        numpy_helper.from_array(clf.coefs_[0].astype(np.float32), "fc0.weight"),
+        numpy_helper.from_array(clf.intercepts_[0].astype(np.float32), "fc0.bias"),
+        numpy_helper.from_array(clf.coefs_[1].astype(np.float32), "fc1.weight"),
+        numpy_helper.from_array(clf.intercepts_[1].astype(np.float32), "fc1.bias"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["pixels", "fc0.weight", "fc0.bias"], ["h"], name="fc0"),
+        helper.make_node("Relu", ["h"], ["h_relu"], name="relu0"),
+        helper.make_node("Gemm", ["h_relu", "fc1.weight", "fc1.bias"], ["logits"], name="fc1"),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1, name="softmax"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "digits_mlp",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, x_test, y_test.astype(np.int64)

@@ -15,6 +15,7 @@ EXPECTED = [
     "__version__",
     "bench",
     "convert",
+    "optimize",
     "summarize",
     "target",
 ]

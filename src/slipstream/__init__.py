@@ -8,6 +8,7 @@ from slipstream.artifact.summary import BundleSummary, summarize
 from slipstream.errors import SlipstreamError
 from slipstream.evaluate import BenchReport, BenchSettings, bench
 from slipstream.importers import convert
+from slipstream.passes import optimize
 from slipstream.runtime import Engine, Target, target
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "__version__",
     "bench",
     "convert",
+    "optimize",
     "summarize",
     "target",
 ]

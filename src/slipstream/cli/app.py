@@ -163,6 +163,68 @@ def bench(
 
 
 @app.command()
+def optimize(
+    bundle: Annotated[Path | None, typer.Argument(help="A bundle directory.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Where to write the new bundle.")] = None,
+    passes: Annotated[
+        list[str] | None,
+        typer.Option("--pass", help="NAME[:key=value,...], repeatable, run in order (e.g. quantize.static)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at OUTPUT.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for generated data and random choices.")] = 0,
+    data: Annotated[
+        Path | None,
+        typer.Option(help=".npz of real inputs named like the model's: fidelity and calibration use it."),
+    ] = None,
+    cache: Annotated[bool, typer.Option(help="Reuse results of identical pass runs.")] = True,
+    cache_dir: Annotated[Path | None, typer.Option(help="Pass cache directory (default: user cache dir).")] = None,
+    list_all: Annotated[bool, typer.Option("--list", help="List the available passes and exit.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run passes (quantize, fp16, int4, binarize, prune, graph optimization) on a bundle."""
+    from slipstream.cli.optimize import list_passes, run_optimize
+
+    if list_all:
+        list_passes(as_json=as_json)
+        return
+    if bundle is None or output is None or not passes:
+        raise typer.BadParameter("give BUNDLE, -o OUTPUT and at least one --pass NAME (or --list)")
+    with reporting(as_json=as_json):
+        run_optimize(
+            bundle,
+            output,
+            passes,
+            overwrite=overwrite,
+            seed=seed,
+            data=data,
+            cache_dir=cache_dir,
+            use_cache=cache,
+            as_json=as_json,
+        )
+
+
+@app.command()
+def build(
+    recipe: Annotated[Path, typer.Argument(help="A build recipe (YAML).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Try candidate optimizations under an accuracy budget and keep the fastest that fits."""
+    from slipstream.build.recipe import load_recipe
+    from slipstream.cli.build import render_record, run_with_progress
+
+    with reporting(as_json=as_json):
+        result = run_with_progress(load_recipe(recipe), quiet=as_json)
+    if as_json:
+        print_json(result.record)
+    else:
+        render_record(result.record)
+        console.print(f"winner bundle: {result.winner.path}", highlight=False)
+        console.print(
+            f"report: {result.output / 'report.html'}  (run record: {result.output / 'run.json'})", highlight=False
+        )
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its files.")] = Path("demo-output"),
 ) -> None:

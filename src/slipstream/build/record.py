@@ -1,0 +1,77 @@
+"""The run record (run.json): every candidate a build tried, with its metrics or its error."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class CandidateMetrics(_Frozen):
+    quality: float = Field(description="The recipe's metric on the evaluation data.")
+    latency_p50_ms: float = Field(description="Median latency at the recipe's batch size.")
+    latency_p99_ms: float
+    throughput_sps: float = Field(description="Samples per second at the median latency.")
+    size_bytes: int = Field(description="Bundle size on disk.")
+
+
+class CandidateResult(_Frozen):
+    name: str
+    passes: tuple[str, ...] = Field(description="The pass chain as written in the recipe.")
+    status: Literal["ok", "failed"]
+    error: str | None = Field(default=None, description="The full error text when the candidate failed.")
+    metrics: CandidateMetrics | None = None
+    bundle: str | None = Field(default=None, description="Where the candidate's bundle was written.")
+    lineage: tuple[str, ...] = Field(default=(), description="Step names from the source to this candidate.")
+    duration_s: float = Field(default=0.0, description="Wall time to produce and measure it.")
+    cache_hits: int = Field(default=0, description="Passes answered by the pass cache.")
+    confirmed_gain: float | None = Field(
+        default=None,
+        description="Latency gain over the baseline when both were re-timed alternately in one run (noise check).",
+    )
+    warnings: tuple[str, ...] = ()
+
+
+class Rejection(_Frozen):
+    name: str
+    reason: str
+
+
+class Selection(_Frozen):
+    winner: str = Field(description="The chosen candidate's name ('baseline' when nothing beat it).")
+    reason: str
+    rejections: tuple[Rejection, ...]
+
+
+class RunRecord(_Frozen):
+    name: str
+    recipe: dict[str, JsonValue]
+    recipe_sha256: str
+    started_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    duration_s: float = 0.0
+    machine: dict[str, JsonValue] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    metric: str
+    higher_is_better: bool
+    objective: Literal["latency", "throughput", "size"]
+    batch_size: int
+    baseline: CandidateResult
+    candidates: tuple[CandidateResult, ...]
+    selection: Selection | None = None
+    tuning: dict[str, JsonValue] = Field(default_factory=dict, description="Session settings tried on the winner.")
+
+    def candidate(self, name: str) -> CandidateResult:
+        if name == self.baseline.name:
+            return self.baseline
+        return next(c for c in self.candidates if c.name == name)
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)

@@ -1,0 +1,208 @@
+"""report.html and report.json: the candidate table, Pareto plots, the winner's lineage, the machine.
+
+The HTML is one self-contained file (inline CSS and SVG, no scripts, no CDN) so it opens offline.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from slipstream.build.record import CandidateResult, RunRecord
+from slipstream.build.select import objective_gain, quality_drop
+
+
+@dataclass(frozen=True)
+class Point:
+    name: str
+    x: float
+    y: float
+    kind: str  # baseline | winner | kept | rejected
+
+
+def _decisions(record: RunRecord) -> dict[str, str]:
+    sel = record.selection
+    out = {record.baseline.name: "baseline"}
+    if sel is None:
+        return out
+    out.update({r.name: r.reason for r in sel.rejections})
+    out[sel.winner] = "winner: " + sel.reason
+    return out
+
+
+def _kind(name: str, record: RunRecord) -> str:
+    sel = record.selection
+    if name == record.baseline.name:
+        return "winner" if sel is not None and sel.winner == name else "baseline"
+    if sel is not None and sel.winner == name:
+        return "winner"
+    return "rejected"
+
+
+def pareto_front(points: Sequence[Point], *, x_lower_is_better: bool = True) -> list[Point]:
+    """Points that no other point beats on both quality (y, higher) and cost (x)."""
+    front = []
+    for p in points:
+        dominated = any(
+            (q.y >= p.y and (q.x <= p.x if x_lower_is_better else q.x >= p.x)) and (q.y > p.y or q.x != p.x)
+            for q in points
+        )
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: p.x)
+
+
+_COLORS = {"baseline": "#6b7280", "winner": "#059669", "rejected": "#dc2626", "kept": "#2563eb"}
+
+
+def scatter_svg(points: Sequence[Point], *, title: str, x_label: str, y_label: str) -> str:
+    """A small labelled scatter plot with the Pareto front drawn as a line."""
+    width, height, pad = 520, 320, 56
+    if not points:
+        return f"<p>No measured candidates for {html.escape(title)}.</p>"
+    xs, ys = [p.x for p in points], [p.y for p in points]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    xspan = (x1 - x0) or abs(x1) * 0.1 or 1.0
+    yspan = (y1 - y0) or abs(y1) * 0.02 or 1.0
+    x0, x1, y0, y1 = x0 - 0.08 * xspan, x1 + 0.08 * xspan, y0 - 0.1 * yspan, y1 + 0.1 * yspan
+
+    def sx(x: float) -> float:
+        return pad + (x - x0) / (x1 - x0) * (width - 2 * pad)
+
+    def sy(y: float) -> float:
+        return height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
+
+    parts = [
+        f'<svg class="plot" role="img" aria-label="{html.escape(title)}" viewBox="0 0 {width} {height}" '
+        f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">',
+        f'<text x="{width / 2}" y="18" text-anchor="middle" font-weight="bold">{html.escape(title)}</text>',
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#111"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#111"/>',
+        f'<text x="{width / 2}" y="{height - 14}" text-anchor="middle">{html.escape(x_label)}</text>',
+        f'<text x="14" y="{height / 2}" text-anchor="middle" transform="rotate(-90 14 {height / 2})">'
+        f"{html.escape(y_label)}</text>",
+    ]
+    for frac in (0.0, 0.5, 1.0):
+        xv, yv = x0 + frac * (x1 - x0), y0 + frac * (y1 - y0)
+        parts.append(f'<text x="{sx(xv)}" y="{height - pad + 16}" text-anchor="middle" font-size="11">{xv:.3g}</text>')
+        parts.append(f'<text x="{pad - 6}" y="{sy(yv) + 4}" text-anchor="end" font-size="11">{yv:.4g}</text>')
+    front = pareto_front(points)
+    if len(front) > 1:
+        path = " ".join(f"{sx(p.x):.1f},{sy(p.y):.1f}" for p in front)
+        parts.append(f'<polyline class="pareto" points="{path}" fill="none" stroke="#059669" stroke-dasharray="4 3"/>')
+    placed: list[tuple[float, float]] = []
+    for p in sorted(points, key=lambda q: (q.x, -q.y)):
+        r = 7 if p.kind == "winner" else 5
+        cx, cy = sx(p.x), sy(p.y)
+        parts.append(
+            f'<circle class="point {p.kind}" cx="{cx:.1f}" cy="{cy:.1f}" r="{r}" fill="{_COLORS[p.kind]}">'
+            f"<title>{html.escape(p.name)}: {p.x:.4g}, {p.y:.4g}</title></circle>"
+        )
+        # Labels of nearby points are stacked downwards instead of printed over each other.
+        lx, ly = cx + 8, cy - 6
+        while any(abs(lx - px) < 90 and abs(ly - py) < 12 for px, py in placed):
+            ly += 13
+        placed.append((lx, ly))
+        parts.append(f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="11">{html.escape(p.name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _measured(record: RunRecord) -> list[CandidateResult]:
+    return [c for c in (record.baseline, *record.candidates) if c.metrics is not None]
+
+
+def _row(record: RunRecord, c: CandidateResult, decision: str) -> str:
+    base = record.baseline.metrics
+    cells = [html.escape(c.name), html.escape(" → ".join(c.passes) or "(source)"), c.status]
+    if c.metrics is not None and base is not None:
+        m = c.metrics
+        drop = quality_drop(base.quality, m.quality, higher_is_better=record.higher_is_better, relative=False)
+        cells += [
+            f"{m.quality:.4f}",
+            f"{drop:+.4f}",
+            f"{m.latency_p50_ms:.3f}",
+            f"{m.latency_p99_ms:.3f}",
+            f"{m.throughput_sps:,.0f}",
+            f"{objective_gain(base, m, record.objective):.2f}×",
+            f"{m.size_bytes / 1024:,.1f}",
+        ]
+    else:
+        cells += ["–"] * 7
+    cls = "winner" if decision.startswith("winner") else ("failed" if c.status == "failed" else "")
+    detail = html.escape(decision if c.status == "ok" else f"failed: {c.error or ''}")
+    cells.append(detail)
+    return f'<tr class="{cls}">' + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px;color:#111;max-width:1200px}
+table{border-collapse:collapse;margin:12px 0;font-size:13px}th,td{border:1px solid #d1d5db;padding:4px 8px;
+text-align:left;vertical-align:top}th{background:#f3f4f6}tr.winner td{background:#ecfdf5;font-weight:600}
+tr.failed td{background:#fef2f2}.plots{display:flex;flex-wrap:wrap;gap:16px}.plot{border:1px solid #e5e7eb}
+code{background:#f3f4f6;padding:1px 4px}
+"""
+
+
+def render_html(record: RunRecord) -> str:
+    decisions = _decisions(record)
+    measured = _measured(record)
+    lat = [
+        Point(c.name, c.metrics.latency_p50_ms, c.metrics.quality, _kind(c.name, record)) for c in measured if c.metrics
+    ]
+    size = [
+        Point(c.name, c.metrics.size_bytes / 1024, c.metrics.quality, _kind(c.name, record))
+        for c in measured
+        if c.metrics
+    ]
+    sel = record.selection
+    winner = record.candidate(sel.winner) if sel else record.baseline
+    header = (
+        "<tr><th>candidate</th><th>passes</th><th>status</th><th>"
+        + html.escape(record.metric)
+        + "</th><th>drop</th><th>p50 ms</th><th>p99 ms</th><th>samples/s</th><th>gain</th><th>KiB</th>"
+        "<th>decision</th></tr>"
+    )
+    rows = "".join(_row(record, c, decisions.get(c.name, "")) for c in (record.baseline, *record.candidates))
+    lineage = "".join(f"<li><code>{html.escape(step)}</code></li>" for step in winner.lineage)
+    tuning = html.escape(json.dumps(record.tuning.get("chosen", {})))
+    machine = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+        for k, v in {**record.machine, **record.versions}.items()
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>slipstream build: {html.escape(record.name)}</title>
+<style>{_CSS}</style></head><body>
+<h1>Build report: {html.escape(record.name)}</h1>
+<p>Objective <b>{record.objective}</b> at batch {record.batch_size}; metric <b>{html.escape(record.metric)}</b>;
+budget <code>{html.escape(json.dumps(record.recipe.get("budget")))}</code>; {len(record.candidates)} candidates in
+{record.duration_s:.1f} s.</p>
+<h2>Winner: {html.escape(winner.name)}</h2>
+<p>{html.escape(sel.reason if sel else "")}. Session settings: <code>{tuning}</code>.</p>
+<h2>Candidates</h2>
+<table id="candidates">{header}{rows}</table>
+<h2>Pareto plots</h2>
+<div class="plots">
+{scatter_svg(lat, title=f"{record.metric} vs latency", x_label="p50 latency (ms)", y_label=record.metric)}
+{scatter_svg(size, title=f"{record.metric} vs size", x_label="bundle size (KiB)", y_label=record.metric)}
+</div>
+<h2>Winner's lineage</h2><ol>{lineage}</ol>
+<h2>Machine and versions</h2><table>{machine}</table>
+</body></html>
+"""
+
+
+def write_report(record: RunRecord, out: Path) -> tuple[Path, Path]:
+    """Write report.html and report.json into ``out``; returns their paths."""
+    html_path, json_path = out / "report.html", out / "report.json"
+    front = pareto_front(
+        [Point(c.name, c.metrics.latency_p50_ms, c.metrics.quality, "") for c in _measured(record) if c.metrics]
+    )
+    payload = {**record.model_dump(mode="json"), "pareto_latency": [p.name for p in front]}
+    json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    html_path.write_text(render_html(record), encoding="utf-8")
+    return html_path, json_path

@@ -1,0 +1,370 @@
+"""The build: import the source, try every candidate, measure each on the real target, select, report.
+
+A failed candidate never aborts the build: it is recorded in run.json with its error. Measurements of
+a bundle are cached by its content (model sha256, data, metric, batch size, target), so a second run of
+the same recipe re-uses both the pass cache and the measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slipstream.artifact.bundle import Bundle, Step, write_bundle
+from slipstream.artifact.hashing import sha256_bytes, sha256_file, sha256_json
+from slipstream.build.ladder import auto_candidates
+from slipstream.build.recipe import Candidate, Recipe
+from slipstream.build.record import CandidateMetrics, CandidateResult, RunRecord
+from slipstream.build.select import select
+from slipstream.data.datasets import Dataset, load_dataset
+from slipstream.errors import ConfigError, SlipstreamError
+from slipstream.evaluate.bench import BenchSettings, bench
+from slipstream.evaluate.metrics import Metric, get_metric
+from slipstream.evaluate.quality import predict, score
+from slipstream.runtime.engine import Engine
+from slipstream.runtime.targets import Target, physical_cores, target
+
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class BuildEvent:
+    """Progress: which stage, which candidate, and the best objective gain so far."""
+
+    stage: str
+    candidate: str | None = None
+    index: int = 0
+    total: int = 0
+    best: str | None = None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    record: RunRecord
+    winner: Bundle
+    output: Path
+
+
+Progress = Callable[[BuildEvent], None]
+
+
+def _pass_label(ref: str | dict[str, dict[str, Any]]) -> str:
+    if isinstance(ref, str):
+        return ref
+    ((name, options),) = ref.items()
+    return name + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
+
+
+def _pass_ref(ref: str | dict[str, dict[str, Any]]) -> str | tuple[str, dict[str, Any]]:
+    if isinstance(ref, str):
+        return ref
+    if len(ref) != 1:
+        raise ConfigError(f"A pass must be 'name' or {{name: {{options}}}}; got {ref!r}.", field="candidates")
+    ((name, options),) = ref.items()
+    return (name, dict(options or {}))
+
+
+class _Measurer:
+    """Quality and speed of bundles on one dataset and target, cached by content."""
+
+    def __init__(self, recipe: Recipe, dataset: Dataset, metric: Metric, tgt: Target, cache_file: Path) -> None:
+        self.recipe, self.dataset, self.metric, self.target = recipe, dataset, metric, tgt
+        self.reference: np.ndarray | None = None
+        self.cache_file = cache_file
+        self.cache: dict[str, Any] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+        self.data_key = sha256_json([_array_digest(v) for v in dataset.inputs.values()])
+
+    def key(self, bundle: Bundle) -> str:
+        r = self.recipe
+        return sha256_json([bundle.model_sha256, self.data_key, r.metric, r.batch_size, r.target, r.seed])
+
+    def measure(self, bundle: Bundle) -> tuple[CandidateMetrics, bool]:
+        key = self.key(bundle)
+        reference_file = self.cache_file.with_name(f".reference-{key[:16]}.npy")
+        if key in self.cache and (self.reference is not None or reference_file.is_file()):
+            if self.reference is None:
+                self.reference = np.load(reference_file)
+            return CandidateMetrics.model_validate(self.cache[key]), True
+        engine = Engine(bundle, self.target)
+        outputs = predict(engine, self.dataset, batch_size=256)
+        if self.reference is None:
+            self.reference = outputs  # the baseline's outputs are the fidelity reference
+            np.save(reference_file, outputs)
+        quality = score(self.metric, outputs, self.dataset, self.reference)
+        budget = self.recipe.bench_time_s
+        settings = BenchSettings(
+            batch_sizes=(self.recipe.batch_size,), warmup_runs=3, min_time_s=budget / 4, max_time_s=budget
+        )
+        feeds = {self.recipe.batch_size: _first_rows(self.dataset, self.recipe.batch_size)}
+        report = bench(_returning(engine), settings, feeds=feeds)
+        timing = report.results[0]
+        metrics = CandidateMetrics(
+            quality=quality,
+            latency_p50_ms=timing.p50_ms,
+            latency_p99_ms=timing.p99_ms,
+            throughput_sps=timing.throughput_sps,
+            size_bytes=bundle.size_bytes,
+        )
+        self.remember(key, metrics.model_dump())
+        return metrics, False
+
+    def confirm(self, baseline: Bundle, candidate: Bundle, rounds: int = 5) -> float:
+        """Baseline p50 / candidate p50, each the median over ``rounds`` alternating short timings."""
+        key = "confirm:" + sha256_json([self.key(baseline), self.key(candidate), rounds])
+        if key in self.cache:
+            cached: float = self.cache[key]
+            return cached
+        n = self.recipe.batch_size
+        feeds = {n: _first_rows(self.dataset, n)}
+        budget = self.recipe.bench_time_s / 4
+        settings = BenchSettings(batch_sizes=(n,), warmup_runs=3, min_time_s=budget / 2, max_time_s=budget)
+        engines = (Engine(baseline, self.target), Engine(candidate, self.target))
+        medians: tuple[list[float], list[float]] = ([], [])
+        for _ in range(rounds):
+            for engine, out in zip(engines, medians, strict=True):
+                out.append(bench(_returning(engine), settings, feeds=feeds).results[0].p50_ms)
+        gain = float(np.median(medians[0]) / np.median(medians[1]))
+        self.remember(key, gain)
+        return gain
+
+    def remember(self, key: str, value: Any) -> None:
+        self.cache[key] = value
+        tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
+        tmp.write_text(json.dumps(self.cache))
+        tmp.replace(self.cache_file)
+
+
+def _returning(engine: Engine) -> Callable[[], Engine]:
+    """An engine factory for bench() that hands back an engine already built (its load time known)."""
+    return lambda: engine
+
+
+def _array_digest(a: np.ndarray) -> str:
+    return sha256_json([a.shape, str(a.dtype), sha256_bytes(np.ascontiguousarray(a).tobytes())])
+
+
+def _first_rows(dataset: Dataset, n: int) -> dict[str, np.ndarray]:
+    """``n`` rows of real data for timing, repeating the dataset if it is shorter."""
+    out = {}
+    for k, v in dataset.inputs.items():
+        reps = -(-n // len(v))
+        out[k] = np.concatenate([v] * reps)[:n] if reps > 1 else v[:n]
+    return out
+
+
+def _source_bundle(recipe: Recipe, dest: Path) -> Bundle:
+    src = Path(recipe.model)
+    if src.is_dir():
+        return Bundle.load(src)
+    from slipstream.importers import convert
+
+    if dest.is_dir() and src.is_file():
+        try:
+            existing = Bundle.load(dest)
+        except SlipstreamError:
+            existing = None
+        if existing is not None and existing.manifest.source.sha256 == sha256_file(src):
+            return existing  # same source file: reuse the earlier conversion
+    kwargs: dict[str, Any] = {"overwrite": True, "name": recipe.name}
+    if recipe.input_shape is not None:
+        kwargs["input_shape"] = recipe.input_shape
+    return convert(recipe.model, dest, **kwargs)
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "physical_cores": physical_cores(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    from slipstream import __version__
+
+    return {"slipstream": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResult:
+    """Run the whole build described by ``recipe``; see the module docstring."""
+    from slipstream.passes.recipe import optimize
+
+    started = time.perf_counter()
+    notify = progress or (lambda event: None)
+    out = Path(recipe.output)
+    out.mkdir(parents=True, exist_ok=True)
+    metric = get_metric(recipe.metric)
+    tgt = target(recipe.target)
+
+    notify(BuildEvent(stage="import"))
+    baseline_bundle = _source_bundle(recipe, out / BASELINE)
+    dataset = load_dataset(recipe.data.eval, baseline_bundle.manifest.inputs).take(recipe.max_eval_rows)
+    if metric.against == "labels" and dataset.labels is None:
+        raise ConfigError(
+            f"Metric '{recipe.metric}' needs labels, but {recipe.data.eval} has none.",
+            field="data.eval",
+            hint="Add labels to the data, or use metric: cosine or agreement.",
+        )
+    measurer = _Measurer(recipe, dataset, metric, tgt, out / ".measurements.json")
+    notify(BuildEvent(stage="baseline", candidate=BASELINE))
+    base_metrics, _ = measurer.measure(baseline_bundle)
+    baseline = CandidateResult(
+        name=BASELINE, passes=(), status="ok", metrics=base_metrics, bundle=str(baseline_bundle.path),
+        lineage=tuple(e.step for e in baseline_bundle.manifest.lineage),
+    )  # fmt: skip
+
+    chosen = auto_candidates(recipe) if recipe.candidates == "auto" else recipe.candidates
+    results: list[CandidateResult] = []
+    best: tuple[float, str] | None = None
+    for i, cand in enumerate(chosen):
+        notify(BuildEvent("candidate", cand.name, i, len(chosen), best[1] if best else None))
+        result = _try_candidate(cand, baseline_bundle, out, measurer, recipe, optimize)
+        results.append(result)
+        if result.metrics is not None:
+            gain = base_metrics.latency_p50_ms / result.metrics.latency_p50_ms
+            if best is None or gain > best[0]:
+                best = (gain, f"{cand.name} {gain:.2f}×")
+
+    record = RunRecord(
+        name=recipe.name,
+        recipe=recipe.model_dump(mode="json"),
+        recipe_sha256=sha256_json(recipe.model_dump(mode="json")),
+        machine=_machine(),
+        versions=_versions(),
+        metric=recipe.metric,
+        higher_is_better=metric.higher_is_better,
+        objective=recipe.objective,
+        batch_size=recipe.batch_size,
+        baseline=baseline,
+        candidates=tuple(results),
+    )
+    selection = select(record, recipe.budget)
+    # Timings on a shared machine drift; re-time each would-be winner alternately with the baseline and
+    # move on to the next one if the gain does not hold up side by side.
+    for _ in range(len(record.candidates)):
+        if selection.winner == BASELINE or record.objective == "size":
+            break
+        notify(BuildEvent(stage="confirm", candidate=selection.winner))
+        record = _with_confirmed_gain(record, selection.winner, baseline_bundle, measurer)
+        again = select(record, recipe.budget)
+        if again.winner == selection.winner:
+            selection = again
+            break
+        selection = again
+    winner_result = record.candidate(selection.winner)
+    winner_src = Bundle.load(winner_result.bundle) if winner_result.bundle else baseline_bundle
+    notify(BuildEvent(stage="tune", candidate=selection.winner))
+    tuning = _tune(winner_src, recipe, measurer)
+    winner = _package(winner_src, out / "winner", recipe, winner_result, tuning)
+    record = record.model_copy(
+        update={"selection": selection, "tuning": tuning, "duration_s": time.perf_counter() - started}
+    )
+    record.write(out / "run.json")
+    from slipstream.build.report import write_report
+
+    notify(BuildEvent(stage="report"))
+    write_report(record, out)
+    return BuildResult(record=record, winner=winner, output=out)
+
+
+def _try_candidate(
+    cand: Candidate, baseline: Bundle, out: Path, measurer: _Measurer, recipe: Recipe, optimize: Any
+) -> CandidateResult:
+    started = time.perf_counter()
+    labels = tuple(_pass_label(p) for p in cand.passes)
+    hits = 0
+
+    def count_hits(event: Any) -> None:
+        nonlocal hits
+        if event.run is not None and event.run.cache_hit:
+            hits += 1
+
+    try:
+        refs = [_pass_ref(p) for p in cand.passes]
+        bundle = optimize(
+            baseline, refs, out / "candidates" / cand.name, overwrite=True, seed=recipe.seed, progress=count_hits
+        )
+        metrics, _ = measurer.measure(bundle)
+    except Exception as exc:  # a failed candidate is recorded with its error, never allowed to abort the build
+        text = str(exc) if isinstance(exc, SlipstreamError) else f"{type(exc).__name__}: {exc}"
+        return CandidateResult(
+            name=cand.name, passes=labels, status="failed", error=text, duration_s=time.perf_counter() - started
+        )
+    warnings = bundle.manifest.resolved.get("warnings")
+    return CandidateResult(
+        name=cand.name,
+        passes=labels,
+        status="ok",
+        metrics=metrics,
+        bundle=str(bundle.path),
+        lineage=tuple(e.step for e in bundle.manifest.lineage),
+        duration_s=time.perf_counter() - started,
+        cache_hits=hits,
+        warnings=tuple(str(w) for w in warnings) if isinstance(warnings, list) else (),
+    )
+
+
+def _with_confirmed_gain(record: RunRecord, name: str, baseline: Bundle, measurer: _Measurer) -> RunRecord:
+    cand = record.candidate(name)
+    gain = measurer.confirm(baseline, Bundle.load(cand.bundle or ""))
+    confirmed = cand.model_copy(update={"confirmed_gain": gain})
+    return record.model_copy(
+        update={"candidates": tuple(confirmed if c.name == name else c for c in record.candidates)}
+    )
+
+
+def _tune(bundle: Bundle, recipe: Recipe, measurer: _Measurer) -> dict[str, Any]:
+    """Try thread counts and execution modes on the winner; keep the fastest at the recipe's batch size."""
+    cache_key = "tune:" + measurer.key(bundle)
+    if cache_key in measurer.cache:
+        cached: dict[str, Any] = measurer.cache[cache_key]
+        return cached
+    feeds = {recipe.batch_size: _first_rows(measurer.dataset, recipe.batch_size)}
+    budget = recipe.bench_time_s / 2
+    settings = BenchSettings(batch_sizes=(recipe.batch_size,), warmup_runs=3, min_time_s=budget / 4, max_time_s=budget)
+    trials: list[dict[str, Any]] = []
+    for threads in sorted({1, physical_cores()}):
+        for mode in ("sequential", "parallel"):
+            tgt = target(recipe.target, intra_op_threads=threads, execution_mode=mode)
+            report = bench(partial(Engine, bundle, tgt), settings, feeds=feeds)
+            trials.append({"intra_op_threads": threads, "execution_mode": mode, "p50_ms": report.results[0].p50_ms})
+    best = min(trials, key=lambda t: t["p50_ms"])
+    tuning = {"chosen": {k: best[k] for k in ("intra_op_threads", "execution_mode")}, "trials": trials}
+    measurer.remember(cache_key, tuning)
+    return tuning
+
+
+def _package(src: Bundle, dest: Path, recipe: Recipe, result: CandidateResult, tuning: dict[str, Any]) -> Bundle:
+    """The winner as its own bundle, with its measured metrics and tuned session settings written back."""
+    m = result.metrics
+    metrics = dict(src.manifest.metrics)
+    if m is not None:
+        metrics["build"] = {
+            "metric": recipe.metric,
+            "quality": m.quality,
+            "latency_p50_ms": m.latency_p50_ms,
+            "latency_p99_ms": m.latency_p99_ms,
+            "throughput_sps": m.throughput_sps,
+            "batch_size": recipe.batch_size,
+            "target": recipe.target,
+        }
+    resolved = {**src.manifest.resolved, "session": tuning["chosen"], "build_candidate": result.name}
+    manifest = src.manifest.model_copy(update={"metrics": metrics, "resolved": resolved, "name": recipe.name})
+    step = Step(
+        name="build.select@1",
+        config={"candidate": result.name, "recipe": recipe.name},
+        input_sha256=src.model_sha256,
+    )
+    return write_bundle(dest, src.load_model(), manifest, step=step, overwrite=True)

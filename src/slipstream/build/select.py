@@ -1,0 +1,88 @@
+"""Choosing the winner: a pure function over the run record, with a reason for every rejection."""
+
+from __future__ import annotations
+
+from slipstream.build.recipe import Budget
+from slipstream.build.record import CandidateMetrics, CandidateResult, Rejection, RunRecord, Selection
+
+
+def quality_drop(baseline: float, candidate: float, *, higher_is_better: bool, relative: bool) -> float:
+    """How much worse the candidate is (negative when better), absolute or as a fraction of the baseline."""
+    drop = baseline - candidate if higher_is_better else candidate - baseline
+    return drop / abs(baseline) if relative and baseline else drop
+
+
+def objective_gain(baseline: CandidateMetrics, candidate: CandidateMetrics, objective: str) -> float:
+    """How many times better the candidate is on the objective (> 1 is better)."""
+    if objective == "throughput":
+        return candidate.throughput_sps / baseline.throughput_sps
+    if objective == "size":
+        return baseline.size_bytes / candidate.size_bytes
+    return baseline.latency_p50_ms / candidate.latency_p50_ms
+
+
+def _fmt_drop(drop: float, relative: bool) -> str:
+    return f"{100 * drop:.2f} %" if relative else f"{drop:.4f}"
+
+
+def select(record: RunRecord, budget: Budget) -> Selection:
+    """The candidate with the best objective among those within budget and faster by ``min_speedup``."""
+    base = record.baseline.metrics
+    if base is None:
+        return Selection(winner=record.baseline.name, reason="the baseline could not be measured", rejections=())
+    relative = budget.kind == "relative"
+    eligible: list[tuple[float, float, CandidateResult]] = []
+    rejections: list[Rejection] = []
+    for cand in record.candidates:
+        if cand.status == "failed" or cand.metrics is None:
+            rejections.append(Rejection(name=cand.name, reason=f"failed: {cand.error or 'no metrics'}"))
+            continue
+        drop = quality_drop(
+            base.quality, cand.metrics.quality, higher_is_better=record.higher_is_better, relative=relative
+        )
+        gain = objective_gain(base, cand.metrics, record.objective)
+        if drop > budget.max_accuracy_drop:
+            rejections.append(
+                Rejection(
+                    name=cand.name,
+                    reason=f"over budget: {record.metric} drop {_fmt_drop(drop, relative)} > "
+                    f"{_fmt_drop(budget.max_accuracy_drop, relative)} allowed",
+                )
+            )
+        elif cand.confirmed_gain is not None and cand.confirmed_gain < budget.min_speedup:
+            rejections.append(
+                Rejection(
+                    name=cand.name,
+                    reason=f"not faster when re-timed alternately with the baseline: {cand.confirmed_gain:.2f}× "
+                    f"(first measured {gain:.2f}×; needs ≥ {budget.min_speedup:.2f}×)",
+                )
+            )
+        elif gain < budget.min_speedup:
+            rejections.append(
+                Rejection(
+                    name=cand.name,
+                    reason=f"not better than the baseline on {record.objective}: {gain:.2f}× "
+                    f"(needs ≥ {budget.min_speedup:.2f}×)",
+                )
+            )
+        else:
+            eligible.append((gain, -drop, cand))
+    if not eligible:
+        return Selection(
+            winner=record.baseline.name,
+            reason="no candidate was both within the budget and better than the baseline",
+            rejections=tuple(rejections),
+        )
+    eligible.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    best_gain, best_neg_drop, best = eligible[0]
+    for gain, _, cand in eligible[1:]:
+        rejections.append(
+            Rejection(
+                name=cand.name, reason=f"within budget but beaten by {best.name}: {gain:.2f}× vs {best_gain:.2f}×"
+            )
+        )
+    reason = (
+        f"best {record.objective} within budget: {best_gain:.2f}× the baseline, "
+        f"{record.metric} drop {_fmt_drop(-best_neg_drop, relative)}"
+    )
+    return Selection(winner=best.name, reason=reason, rejections=tuple(rejections))

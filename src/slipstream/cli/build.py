@@ -1,0 +1,72 @@
+"""`slipstream build RECIPE.yaml`: progress while it runs, then the candidate table and the report's path."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from slipstream.build.recipe import Recipe
+from slipstream.build.record import RunRecord
+from slipstream.build.search import BuildEvent, BuildResult, run_build
+from slipstream.cli.output import console, err_console
+
+
+def run_with_progress(recipe: Recipe, *, quiet: bool) -> BuildResult:
+    if quiet:
+        return run_build(recipe)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("importing the source", total=None)
+
+        def on_event(event: BuildEvent) -> None:
+            best = f" · best so far: {event.best}" if event.best else ""
+            if event.stage == "candidate":
+                bar.update(
+                    task,
+                    description=f"candidate {escape(event.candidate or '')}{escape(best)}",
+                    completed=event.index,
+                    total=event.total,
+                )
+            else:
+                bar.update(task, description=f"{event.stage} {escape(event.candidate or '')}")
+
+        return run_build(recipe, progress=on_event)
+
+
+def render_record(record: RunRecord) -> None:
+    sel = record.selection
+    decisions = {r.name: r.reason for r in sel.rejections} if sel else {}
+    table = Table(title=f"{record.name}: {record.metric} and {record.objective} at batch {record.batch_size}")
+    for col in ("candidate", "status", record.metric, "p50 ms", "samples/s", "KiB", "decision"):
+        table.add_column(col, justify="right" if col in ("p50 ms", "samples/s", "KiB") else "left")
+    for c in (record.baseline, *record.candidates):
+        m = c.metrics
+        decision = "winner" if sel and sel.winner == c.name else decisions.get(c.name, "")
+        if c.status == "failed":
+            decision = f"failed: {(c.error or '').splitlines()[0]}"
+        style = "bold green" if sel and sel.winner == c.name else ("red" if c.status == "failed" else "")
+        table.add_row(
+            escape(c.name),
+            c.status,
+            "-" if m is None else f"{m.quality:.4f}",
+            "-" if m is None else f"{m.latency_p50_ms:.3f}",
+            "-" if m is None else f"{m.throughput_sps:,.0f}",
+            "-" if m is None else f"{m.size_bytes / 1024:,.1f}",
+            escape(decision),
+            style=style,
+        )
+    console.print(table)
+    if sel:
+        console.print(f"[bold]winner:[/] {escape(sel.winner)} — {escape(sel.reason)}", highlight=False)
+    chosen = record.tuning.get("chosen")
+    if chosen:
+        console.print(f"session settings: {escape(str(chosen))}", highlight=False)
+    console.print(f"build took {record.duration_s:.1f} s", highlight=False)

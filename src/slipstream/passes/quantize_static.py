@@ -1,0 +1,142 @@
+"""quantize.static: int8 weights and activations, with scales calibrated on data.
+
+QDQ is the default format (onnxruntime fuses the Q/DQ pairs into integer kernels at load); QOperator
+writes QLinearConv/QLinearMatMul directly. Calibration reads a user ``.npz`` whose arrays are named like
+the model's inputs; without one it generates data from the input specs, and the manifest says plainly
+that the scales did not come from real data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+from pydantic import Field, JsonValue
+
+from slipstream.artifact.hashing import sha256_file
+from slipstream.data.synthetic import example_inputs
+from slipstream.passes._onnx import load, op_histogram
+from slipstream.passes._quant import fused_warning, preprocess
+from slipstream.passes.base import OnnxPass, PassConfig, PassContext, PassOutput
+from slipstream.passes.fidelity import load_npz_inputs, measure_fidelity
+
+GENERATED_NOTE = (
+    "calibrated on GENERATED data (random values shaped like the inputs), not real data: activation "
+    "ranges may be wrong; pass data=FILE.npz with real samples"
+)
+FIDELITY_SAMPLES = 64
+
+
+class QuantizeStaticConfig(PassConfig):
+    format: Literal["qdq", "qoperator"] = Field(default="qdq", description="QDQ pairs or integer operators.")
+    calibration: Literal["minmax", "entropy", "percentile"] = Field(
+        default="minmax", description="How activation ranges are chosen from the calibration data."
+    )
+    percentile: float = Field(default=99.999, gt=50, le=100, description="Percentile kept by 'percentile'.")
+    data: str | None = Field(
+        default=None, description="An .npz file with one array per model input, named like the inputs."
+    )
+    num_samples: int = Field(default=128, ge=1, description="Samples to calibrate on (generated or from data).")
+    batch_size: int = Field(default=32, ge=1, description="Calibration batch size.")
+    per_channel: bool = Field(default=True, description="One weight scale per output channel.")
+    reduce_range: bool = Field(default=False, description="7-bit weights (only for CPUs without VNNI).")
+    activation_type: Literal["quint8", "qint8"] = Field(default="quint8", description="Activation element type.")
+    weight_type: Literal["qint8", "quint8"] = Field(default="qint8", description="Weight element type.")
+    op_types: tuple[str, ...] = Field(default=(), description="Operator types to quantize; empty = default set.")
+    nodes_to_exclude: tuple[str, ...] = Field(default=(), description="Node names to leave in fp32.")
+
+
+class _Reader:
+    """An onnxruntime CalibrationDataReader over in-memory arrays."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int) -> None:
+        n = min(len(a) for a in arrays.values())
+        self._batches: Iterator[dict[str, np.ndarray]] = iter(
+            [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+class QuantizeStatic(OnnxPass[QuantizeStaticConfig]):
+    name = "quantize.static"
+    version = 1
+    Config = QuantizeStaticConfig
+
+    def fingerprint_inputs(self, config: QuantizeStaticConfig) -> dict[str, JsonValue]:
+        if config.data is None or not Path(config.data).is_file():
+            return {}
+        return {"data_sha256": sha256_file(Path(config.data))}
+
+    def apply(self, model: onnx.ModelProto, config: QuantizeStaticConfig, ctx: PassContext) -> PassOutput:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        specs = ctx.bundle.manifest.inputs
+        if config.data is not None:
+            arrays = load_npz_inputs(Path(config.data), specs, config.num_samples)
+            source = f"file {config.data}"
+        elif ctx.data is not None:
+            arrays = {k: v[: config.num_samples] for k, v in ctx.data.items()}
+            source = f"recipe data {ctx.data_source}"
+        else:
+            arrays = example_inputs(specs, config.num_samples, seed=ctx.seed)
+            source = "generated"
+        prepared, pre = preprocess(model, ctx.workdir)
+        src = ctx.workdir / "prepared.onnx"
+        onnx.save_model(prepared, str(src))
+        out = ctx.workdir / "quantized.onnx"
+        qtype = {"qint8": QuantType.QInt8, "quint8": QuantType.QUInt8}
+        extra: dict[str, object] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+        if config.calibration == "percentile":
+            extra["CalibPercentile"] = config.percentile
+        quantize_static(
+            str(src),
+            str(out),
+            _Reader(arrays, config.batch_size),
+            quant_format=QuantFormat.QDQ if config.format == "qdq" else QuantFormat.QOperator,
+            op_types_to_quantize=list(config.op_types) or None,
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            activation_type=qtype[config.activation_type],
+            weight_type=qtype[config.weight_type],
+            nodes_to_exclude=list(config.nodes_to_exclude) or None,
+            calibrate_method={
+                "minmax": CalibrationMethod.MinMax,
+                "entropy": CalibrationMethod.Entropy,
+                "percentile": CalibrationMethod.Percentile,
+            }[config.calibration],
+            extra_options=extra,
+            calibration_cache_path=ctx.workdir / "calibration",
+        )
+        result = load(out)
+        after = op_histogram(result)
+        samples = min(len(a) for a in arrays.values())
+        resolved: dict[str, JsonValue] = {
+            "format": config.format,
+            "calibration": config.calibration,
+            "calibration_data": source,
+            "calibration_samples": samples,
+            "per_channel": config.per_channel,
+            "activation_type": config.activation_type,
+            "weight_type": config.weight_type,
+            "preprocess": pre,
+        }
+        warnings: list[str] = []
+        if source == "generated":
+            resolved["calibration_note"] = GENERATED_NOTE
+            warnings.append(GENERATED_NOTE)
+        if (hidden := fused_warning(model)) is not None:
+            warnings.append(hidden)
+        quant_ops: dict[str, JsonValue] = {k: v for k, v in after.items() if "Quantize" in k or k.startswith("QLinear")}
+        if not quant_ops:
+            warnings.append("nothing was quantized: the graph has no operator static int8 applies to.")
+        metrics: dict[str, JsonValue] = {"quantization_ops": quant_ops, "nodes_out": sum(after.values())}
+        if config.data is not None and ctx.data is None:
+            # Generated normal noise says little about a model calibrated on real data: compare on the data.
+            feeds = {k: v[:FIDELITY_SAMPLES] for k, v in arrays.items()}
+            metrics["fidelity"] = measure_fidelity(model, result, specs, ctx.seed, feeds, f"calibration {source}")
+        return PassOutput(model=result, resolved=resolved, metrics=metrics, warnings=warnings)
