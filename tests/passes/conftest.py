@@ -10,6 +10,8 @@ import pytest
 
 from slipstream.artifact import Bundle
 from slipstream.importers import import_onnx
+from slipstream.passes.finetune import FinetuneConfig, finetune
+from slipstream.passes.torch_model import TorchData, TorchModel
 from tests.passes.digits_models import digits_data, train_and_export
 
 
@@ -74,3 +76,23 @@ def transformer_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
             dynamic_shapes={"input_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}},
         )
     return import_onnx(d / "encoder.onnx", d / "bundle")
+
+
+@pytest.fixture(scope="session")
+def torch_data(digits: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> tuple[TorchData, TorchData]:
+    x_train, y_train, x_test, y_test = digits
+    return TorchData(x_train, y_train), TorchData(x_test, y_test)
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(torch_data: tuple[TorchData, TorchData]) -> TorchModel:
+    """A digits CNN (with batch norm) trained for a few epochs: the input of the torch-pass tests."""
+    import torch
+
+    from tests.passes.digits_models import small_cnn
+
+    torch.manual_seed(0)
+    model = TorchModel(small_cnn(), (torch.zeros(1, 1, 8, 8),))
+    cfg = FinetuneConfig(epochs=5, lr=3e-3, patience=None, schedule="none", clip_grad_norm=None)
+    out, _ = finetune(model, cfg, torch_data[0])
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,29 @@ def digits_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     order = rng.permutation(len(x))
     x, y = x[order], y[order]
     return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+def small_cnn() -> Any:
+    """A digits CNN with batch norm (pruning must carry it along), 10 classes."""
+    from torch import nn
+
+    class DigitsCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2d(1, 16, 3, padding=1),
+                nn.BatchNorm2d(16),
+                nn.ReLU(),
+                nn.Conv2d(16, 32, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            )
+            self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+
+        def forward(self, pixels: Any) -> Any:
+            return self.classifier(self.features(pixels))
+
+    return DigitsCNN()
 
 
 def train_and_export(kind: str, path: Path, epochs: int = 8) -> Path:

@@ -16,34 +16,14 @@ from slipstream.passes.prune_unstructured import PruneUnstructuredConfig, prune_
 from slipstream.passes.torch_model import TorchData, TorchModel, evaluate
 
 
-def _cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
+@pytest.fixture(scope="module")
+def data(torch_data: tuple[TorchData, TorchData]) -> tuple[TorchData, TorchData]:
+    return torch_data
 
 
 @pytest.fixture(scope="module")
-def data(digits: tuple[np.ndarray, ...]) -> tuple[TorchData, TorchData]:
-    x_train, y_train, x_test, y_test = digits
-    return TorchData(x_train, y_train), TorchData(x_test, y_test)
-
-
-@pytest.fixture(scope="module")
-def trained(data: tuple[TorchData, TorchData]) -> TorchModel:
-    torch.manual_seed(0)
-    model = TorchModel(_cnn(), (torch.zeros(1, 1, 8, 8),))
-    cfg = FinetuneConfig(epochs=6, lr=3e-3, patience=None, schedule="none", clip_grad_norm=None)
-    out, _ = finetune(model, cfg, data[0])
-    return out
+def trained(trained_cnn: TorchModel) -> TorchModel:
+    return trained_cnn
 
 
 def _params(model: TorchModel) -> list[Any]:
@@ -64,7 +44,7 @@ def test_structured_pruning_shrinks_and_fine_tuning_recovers(
     assert report.macs_ratio > 3.0  # half the channels in and out of each conv: ~4× fewer MACs
     assert report.params_after < report.params_before / 2.5
     assert pruned.module(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
-    convs = [m for m in pruned.module.modules() if isinstance(m, nn.Conv2d)]
+    convs = [m for m in pruned.module.modules() if isinstance(m, nn.Conv2d)]  # output layer excepted
     assert [c.out_channels for c in convs] == [8, 16]
     assert [m.num_features for m in pruned.module.modules() if isinstance(m, nn.BatchNorm2d)] == [8]
     recovered, history = finetune(pruned, FinetuneConfig(epochs=6, lr=2e-3), data[0], data[1])

@@ -4,6 +4,9 @@ from slipstream.passes.base import OnnxPass, Pass, PassConfig, PassContext, Pass
 from slipstream.passes.cache import PassCache
 from slipstream.passes.catalogue import CATALOGUE, PassSpec, check_order, known_names, load_pass, lookup
 from slipstream.passes.recipe import ProgressEvent, optimize, parse_pass_ref, plan
+from slipstream.passes.torch_base import TorchContext, TorchPass
+from slipstream.passes.torch_model import TorchData, TorchModel
+from slipstream.passes.torch_recipe import optimize_torch
 
 __all__ = [
     "CATALOGUE",
@@ -17,11 +20,16 @@ __all__ = [
     "PassSpec",
     "PassWarning",
     "ProgressEvent",
+    "TorchContext",
+    "TorchData",
+    "TorchModel",
+    "TorchPass",
     "check_order",
     "known_names",
     "load_pass",
     "lookup",
     "optimize",
+    "optimize_torch",
     "parse_pass_ref",
     "plan",
 ]

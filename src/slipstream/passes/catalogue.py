@@ -51,7 +51,26 @@ _ENTRIES = (
     _onnx("weights.binarize", "binarize", "BinarizeWeights", "1-bit sign weights + per-channel scale, bit-packed"),
     _onnx("prune.magnitude", "prune", "PruneMagnitude", "zero the smallest weights (unstructured)"),
     _onnx("prune.random", "prune", "PruneRandom", "zero random weights (unstructured, seeded)"),
-)
+    PassSpec(
+        "prune.structured", 1, "slipstream.passes.prune_structured", "PruneStructured", "torch", "torch",
+        "remove channels/neurons (L1, L2, random, Taylor); really smaller and faster",
+        extra="torch", requires=("torch", "torch_pruning"),
+    ),
+    PassSpec(
+        "prune.unstructured", 1, "slipstream.passes.prune_unstructured", "PruneUnstructured", "torch", "torch",
+        "zero single weights (magnitude, random, Taylor), made permanent", extra="torch", requires=("torch",),
+    ),
+    PassSpec(
+        "train.finetune", 1, "slipstream.passes.finetune", "Finetune", "torch", "torch",
+        "recovery training: SGD/Adam, LR decay, clipping, early stopping, distillation",
+        extra="torch", requires=("torch",),
+    ),
+    PassSpec(
+        "export", 1, "slipstream.passes.export", "ExportOnnx", "torch", "onnx",
+        "torch model → ONNX bundle with a parity proof (dynamo exporter)", extra="torch",
+        requires=("torch", "onnxscript"),
+    ),
+)  # fmt: skip
 
 CATALOGUE: MappingProxyType[str, PassSpec] = MappingProxyType({e.name: e for e in _ENTRIES})
 

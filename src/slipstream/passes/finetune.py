@@ -12,15 +12,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, JsonValue
 
 from slipstream.errors import ConfigError
+from slipstream.passes.base import PassConfig
+from slipstream.passes.torch_base import TorchContext, TorchPass, TorchPassOutput
 from slipstream.passes.torch_model import TorchData, TorchModel, evaluate, loss_fn, require_torch
 
 
-class FinetuneConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class FinetuneConfig(PassConfig):
     epochs: int = Field(default=5, ge=1, description="Passes over the training data (at most).")
     batch_size: int = Field(default=64, ge=1, description="Rows per optimizer step.")
     optimizer: Literal["sgd", "adam"] = Field(default="adam", description="SGD with momentum, or Adam.")
@@ -160,3 +160,29 @@ def finetune(
         module.load_state_dict(best_state)
     module.eval()
     return out, report
+
+
+class Finetune(TorchPass[FinetuneConfig]):
+    """train.finetune@1: recovery training (optionally distilled from the model before the torch passes)."""
+
+    name = "train.finetune"
+    version = 1
+    Config = FinetuneConfig
+
+    def apply(self, model: TorchModel, config: FinetuneConfig, ctx: TorchContext) -> TorchPassOutput:
+        if ctx.train is None:
+            raise ConfigError(
+                "train.finetune needs training data; none was given.",
+                field="data",
+                hint="Give training data (recipe data.train, or --train-data).",
+            )
+        teacher = ctx.teacher if config.distill_alpha > 0 else None
+        trained, report = finetune(model, config, ctx.train, ctx.eval, teacher=teacher)
+        metrics: dict[str, JsonValue] = {
+            "epochs_run": len(report.history),
+            "best_epoch": report.best_epoch,
+            "best_eval_metric": report.best_metric,
+            "stopped_early": report.stopped_early,
+            "final_loss": report.history[-1].loss if report.history else None,
+        }
+        return TorchPassOutput(trained, {"optimizer": config.optimizer, "schedule": config.schedule}, metrics)

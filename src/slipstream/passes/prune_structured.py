@@ -11,15 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, JsonValue
 
 from slipstream.errors import ConfigError
-from slipstream.passes.torch_model import TorchData, TorchModel, count_macs, loss_fn, require_torch
+from slipstream.passes.base import PassConfig
+from slipstream.passes.torch_base import TorchContext, TorchPass, TorchPassOutput
+from slipstream.passes.torch_model import TorchData, TorchModel, count_macs, evaluate, loss_fn, require_torch
 
 
-class PruneStructuredConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class PruneStructuredConfig(PassConfig):
     amount: float = Field(gt=0, lt=1, description="Fraction of channels/neurons removed from each prunable layer.")
     importance: Literal["l1", "l2", "random", "taylor"] = Field(
         default="l2", description="How channels are ranked; 'taylor' needs training data."
@@ -135,3 +135,24 @@ def prune_structured(
         pruned_layers=pruned,
     )
     return out, report
+
+
+class PruneStructured(TorchPass[PruneStructuredConfig]):
+    """prune.structured@1: remove channels and neurons (torch-pruning dependency graph)."""
+
+    name = "prune.structured"
+    version = 1
+    Config = PruneStructuredConfig
+
+    def apply(self, model: TorchModel, config: PruneStructuredConfig, ctx: TorchContext) -> TorchPassOutput:
+        pruned, report = prune_structured(model, config, ctx.train)
+        metrics: dict[str, JsonValue] = {
+            "macs_before": report.macs_before,
+            "macs_after": report.macs_after,
+            "macs_ratio": report.macs_ratio,
+            "params_before": report.params_before,
+            "params_after": report.params_after,
+        }
+        if ctx.eval is not None:
+            metrics["eval_metric_after"] = evaluate(pruned.module, ctx.eval)
+        return TorchPassOutput(pruned, {"importance": config.importance, "scope": config.scope}, metrics)

@@ -9,15 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, JsonValue
 
 from slipstream.errors import ConfigError
+from slipstream.passes.base import PassConfig
+from slipstream.passes.torch_base import TorchContext, TorchPass, TorchPassOutput
 from slipstream.passes.torch_model import TorchData, TorchModel, loss_fn, require_torch
 
 
-class PruneUnstructuredConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class PruneUnstructuredConfig(PassConfig):
     amount: float = Field(gt=0, lt=1, description="Fraction of weights set to zero.")
     method: Literal["magnitude", "random", "taylor"] = Field(
         default="magnitude", description="Which weights go: smallest |w|, random, or smallest |w · ∂L/∂w|."
@@ -115,3 +115,18 @@ def prune_unstructured(
     weights = sum(getattr(m, n).numel() for m, n in targets)
     zeros = sum(int((getattr(m, n) == 0).sum()) for m, n in targets)
     return out, UnstructuredReport(weights=weights, zeros=zeros)
+
+
+class PruneUnstructured(TorchPass[PruneUnstructuredConfig]):
+    """prune.unstructured@1: zero individual weights, masks made permanent."""
+
+    name = "prune.unstructured"
+    version = 1
+    Config = PruneUnstructuredConfig
+
+    def apply(self, model: TorchModel, config: PruneUnstructuredConfig, ctx: TorchContext) -> TorchPassOutput:
+        pruned, report = prune_unstructured(model, config, ctx.train)
+        metrics: dict[str, JsonValue] = {"sparsity": report.sparsity, "weights": report.weights}
+        return TorchPassOutput(
+            pruned, {"note": "sparse weights shrink compressed size, not onnxruntime latency"}, metrics
+        )

@@ -14,7 +14,7 @@ import yaml
 
 from slipstream.artifact.bundle import Bundle
 from slipstream.errors import BundleExistsError, ConfigError
-from slipstream.passes.base import OnnxPass, PassConfig, PassRun
+from slipstream.passes.base import ModelKind, OnnxPass, Pass, PassConfig, PassRun
 from slipstream.passes.cache import PassCache
 from slipstream.passes.catalogue import PassSpec, check_order, load_pass, lookup
 from slipstream.passes.fidelity import load_npz_inputs
@@ -73,7 +73,7 @@ def parse_pass_ref(text: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), options
 
 
-def plan(passes: Sequence[PassRef]) -> list[tuple[PassSpec, OnnxPass[Any], PassConfig]]:
+def plan(passes: Sequence[PassRef], *, start: ModelKind = "onnx") -> list[tuple[PassSpec, Pass[Any], PassConfig]]:
     """Look up, order-check, import and configure every pass; raises before any model work."""
     if not passes:
         raise ConfigError("A recipe needs at least one pass; got none.", field="passes", hint="Add --pass NAME.")
@@ -81,14 +81,18 @@ def plan(passes: Sequence[PassRef]) -> list[tuple[PassSpec, OnnxPass[Any], PassC
     for ref in passes:
         name, options = parse_pass_ref(ref) if isinstance(ref, str) else (ref[0], ref[1])
         named.append((lookup(name), options))
-    check_order([spec for spec, _ in named], start="onnx")
-    steps: list[tuple[PassSpec, OnnxPass[Any], PassConfig]] = []
+    check_order([spec for spec, _ in named], start=start)
+    steps: list[tuple[PassSpec, Pass[Any], PassConfig]] = []
     for spec, options in named:
         instance = load_pass(spec)
-        if not isinstance(instance, OnnxPass):
-            raise ConfigError(f"{spec.name} does not run on a bundle.", field="pass")
         steps.append((spec, instance, instance.make_config(options)))
     return steps
+
+
+def _onnx_pass(instance: Pass[Any]) -> OnnxPass[Any]:
+    if not isinstance(instance, OnnxPass):  # check_order(start="onnx") already refused torch passes
+        raise ConfigError(f"{instance.step_name} does not run on a bundle.", field="pass")
+    return instance
 
 
 def optimize(
@@ -112,7 +116,7 @@ def optimize(
     on it, and quantize.static calibrates on it unless given its own ``data``.
     """
     source = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-    steps = plan(passes)
+    steps = [(spec, _onnx_pass(instance), config) for spec, instance, config in plan(passes)]
     data_path = Path(data) if data is not None else None
     if data_path is not None:
         load_npz_inputs(data_path, source.manifest.inputs)  # refuse bad data before any work
