@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 import slipstream
 from slipstream.artifact import Bundle
-from slipstream.errors import BundleExistsError, ConfigError, MissingDependencyError, PassError
+from slipstream.errors import BundleExistsError, ConfigError, DataError, MissingDependencyError, PassError
 from slipstream.importers import import_onnx
 from slipstream.passes import (
     CATALOGUE,
@@ -190,14 +190,14 @@ def test_default_cache_dir_follows_the_environment(tmp_path: Path) -> None:
     assert default_cache_dir({}) == Path.home() / ".cache" / "slipstream" / "passes"
 
 
-def test_bad_calibration_data_is_a_config_error(mlp_bundle: Bundle, tmp_path: Path) -> None:
+def test_bad_calibration_data_is_a_data_error(mlp_bundle: Bundle, tmp_path: Path) -> None:
     bad = tmp_path / "bad.npz"
     np.savez(bad, pixels=np.zeros((4, 2, 8), dtype=np.float32))
-    with pytest.raises(ConfigError, match=r"has shape \[4, 2, 8\]; the input is \[batch, 8\]"):
+    with pytest.raises(DataError, match=r"input 'pixels' must have shape \[batch, 8\]; got \[4, 2, 8\]"):
         run_pass(mlp_bundle, "quantize.static", tmp_path / "o", {"data": str(bad)})
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, images=np.zeros((4, 8), dtype=np.float32))
-    with pytest.raises(ConfigError, match=r"has arrays \['images'\]; the model's inputs are \['pixels'\]"):
+    with pytest.raises(DataError, match=r"missing \['pixels'\]; unexpected \['images'\]"):
         run_pass(mlp_bundle, "quantize.static", tmp_path / "o", {"data": str(wrong)})
 
 
@@ -334,7 +334,7 @@ def test_recipe_data_drives_fidelity_and_calibration(cnn_bundle: Bundle, calibra
 def test_bad_recipe_data_is_refused_before_any_work(cnn_bundle: Bundle, tmp_path: Path) -> None:
     bad = tmp_path / "bad.npz"
     np.savez(bad, images=np.zeros((4, 1, 8, 8), dtype=np.float32))
-    with pytest.raises(ConfigError, match="the model's inputs are \\['pixels'\\]"):
+    with pytest.raises(DataError, match="expected arrays named \\['pixels'\\]"):
         slipstream.optimize(cnn_bundle, ["prune.magnitude"], tmp_path / "o", cache=False, data=bad)
     assert not (tmp_path / "o").exists()
 

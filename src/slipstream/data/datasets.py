@@ -50,6 +50,18 @@ class Dataset:
         return Dataset({k: v[:n] for k, v in self.inputs.items()}, labels, self.source)
 
 
+def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """A content digest of named arrays (names, shapes, dtypes, bytes): keys caches on data, not paths."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.shape}:{a.dtype};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def check_dataset(inputs: Mapping[str, Any], labels: Any, specs: Sequence[TensorSpec], source: str) -> Dataset:
     """Validate names, dtypes, shapes and row counts; cast losslessly (float64 → float32)."""
     expected = [s.name for s in specs]

@@ -23,11 +23,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
 
 from slipstream.artifact.bundle import Bundle, Step, write_bundle
-from slipstream.artifact.hashing import sha256_file, sha256_json
+from slipstream.artifact.hashing import sha256_json
 from slipstream.artifact.specs import graph_io_specs
-from slipstream.errors import BundleExistsError, ConfigError, PassError
+from slipstream.data.datasets import arrays_digest
+from slipstream.errors import BundleExistsError, ConfigError, PassError, SlipstreamError
 from slipstream.passes.cache import PassCache
-from slipstream.passes.fidelity import FIDELITY_DATA_ROWS, GENERATED, load_npz_inputs, measure_fidelity
+from slipstream.passes.fidelity import FIDELITY_DATA_ROWS, GENERATED, load_inputs, measure_fidelity
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -156,8 +157,8 @@ class OnnxPass(Pass[C]):
             )
         started = time.perf_counter()
         # The seed drives generated data (calibration, fidelity), so it is part of what the result depends on.
-        arrays = load_npz_inputs(Path(data), bundle.manifest.inputs) if data is not None else None
-        data_sha = sha256_file(Path(data)) if data is not None else None
+        arrays = load_inputs(Path(data), bundle.manifest.inputs) if data is not None else None
+        data_sha = arrays_digest(arrays) if arrays is not None else None
         key = PassCache.key(bundle.model_sha256, self.step_name, sha256_json([self.config_hash(cfg), seed, data_sha]))
         hit = cache.get(key, self.name) if cache is not None else None
         if hit is not None:
@@ -207,7 +208,7 @@ class OnnxPass(Pass[C]):
                     result.metrics["fidelity"] = measure_fidelity(
                         original, result.model, bundle.manifest.inputs, seed, feeds, source or GENERATED
                     )
-            except (ConfigError, PassError):
+            except SlipstreamError:  # already clear (bad config or data, a named pass failure)
                 raise
             except Exception as exc:  # third-party tools raise anything; name the pass and keep the cause
                 raise PassError(

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import JsonValue
 
-from slipstream.artifact.tensor import TensorSpec, numpy_dtype
+from slipstream.artifact.tensor import TensorSpec
+from slipstream.data.datasets import load_dataset
 from slipstream.data.synthetic import example_inputs
 from slipstream.errors import ConfigError
 
@@ -77,28 +78,10 @@ def measure_fidelity(
     return {"data": data_note, "batch": batch, "outputs": per_output}
 
 
-def load_npz_inputs(path: Path, specs: Sequence[TensorSpec], limit: int | None = None) -> dict[str, np.ndarray]:
-    """The first ``limit`` rows of each input from an .npz named like the inputs, cast to their dtypes."""
-    if not path.is_file():
-        raise ConfigError(f"Data '{path}' does not exist.", field="data", hint="Pass an .npz file of real inputs.")
-    with np.load(path, allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    wanted = [s.name for s in specs]
-    missing = [n for n in wanted if n not in arrays]
-    if missing:
-        raise ConfigError(
-            f"Data '{path}' has arrays {sorted(arrays)}; the model's inputs are {wanted} (missing: {missing}).",
-            field="data",
-            hint="Save it with np.savez(path, **{input_name: array}) using the model's input names.",
-        )
-    out: dict[str, np.ndarray] = {}
-    for spec in specs:
-        arr = arrays[spec.name][:limit]
-        if arr.ndim != spec.rank:
-            raise ConfigError(
-                f"Array '{spec.name}' has shape {list(arr.shape)}; the input is {spec.shape_text()}.",
-                field="data",
-                hint="Store a batch of samples along axis 0, with the input's rank.",
-            )
-        out[spec.name] = arr.astype(numpy_dtype(spec.dtype), copy=False)
-    return out
+def load_inputs(path: Path, specs: Sequence[TensorSpec], limit: int | None = None) -> dict[str, np.ndarray]:
+    """The first ``limit`` rows of each input from a data source (.npz, .csv, .parquet or ``file.py:fn``).
+
+    Checked and cast by :func:`slipstream.data.datasets.load_dataset`; labels, if any, are ignored here.
+    """
+    dataset = load_dataset(path, specs)
+    return dict(dataset.take(limit).inputs) if limit is not None else dict(dataset.inputs)

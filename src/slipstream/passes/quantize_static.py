@@ -21,7 +21,7 @@ from slipstream.data.synthetic import example_inputs
 from slipstream.passes._onnx import load, op_histogram
 from slipstream.passes._quant import fused_warning, preprocess
 from slipstream.passes.base import OnnxPass, PassConfig, PassContext, PassOutput
-from slipstream.passes.fidelity import load_npz_inputs, measure_fidelity
+from slipstream.passes.fidelity import load_inputs, measure_fidelity
 
 GENERATED_NOTE = (
     "calibrated on GENERATED data (random values shaped like the inputs), not real data: activation "
@@ -68,16 +68,21 @@ class QuantizeStatic(OnnxPass[QuantizeStaticConfig]):
     Config = QuantizeStaticConfig
 
     def fingerprint_inputs(self, config: QuantizeStaticConfig) -> dict[str, JsonValue]:
-        if config.data is None or not Path(config.data).is_file():
+        if config.data is None:
             return {}
-        return {"data_sha256": sha256_file(Path(config.data))}
+        path = Path(config.data)
+        if path.is_file():
+            return {"data_sha256": sha256_file(path)}
+        # A 'file.py:fn' callable: key on the reference and the code that produces the data.
+        code = Path(config.data.rpartition(":")[0])
+        return {"data_ref": config.data, "data_sha256": sha256_file(code) if code.is_file() else None}
 
     def apply(self, model: onnx.ModelProto, config: QuantizeStaticConfig, ctx: PassContext) -> PassOutput:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         specs = ctx.bundle.manifest.inputs
         if config.data is not None:
-            arrays = load_npz_inputs(Path(config.data), specs, config.num_samples)
+            arrays = load_inputs(Path(config.data), specs, config.num_samples)
             source = f"file {config.data}"
         elif ctx.data is not None:
             arrays = {k: v[: config.num_samples] for k, v in ctx.data.items()}

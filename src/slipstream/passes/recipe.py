@@ -17,7 +17,7 @@ from slipstream.errors import BundleExistsError, ConfigError
 from slipstream.passes.base import ModelKind, OnnxPass, Pass, PassConfig, PassRun
 from slipstream.passes.cache import PassCache
 from slipstream.passes.catalogue import PassSpec, check_order, load_pass, lookup
-from slipstream.passes.fidelity import load_npz_inputs
+from slipstream.passes.fidelity import load_inputs
 
 PassRef: TypeAlias = str | tuple[str, Mapping[str, Any]]
 
@@ -119,7 +119,7 @@ def optimize(
     steps = [(spec, _onnx_pass(instance), config) for spec, instance, config in plan(passes)]
     data_path = Path(data) if data is not None else None
     if data_path is not None:
-        load_npz_inputs(data_path, source.manifest.inputs)  # refuse bad data before any work
+        load_inputs(data_path, source.manifest.inputs)  # refuse bad data before any work
     store = PassCache.default() if cache is True else (cache or None)
     target = Path(output)
     if target.exists() and not overwrite:
