@@ -47,8 +47,8 @@ class Recipe(_Strict):
 
     name: str = Field(default="build", min_length=1, description="Name of the build and of the winner bundle.")
     model: str = Field(description="Source: a bundle directory, an .onnx file, or what `slipstream convert` takes.")
-    input_shape: tuple[int | str, ...] | None = Field(
-        default=None, description="Input shape for sources that need one (e.g. a torch entry point)."
+    input_shape: str | None = Field(
+        default=None, description="Input shape for sources that need one, e.g. 'batch,1,8,8' for a torch entry point."
     )
     data: DataConfig
     metric: str = Field(default="accuracy", description=f"One of {', '.join(METRIC_NAMES)}.")

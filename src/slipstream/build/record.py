@@ -38,6 +38,15 @@ class CandidateResult(_Frozen):
     warnings: tuple[str, ...] = ()
 
 
+class SourceTiming(_Frozen):
+    """The source framework's own speed on the same inputs (e.g. torch eager), for reference."""
+
+    framework: str
+    latency_p50_ms: float
+    latency_p99_ms: float
+    throughput_sps: float
+
+
 class Rejection(_Frozen):
     name: str
     reason: str
@@ -65,6 +74,9 @@ class RunRecord(_Frozen):
     candidates: tuple[CandidateResult, ...]
     selection: Selection | None = None
     tuning: dict[str, JsonValue] = Field(default_factory=dict, description="Session settings tried on the winner.")
+    source_timing: SourceTiming | None = Field(
+        default=None, description="The source framework's speed at the same batch size, when it could be run."
+    )
 
     def candidate(self, name: str) -> CandidateResult:
         if name == self.baseline.name:

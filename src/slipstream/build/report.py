@@ -148,6 +148,23 @@ code{background:#f3f4f6;padding:1px 4px}
 """
 
 
+def source_comparison(record: RunRecord, winner: CandidateResult) -> str | None:
+    """'torch eager (fp32): p50 X ms; the winner is N× faster' when the source framework was timed."""
+    src = record.source_timing
+    if src is None or winner.metrics is None:
+        return None
+    gain = src.latency_p50_ms / winner.metrics.latency_p50_ms
+    return (
+        f"{src.framework} at batch {record.batch_size}: p50 {src.latency_p50_ms:.3f} ms, "
+        f"{src.throughput_sps:,.0f} samples/s; the winner is {gain:.2f}× faster"
+    )
+
+
+def _source_line(record: RunRecord, winner: CandidateResult) -> str:
+    text = source_comparison(record, winner)
+    return f'<p id="source-comparison">{html.escape(text)}.</p>' if text else ""
+
+
 def render_html(record: RunRecord) -> str:
     decisions = _decisions(record)
     measured = _measured(record)
@@ -183,6 +200,7 @@ budget <code>{html.escape(json.dumps(record.recipe.get("budget")))}</code>; {len
 {record.duration_s:.1f} s.</p>
 <h2>Winner: {html.escape(winner.name)}</h2>
 <p>{html.escape(sel.reason if sel else "")}. Session settings: <code>{tuning}</code>.</p>
+{_source_line(record, winner)}
 <h2>Candidates</h2>
 <table id="candidates">{header}{rows}</table>
 <h2>Pareto plots</h2>

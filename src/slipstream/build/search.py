@@ -22,8 +22,16 @@ from slipstream.artifact.bundle import Bundle, Step, write_bundle
 from slipstream.artifact.hashing import sha256_bytes, sha256_file, sha256_json
 from slipstream.build.ladder import auto_candidates
 from slipstream.build.recipe import Candidate, Recipe
-from slipstream.build.record import CandidateMetrics, CandidateResult, RunRecord
+from slipstream.build.record import CandidateMetrics, CandidateResult, RunRecord, SourceTiming
 from slipstream.build.select import select
+from slipstream.build.torch_source import (
+    TorchSourceContext,
+    is_torch_chain,
+    run_torch_candidate,
+    torch_context,
+    torch_eager_timing,
+    torch_ladder,
+)
 from slipstream.data.datasets import Dataset, load_dataset
 from slipstream.errors import ConfigError, SlipstreamError
 from slipstream.evaluate.bench import BenchSettings, bench
@@ -160,23 +168,59 @@ def _first_rows(dataset: Dataset, n: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _source_bundle(recipe: Recipe, dest: Path) -> Bundle:
+def _write_calibration(recipe: Recipe, baseline: Bundle, eval_set: Dataset, dest: Path) -> Path:
+    """Real inputs for static int8 calibration as an .npz (from data.calibration, else the eval data)."""
+    source = eval_set
+    if recipe.data.calibration is not None:
+        source = load_dataset(recipe.data.calibration, baseline.manifest.inputs)
+    rows = source.take(512).inputs
+    if dest.is_file():
+        with np.load(dest) as old:
+            if set(old.files) == set(rows) and all(np.array_equal(old[k], v) for k, v in rows.items()):
+                return dest  # unchanged: keep the file, so the pass cache keys stay the same
+    np.savez(dest, **dict(rows))  # type: ignore[arg-type]  # numpy types allow_pickle in **kwds
+    return dest
+
+
+def _source_key(recipe: Recipe) -> str | None:
+    """What the baseline conversion depends on: the source file's bytes, or a torch entry point's weights."""
     src = Path(recipe.model)
-    if src.is_dir():
-        return Bundle.load(src)
+    if src.is_file():
+        return sha256_json([sha256_file(src), recipe.input_shape])
+    from slipstream.importers.torch_sources import is_entry_point
+
+    if not is_entry_point(recipe.model):
+        return None
+    import torch
+
+    from slipstream.importers.torch_sources import load_torch_source
+    from slipstream.passes.torch_base import weights_digest
+
+    model = load_torch_source(recipe.model, trust_pickle=False).model
+    module = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+    code = Path(recipe.model.rpartition(":")[0])
+    return sha256_json([weights_digest(module), sha256_file(code) if code.is_file() else None, recipe.input_shape])
+
+
+def _source_bundle(recipe: Recipe, dest: Path, index_file: Path) -> Bundle:
+    """The baseline bundle: the recipe's bundle as is, or its source converted (re-used while unchanged)."""
+    if Path(recipe.model).is_dir():
+        return Bundle.load(recipe.model)
     from slipstream.importers import convert
 
-    if dest.is_dir() and src.is_file():
+    key = _source_key(recipe)
+    if key is not None and dest.is_dir() and index_file.is_file() and json.loads(index_file.read_text()) == key:
         try:
-            existing = Bundle.load(dest)
+            return Bundle.load(dest)  # same source: re-use the earlier conversion (verified)
         except SlipstreamError:
-            existing = None
-        if existing is not None and existing.manifest.source.sha256 == sha256_file(src):
-            return existing  # same source file: reuse the earlier conversion
+            pass
     kwargs: dict[str, Any] = {"overwrite": True, "name": recipe.name}
     if recipe.input_shape is not None:
-        kwargs["input_shape"] = recipe.input_shape
-    return convert(recipe.model, dest, **kwargs)
+        kwargs["input_shapes"] = [recipe.input_shape]
+    bundle = convert(recipe.model, dest, **kwargs)
+    if key is not None:
+        index_file.write_text(json.dumps(key))
+    return bundle
 
 
 def _machine() -> dict[str, Any]:
@@ -209,7 +253,7 @@ def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResul
     tgt = target(recipe.target)
 
     notify(BuildEvent(stage="import"))
-    baseline_bundle = _source_bundle(recipe, out / BASELINE)
+    baseline_bundle = _source_bundle(recipe, out / BASELINE, out / ".source-key.json")
     dataset = load_dataset(recipe.data.eval, baseline_bundle.manifest.inputs).take(recipe.max_eval_rows)
     if metric.against == "labels" and dataset.labels is None:
         raise ConfigError(
@@ -218,19 +262,35 @@ def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResul
             hint="Add labels to the data, or use metric: cosine or agreement.",
         )
     measurer = _Measurer(recipe, dataset, metric, tgt, out / ".measurements.json")
+    calibration = _write_calibration(recipe, baseline_bundle, dataset, out / "calibration.npz")
+    torch_ctx = torch_context(recipe, baseline_bundle, dataset)
     notify(BuildEvent(stage="baseline", candidate=BASELINE))
     base_metrics, _ = measurer.measure(baseline_bundle)
+    source_timing = None
+    if torch_ctx is not None:
+        notify(BuildEvent(stage="torch eager", candidate=BASELINE))
+        eager_key = "torch-eager:" + measurer.key(baseline_bundle)
+        if eager_key in measurer.cache:
+            source_timing = SourceTiming.model_validate(measurer.cache[eager_key])
+        else:
+            source_timing = torch_eager_timing(torch_ctx, _first_rows(dataset, recipe.batch_size), recipe)
+            measurer.remember(eager_key, source_timing.model_dump())
     baseline = CandidateResult(
         name=BASELINE, passes=(), status="ok", metrics=base_metrics, bundle=str(baseline_bundle.path),
         lineage=tuple(e.step for e in baseline_bundle.manifest.lineage),
     )  # fmt: skip
 
-    chosen = auto_candidates(recipe) if recipe.candidates == "auto" else recipe.candidates
+    if recipe.candidates == "auto":
+        chosen = auto_candidates(recipe, str(calibration))
+        if torch_ctx is not None and torch_ctx.train is not None:
+            chosen = (*chosen, *torch_ladder(str(calibration)))
+    else:
+        chosen = recipe.candidates
     results: list[CandidateResult] = []
     best: tuple[float, str] | None = None
     for i, cand in enumerate(chosen):
         notify(BuildEvent("candidate", cand.name, i, len(chosen), best[1] if best else None))
-        result = _try_candidate(cand, baseline_bundle, out, measurer, recipe, optimize)
+        result = _try_candidate(cand, baseline_bundle, out, measurer, recipe, optimize, torch_ctx)
         results.append(result)
         if result.metrics is not None:
             gain = base_metrics.latency_p50_ms / result.metrics.latency_p50_ms
@@ -249,6 +309,7 @@ def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResul
         batch_size=recipe.batch_size,
         baseline=baseline,
         candidates=tuple(results),
+        source_timing=source_timing,
     )
     selection = select(record, recipe.budget)
     # Timings on a shared machine drift; re-time each would-be winner alternately with the baseline and
@@ -280,7 +341,13 @@ def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResul
 
 
 def _try_candidate(
-    cand: Candidate, baseline: Bundle, out: Path, measurer: _Measurer, recipe: Recipe, optimize: Any
+    cand: Candidate,
+    baseline: Bundle,
+    out: Path,
+    measurer: _Measurer,
+    recipe: Recipe,
+    optimize: Any,
+    torch_ctx: TorchSourceContext | None,
 ) -> CandidateResult:
     started = time.perf_counter()
     labels = tuple(_pass_label(p) for p in cand.passes)
@@ -293,9 +360,18 @@ def _try_candidate(
 
     try:
         refs = [_pass_ref(p) for p in cand.passes]
-        bundle = optimize(
-            baseline, refs, out / "candidates" / cand.name, overwrite=True, seed=recipe.seed, progress=count_hits
-        )
+        dest = out / "candidates" / cand.name
+        if is_torch_chain(cand):
+            if torch_ctx is None:
+                raise ConfigError(
+                    f"Candidate '{cand.name}' starts with a torch pass, but the source is not a single-input "
+                    "PyTorch model.",
+                    field="candidates",
+                )
+            bundle, reused = run_torch_candidate(torch_ctx, cand, refs, dest, recipe, out / ".torch-candidates.json")
+            hits = len(refs) if reused else 0
+        else:
+            bundle = optimize(baseline, refs, dest, overwrite=True, seed=recipe.seed, progress=count_hits)
         metrics, _ = measurer.measure(bundle)
     except Exception as exc:  # a failed candidate is recorded with its error, never allowed to abort the build
         text = str(exc) if isinstance(exc, SlipstreamError) else f"{type(exc).__name__}: {exc}"

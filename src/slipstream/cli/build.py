@@ -8,6 +8,7 @@ from rich.table import Table
 
 from slipstream.build.recipe import Recipe
 from slipstream.build.record import RunRecord
+from slipstream.build.report import source_comparison
 from slipstream.build.search import BuildEvent, BuildResult, run_build
 from slipstream.cli.output import console, err_console
 
@@ -66,6 +67,10 @@ def render_record(record: RunRecord) -> None:
     console.print(table)
     if sel:
         console.print(f"[bold]winner:[/] {escape(sel.winner)} — {escape(sel.reason)}", highlight=False)
+    if sel is not None:
+        compared = source_comparison(record, record.candidate(sel.winner))
+        if compared:
+            console.print(escape(compared), highlight=False)
     chosen = record.tuning.get("chosen")
     if chosen:
         console.print(f"session settings: {escape(str(chosen))}", highlight=False)
