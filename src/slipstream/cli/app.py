@@ -7,6 +7,7 @@ from typing import Annotated, Literal, cast
 
 import typer
 
+from slipstream.cli.monitor import monitor_app
 from slipstream.cli.output import console, parse_dims, parse_ints, print_json, reporting, status
 from slipstream.cli.render import render_bench, render_summary
 
@@ -233,6 +234,9 @@ def demo(
 
     with reporting(as_json=False):
         run_demo(workdir)
+
+
+app.add_typer(monitor_app, name="monitor")
 
 
 def main() -> None:

@@ -1,0 +1,91 @@
+"""`slipstream monitor status|report`: read a prediction log offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from slipstream.cli.output import console, print_json, reporting
+
+if TYPE_CHECKING:
+    from slipstream.monitor.report import DbSummary
+
+monitor_app = typer.Typer(
+    name="monitor", help="Read a prediction log: a terminal summary or an offline HTML report.", no_args_is_help=True
+)
+
+DbOpt = Annotated[Path, typer.Option("--db", help="The SQLite prediction log the server writes.")]
+PositiveOpt = Annotated[float, typer.Option("--positive-label", help="The class counted as 'selected' per group.")]
+
+
+def _render_status(s: DbSummary) -> None:
+    from rich.table import Table
+
+    def num(v: float | None, digits: int = 3) -> str:
+        return "–" if v is None else f"{v:.{digits}f}"
+
+    overview = Table(title=f"Prediction log {s.path}", show_header=False)
+    overview.add_row("models", ", ".join(s.models) or "–")
+    overview.add_row("predictions / labeled", f"{s.predictions} / {s.labeled}")
+    overview.add_row("realized accuracy", num(s.accuracy))
+    overview.add_row("latency p50 / p99 (ms)", f"{num(s.latency_ms.get('p50'), 2)} / {num(s.latency_ms.get('p99'), 2)}")
+    overview.add_row(f"out-of-distribution share (> {s.ood_threshold:g})", num(s.ood_share))
+    latest = s.latest
+    if latest is not None:
+        if latest.drift is not None:
+            d = latest.drift
+            overview.add_row("drift", f"{len(d.drifted_features)} input feature(s) drifted ({d.method}, {d.rows} rows)")
+        if latest.quality is not None and latest.quality.estimated_accuracy is not None:
+            overview.add_row("estimated accuracy (no labels)", num(latest.quality.estimated_accuracy))
+        overview.add_row("log drops", str(latest.store.get("dropped", 0)))
+    console.print(overview)
+    if s.fairness is not None:
+        groups = Table(title="Groups")
+        for col in ("group", "rows", "selection rate", "accuracy", "TPR", "FPR"):
+            groups.add_column(col)
+        for g in s.fairness.groups:
+            groups.add_row(g.group, str(g.rows), num(g.selection_rate), num(g.accuracy), num(g.tpr), num(g.fpr))
+        console.print(groups)
+        if s.fairness.flagged:
+            console.print(f"[bold red]bias flagged:[/] {'; '.join(s.fairness.reasons)}", highlight=False)
+    if latest is not None:
+        alerts = [a for a in latest.alerts if a.state in ("firing", "pending")]
+        for a in alerts:
+            colour = "red" if a.state == "firing" else "yellow"
+            console.print(f"[bold {colour}]{a.state}[/] {a.rule}: {a.reason}", highlight=False)
+        if not alerts:
+            console.print("[green]no alert firing[/]")
+
+
+@monitor_app.command()
+def status(
+    db: DbOpt,
+    positive_label: PositiveOpt = 1.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Summarize a prediction log in the terminal."""
+    from slipstream.monitor.report import summarize
+
+    with reporting(as_json=json_out):
+        summary = summarize(db, positive_label=positive_label)
+    if json_out:
+        print_json(summary)
+    else:
+        _render_status(summary)
+
+
+@monitor_app.command()
+def report(
+    db: DbOpt,
+    output: Annotated[Path, typer.Option("-o", "--output", help="The HTML file to write.")] = Path("monitor.html"),
+    positive_label: PositiveOpt = 1.0,
+) -> None:
+    """Write an offline HTML report (inline SVG plots, nothing fetched from the network)."""
+    from slipstream.monitor.report import render_html, summarize
+
+    with reporting(as_json=False):
+        html = render_html(summarize(db, positive_label=positive_label))
+    output.write_text(html, encoding="utf-8")
+    console.print(f"wrote {output} ({len(html) // 1024} KiB)")

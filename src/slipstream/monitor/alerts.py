@@ -1,0 +1,222 @@
+"""Alert rules over monitor metrics, their state, and an optional webhook.
+
+A rule watches one named metric (e.g. ``quality.accuracy_drop``) against a threshold in a direction; the
+condition must hold for ``for_s`` seconds before the alert fires (pending meanwhile), and the alert resolves
+when the condition stops holding. Every transition is logged and returned as an :class:`AlertEvent`; a
+:class:`Webhook` posts events as JSON from its own thread through a bounded queue, so neither evaluating
+rules nor a slow receiver ever blocks a caller. A metric with no value (``None``) leaves the state as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AlertRule(_Frozen):
+    name: str = Field(min_length=1, description="Unique rule name, shown in /metrics and the logs.")
+    metric: str = Field(description="The monitor metric it watches, e.g. 'drift.drifted_features'.")
+    threshold: float = Field(description="The value the metric is compared with.")
+    direction: Literal["above", "below"] = Field(description="Fire when the metric is above / below it.")
+    for_s: float = Field(default=0.0, ge=0, description="How long the condition must hold before firing.")
+    severity: Literal["info", "warning", "critical"] = Field(default="warning", description="For the receiver.")
+
+
+DEFAULT_RULES: tuple[AlertRule, ...] = (
+    AlertRule(name="input_drift", metric="drift.drifted_features", threshold=0, direction="above"),
+    AlertRule(name="multivariate_drift", metric="drift.multivariate_drifted", threshold=0.5, direction="above"),
+    AlertRule(name="prediction_drift", metric="drift.drifted_outputs", threshold=0, direction="above"),
+    AlertRule(
+        name="accuracy_drop", metric="quality.accuracy_drop", threshold=0.05, direction="above", severity="critical"
+    ),
+    AlertRule(name="estimated_accuracy_drop", metric="quality.estimated_drop", threshold=0.05, direction="above"),
+    AlertRule(
+        name="demographic_parity", metric="fairness.demographic_parity_difference", threshold=0.1, direction="above"
+    ),
+    AlertRule(
+        name="demographic_parity_ratio", metric="fairness.demographic_parity_ratio", threshold=0.8, direction="below"
+    ),
+    AlertRule(name="equalized_odds", metric="fairness.equalized_odds_difference", threshold=0.1, direction="above"),
+    AlertRule(name="prediction_log_drops", metric="store.dropped", threshold=0, direction="above"),
+    AlertRule(name="out_of_distribution", metric="threats.ood_share", threshold=0.05, direction="above"),
+    AlertRule(name="model_extraction", metric="threats.suspicious_keys", threshold=0, direction="above"),
+    AlertRule(
+        name="model_integrity", metric="threats.integrity_ok", threshold=0.5, direction="below", severity="critical"
+    ),
+)
+
+
+class AlertsConfig(_Frozen):
+    rules: tuple[AlertRule, ...] = Field(default=DEFAULT_RULES, description="The rules in force.")
+    webhook_url: str | None = Field(default=None, description="POST every transition here as JSON (None: off).")
+    webhook_timeout_s: float = Field(default=2.0, gt=0, description="Per-POST timeout.")
+    webhook_queue: int = Field(default=100, ge=1, description="Events waiting for the webhook, at most.")
+
+
+AlertStateName = Literal["inactive", "pending", "firing", "resolved"]
+
+
+class AlertState(_Frozen):
+    rule: str
+    metric: str
+    state: AlertStateName
+    since: float | None = Field(description="When the current state began.")
+    value: float | None = Field(description="The metric's last value.")
+    reason: str
+
+
+class AlertEvent(_Frozen):
+    rule: str
+    state: Literal["firing", "resolved"]
+    at: float
+    value: float | None
+    severity: str
+    reason: str
+
+
+def _describe(rule: AlertRule, value: float | None) -> str:
+    if value is None:
+        return f"{rule.metric} has no value yet"
+    sign = ">" if rule.direction == "above" else "<"
+    holds = value > rule.threshold if rule.direction == "above" else value < rule.threshold
+    return f"{rule.metric} = {value:.4g} {'' if holds else 'not '}{sign} {rule.threshold:g}"
+
+
+class AlertManager:
+    """Holds the state of every rule; :meth:`update` with fresh metric values returns the transitions."""
+
+    def __init__(self, config: AlertsConfig | None = None, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config or AlertsConfig()
+        names = [r.name for r in self.config.rules]
+        if len(set(names)) != len(names):
+            from slipstream.errors import ConfigError
+
+            raise ConfigError(f"Alert rule names must be unique; got {names}.", field="alerts.rules")
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._states = {
+            r.name: AlertState(
+                rule=r.name, metric=r.metric, state="inactive", since=None, value=None, reason=_describe(r, None)
+            )
+            for r in self.config.rules
+        }
+        self.webhook = Webhook(self.config) if self.config.webhook_url else None
+
+    def update(self, metrics: Mapping[str, float | None], now: float | None = None) -> list[AlertEvent]:
+        t = self._clock() if now is None else now
+        events: list[AlertEvent] = []
+        with self._lock:
+            for rule in self.config.rules:
+                if rule.metric not in metrics or metrics[rule.metric] is None:
+                    continue
+                value = float(metrics[rule.metric])  # type: ignore[arg-type]
+                old = self._states[rule.name]
+                holds = value > rule.threshold if rule.direction == "above" else value < rule.threshold
+                reason = _describe(rule, value)
+                state, since = old.state, old.since
+                if holds:
+                    if old.state in ("inactive", "resolved"):
+                        state, since = "pending", t
+                    if state == "pending" and since is not None and t - since >= rule.for_s:
+                        state, since = "firing", t
+                        events.append(
+                            AlertEvent(
+                                rule=rule.name, state="firing", at=t, value=value, severity=rule.severity, reason=reason
+                            )
+                        )
+                elif old.state == "firing":
+                    state, since = "resolved", t
+                    events.append(
+                        AlertEvent(
+                            rule=rule.name, state="resolved", at=t, value=value, severity=rule.severity, reason=reason
+                        )
+                    )
+                elif old.state == "pending":
+                    state, since = "inactive", t
+                self._states[rule.name] = AlertState(
+                    rule=rule.name, metric=rule.metric, state=state, since=since, value=value, reason=reason
+                )
+        for e in events:
+            log.log(
+                logging.WARNING if e.state == "firing" else logging.INFO, "alert %s %s: %s", e.rule, e.state, e.reason
+            )
+            if self.webhook is not None:
+                self.webhook.send(e)
+        return events
+
+    def states(self) -> list[AlertState]:
+        with self._lock:
+            return list(self._states.values())
+
+    def firing(self) -> list[str]:
+        return [s.rule for s in self.states() if s.state == "firing"]
+
+    def close(self) -> None:
+        if self.webhook is not None:
+            self.webhook.close()
+
+
+class Webhook:
+    """POSTs alert events as JSON from a background thread; :meth:`send` never blocks or raises."""
+
+    def __init__(self, config: AlertsConfig) -> None:
+        if not config.webhook_url:
+            from slipstream.errors import ConfigError
+
+            raise ConfigError("A webhook needs webhook_url.", field="alerts.webhook_url")
+        self.url = config.webhook_url
+        self.timeout_s = config.webhook_timeout_s
+        self._queue: queue.Queue[AlertEvent | None] = queue.Queue(maxsize=config.webhook_queue)
+        self.sent = 0
+        self.failed = 0
+        self.dropped = 0
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="slipstream-alert-webhook", daemon=True)
+        self._thread.start()
+
+    def send(self, event: AlertEvent) -> bool:
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            self.dropped += 1
+            return False
+        return True
+
+    def _run(self) -> None:
+        while True:
+            event = self._queue.get()
+            if event is None:
+                return
+            body = json.dumps({"alert": event.model_dump(mode="json")}).encode()
+            request = urllib.request.Request(
+                self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    response.read()
+                self.sent += 1
+            except Exception as exc:  # a failing receiver must not kill the thread; counted and logged
+                self.failed += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("alert webhook POST to %s failed: %s", self.url, self.last_error)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            return
+        self._thread.join(timeout_s)

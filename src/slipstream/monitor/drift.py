@@ -1,0 +1,407 @@
+"""Drift: a window of inputs and outputs compared with the reference profile, per feature and overall.
+
+Large windows are judged by effect size on the reference's decile bins: PSI (the decision by default),
+Jensen-Shannon distance and a binned Wasserstein-1 distance in reference standard deviations, each with its
+threshold. Effect sizes on small windows are dominated by sampling noise (PSI of an unshifted 100-row window
+is ~0.1), so below ``small_window_rows`` the decision is a p-value test (chi² on the same bins, or KS against
+the reference quantile curve) corrected for testing every feature at once (Benjamini-Hochberg or
+Bonferroni). One multivariate signal watches all input features together: the PCA reconstruction error of
+the window against the reference's held-out error. Every result names the method that decided it.
+
+Cost: binning is vectorized over all columns (see :mod:`slipstream.monitor.binning`); the reference side
+(edges, fractions, bin centres) is prepared once when the detector is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from slipstream.errors import InputError
+from slipstream.monitor import binning
+from slipstream.monitor.features import featurize
+from slipstream.monitor.profile import Multivariate, Profile, TensorProfile, predictions, reconstruction_error
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DriftConfig(_Frozen):
+    """Thresholds and the choice of method."""
+
+    decide_by: Literal["any", "psi", "jensen_shannon", "wasserstein"] = Field(
+        default="any",
+        description="The effect size that decides drift on large windows ('any': one over its threshold).",
+    )
+    psi_threshold: float = Field(default=0.2, gt=0, description="PSI above this is drift (0.1 moderate, 0.25 big).")
+    js_threshold: float = Field(
+        default=0.2, gt=0, description="Jensen-Shannon distance (base 2, 0..1) threshold; 0.2 is about PSI 0.2."
+    )
+    wasserstein_threshold: float = Field(
+        default=0.3, gt=0, description="Binned Wasserstein-1 distance, in reference std units, threshold."
+    )
+    small_window_rows: int = Field(
+        default=1000, ge=1, description="Windows with fewer rows are decided by a corrected p-value test."
+    )
+    min_rows: int = Field(default=20, ge=1, description="Windows with fewer rows are not judged at all.")
+    test: Literal["chi2", "ks"] = Field(
+        default="chi2", description="Small-window test: chi² on the reference bins, or KS (continuous features)."
+    )
+    correction: Literal["bh", "bonferroni"] = Field(default="bh", description="Multiple-testing correction.")
+    alpha: float = Field(default=0.01, gt=0, lt=1, description="Family-wise (bonferroni) or FDR (bh) level.")
+    multivariate_z: float = Field(
+        default=6.0, gt=0, description="z-score of the window's mean PCA reconstruction error that is drift."
+    )
+    multivariate_max_rows: int = Field(
+        default=2000, ge=10, description="The multivariate signal uses at most this many evenly spaced rows."
+    )
+    multivariate_min_ratio: float = Field(
+        default=1.05, ge=1, description="...and the window's mean error must be at least this × the reference's."
+    )
+    epsilon: float = Field(default=1e-4, gt=0, description="Floor on bin fractions in PSI and JS.")
+
+
+class DriftTable(_Frozen):
+    """Per-feature results of one tensor (columnar: every list is indexed by feature)."""
+
+    tensor: str
+    method: str = Field(description="What decided 'drifted', e.g. 'psi>0.2' or 'chi2+bh(alpha=0.01)'.")
+    features: list[str]
+    psi: list[float]
+    jensen_shannon: list[float]
+    wasserstein: list[float] = Field(description="Binned Wasserstein-1 in reference std units.")
+    p_value: list[float] | None = Field(default=None, description="Corrected p-values (small windows only).")
+    drifted: list[bool]
+
+
+class MultivariateDrift(_Frozen):
+    method: str
+    window_error: float = Field(description="Mean per-row PCA reconstruction error of the window.")
+    reference_error: float
+    z: float
+    drifted: bool
+
+
+class DriftReport(_Frozen):
+    rows: int
+    judged: bool = Field(description="False when the window had fewer than min_rows rows.")
+    method: str = Field(description="The per-feature decision method used for this window.")
+    inputs: list[DriftTable]
+    outputs: list[DriftTable]
+    prediction: DriftTable | None = Field(default=None, description="Distribution of predicted classes.")
+    multivariate: MultivariateDrift | None = None
+    drifted_features: list[str] = Field(description="Every drifted input feature, by name.")
+    drifted_outputs: list[str] = Field(description="Every drifted output feature (and 'prediction').")
+
+    @property
+    def drifted_share(self) -> float:
+        total = sum(len(t.features) for t in self.inputs)
+        return len(self.drifted_features) / total if total else 0.0
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """One tensor's reference side, as arrays, prepared once."""
+
+    name: str
+    names: list[str]
+    edges: np.ndarray  # [d, 9]
+    fractions: np.ndarray  # [d, 10]
+    centres: np.ndarray  # [d, 10]
+    scale: np.ndarray  # [d]
+    quantiles: np.ndarray  # [d, Q]
+
+    @classmethod
+    def of(cls, t: TensorProfile) -> _Ref:
+        f = t.features
+        edges = np.asarray(f.bin_edges, dtype=np.float64)
+        lo = np.asarray(f.min, dtype=np.float64)[:, None]
+        hi = np.asarray(f.max, dtype=np.float64)[:, None]
+        bounds = np.concatenate([lo, edges, hi], axis=1)
+        centres = (bounds[:, :-1] + bounds[:, 1:]) / 2
+        std = np.asarray(f.std, dtype=np.float64)
+        return cls(
+            name=t.name,
+            names=list(f.names),
+            edges=edges,
+            fractions=np.asarray(f.bin_fractions, dtype=np.float64),
+            centres=centres,
+            scale=np.where(std > 1e-12, std, 1.0),
+            quantiles=np.asarray(f.quantiles, dtype=np.float64),
+        )
+
+
+def _psi(p: np.ndarray, q: np.ndarray, eps: float) -> np.ndarray:
+    ps, qs = np.maximum(p, eps), np.maximum(q, eps)
+    return np.asarray(np.sum((qs - ps) * np.log(qs / ps), axis=1))
+
+
+def _js(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    from scipy.spatial.distance import jensenshannon
+
+    return np.asarray(np.nan_to_num(np.asarray(jensenshannon(p, q, axis=1, base=2)), nan=0.0))
+
+
+def _wasserstein(p: np.ndarray, q: np.ndarray, centres: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    cdf_gap = np.abs(np.cumsum(p, axis=1) - np.cumsum(q, axis=1))[:, :-1]
+    return np.asarray(np.sum(cdf_gap * np.diff(centres, axis=1), axis=1) / scale)
+
+
+def _chi2_p(counts: np.ndarray, p: np.ndarray, ref_rows: int) -> np.ndarray:
+    """Chi² test of homogeneity of window bin counts and reference bin counts, per row of ``counts``.
+
+    The reference is a finite sample too (``ref_rows`` rows), so this is the two-sample test on the
+    2 × bins contingency table, not a goodness-of-fit to exact fractions (which would over-reject by a
+    factor of about 1 + window/reference rows). Bins empty on both sides drop out of the degrees of freedom.
+    """
+    from scipy.stats import chi2
+
+    a = counts.astype(np.float64)
+    b = p * ref_rows
+    n = a.sum(axis=1, keepdims=True)
+    total = n + ref_rows
+    both = a + b
+    live = both > 0
+    safe = np.where(live, both, 1.0)
+    ea = safe * n / total
+    eb = safe * ref_rows / total
+    stat = np.sum(np.where(live, (a - ea) ** 2 / ea + (b - eb) ** 2 / eb, 0.0), axis=1)
+    dof = np.maximum(live.sum(axis=1) - 1, 1)
+    return np.asarray(chi2.sf(stat, dof))
+
+
+def _ks_p(x: np.ndarray, ref: _Ref, levels: np.ndarray, ref_rows: int) -> np.ndarray:
+    """KS distance to the reference's piecewise-linear quantile curve (continuous features).
+
+    The p-value uses the two-sample effective size n·m/(n+m), since the reference is a sample too.
+    """
+    from scipy.stats import kstwo
+
+    n = x.shape[0]
+    xs = np.sort(x, axis=0)
+    # Small windows only: one np.interp per column against the reference quantile curve.
+    cdf = np.stack([np.interp(xs[:, j], ref.quantiles[j], levels) for j in range(xs.shape[1])], axis=1)
+    i = np.arange(1, n + 1)[:, None]
+    d = np.maximum((i / n - cdf).max(axis=0), (cdf - (i - 1) / n).max(axis=0))
+    n_eff = max(round(n * ref_rows / (n + ref_rows)), 1)
+    return np.asarray(kstwo.sf(d, n_eff))
+
+
+def _correct(p: np.ndarray, method: str) -> np.ndarray:
+    if p.size == 0:
+        return p
+    if method == "bonferroni":
+        return np.asarray(np.minimum(p * p.size, 1.0))
+    from scipy.stats import false_discovery_control
+
+    return np.asarray(false_discovery_control(p, method="bh"))
+
+
+class DriftDetector:
+    """Compares windows with one profile. Build once per model version; :meth:`compare` per window."""
+
+    def __init__(self, profile: Profile, config: DriftConfig | None = None) -> None:
+        self.profile = profile
+        self.config = config or DriftConfig()
+        self._levels = np.asarray(profile.quantile_levels, dtype=np.float64)
+        self._inputs = [_Ref.of(t) for t in profile.inputs]
+        self._outputs = [_Ref.of(t) for t in profile.outputs]
+        spec = profile.prediction
+        self._classes = np.asarray(spec.classes if spec else [], dtype=np.float64)
+        self._class_p = np.asarray(spec.class_fractions if spec else [], dtype=np.float64)
+        mv = profile.multivariate
+        self._mv = (
+            (np.asarray(mv.mean), 1.0 / np.asarray(mv.scale), np.asarray(mv.components), mv) if mv is not None else None
+        )
+
+    def _method(self, rows: int) -> str:
+        c = self.config
+        if rows < c.min_rows:
+            return f"none(rows<{c.min_rows})"
+        if rows < c.small_window_rows:
+            return f"{c.test}+{c.correction}(alpha={c.alpha:g})"
+        rules = {
+            "psi": f"psi>{c.psi_threshold:g}",
+            "jensen_shannon": f"jensen_shannon>{c.js_threshold:g}",
+            "wasserstein": f"wasserstein>{c.wasserstein_threshold:g}",
+        }
+        return " or ".join(rules.values()) if c.decide_by == "any" else rules[c.decide_by]
+
+    def _effects(self, x: np.ndarray, ref: _Ref) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if x.shape[1] != ref.edges.shape[0]:
+            raise InputError(
+                f"Tensor '{ref.name}' has {x.shape[1]} features in the window, {ref.edges.shape[0]} in the profile.",
+                input_name=ref.name,
+                hint="The profile belongs to another model; rebuild it for this bundle.",
+            )
+        counts = binning.bin_counts(x, ref.edges)
+        q = counts / max(x.shape[0], 1)
+        eps = self.config.epsilon
+        return (
+            counts,
+            _psi(ref.fractions, q, eps),
+            _js(ref.fractions, q),
+            _wasserstein(ref.fractions, q, ref.centres, ref.scale),
+        )
+
+    def _decide(self, psi: np.ndarray, js: np.ndarray, ws: np.ndarray) -> np.ndarray:
+        c = self.config
+        if c.decide_by == "any":
+            return (psi > c.psi_threshold) | (js > c.js_threshold) | (ws > c.wasserstein_threshold)
+        if c.decide_by == "psi":
+            return psi > c.psi_threshold
+        if c.decide_by == "jensen_shannon":
+            return js > c.js_threshold
+        return ws > c.wasserstein_threshold
+
+    def compare(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None = None) -> DriftReport:
+        """Drift of a window (rows stacked along axis 0) of model inputs and, optionally, outputs."""
+        feats_in = {k: featurize(np.asarray(v)) for k, v in inputs.items()}
+        feats_out = {k: featurize(np.asarray(v)) for k, v in (outputs or {}).items()}
+        spec = self.profile.prediction
+        predicted = None
+        if outputs and spec is not None and spec.task == "classification" and spec.output in outputs:
+            predicted = predictions(spec, np.asarray(outputs[spec.output]))[0]
+        return self.compare_features(feats_in, feats_out or None, predicted)
+
+    def compare_features(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray] | None = None,
+        predicted: np.ndarray | None = None,
+    ) -> DriftReport:
+        """Like :meth:`compare`, on already featurized ``[rows, features]`` matrices (see ``features``) and
+        the predicted classes; the server's rolling window keeps exactly these."""
+        c = self.config
+        missing = [r.name for r in self._inputs if r.name not in inputs]
+        if missing:
+            raise InputError(f"The window lacks inputs {missing}; the profile has them.", input_name=missing[0])
+        rows = int(np.asarray(inputs[self._inputs[0].name]).shape[0])
+        method = self._method(rows)
+        judged = rows >= c.min_rows
+        small = judged and rows < c.small_window_rows
+        raw: list[tuple[str, _Ref, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        feats_in: list[np.ndarray] = []
+        for side, refs, arrays in (("in", self._inputs, inputs), ("out", self._outputs, outputs or {})):
+            for ref in refs:
+                if ref.name not in arrays:
+                    continue
+                x = np.asarray(arrays[ref.name])
+                if side == "in":
+                    feats_in.append(x)
+                counts, psi, js, ws = self._effects(x, ref)
+                pv = None
+                if small:
+                    pv = (
+                        _chi2_p(counts, ref.fractions, self.profile.rows)
+                        if c.test == "chi2"
+                        else _ks_p(x, ref, self._levels, self.profile.rows)
+                    )
+                raw.append((side, ref, psi, js, ws, counts, pv))
+        pred_row = self._prediction_effects(predicted, rows, small) if predicted is not None else None
+        # One correction over the whole family of tests in this window.
+        corrected: list[np.ndarray] = []
+        if small:
+            family = [r[6] for r in raw if r[6] is not None] + (
+                [pred_row[4]] if pred_row and pred_row[4] is not None else []
+            )
+            flat = _correct(np.concatenate(family), c.correction) if family else np.array([])
+            offset = 0
+            for part in family:
+                corrected.append(flat[offset : offset + part.size])
+                offset += part.size
+        tables_in: list[DriftTable] = []
+        tables_out: list[DriftTable] = []
+        for i, (side, ref, psi, js, ws, _, _) in enumerate(raw):
+            pv_adj = corrected[i] if small else None
+            drifted = self._verdict(judged, psi, js, ws, pv_adj)
+            table = DriftTable(
+                tensor=ref.name,
+                method=method,
+                features=ref.names,
+                psi=psi.tolist(),
+                jensen_shannon=js.tolist(),
+                wasserstein=ws.tolist(),
+                p_value=None if pv_adj is None else pv_adj.tolist(),
+                drifted=drifted.tolist(),
+            )
+            (tables_in if side == "in" else tables_out).append(table)
+        prediction = None
+        if pred_row is not None:
+            psi, js, ws, names, _ = pred_row
+            pv_adj = corrected[-1] if small else None
+            prediction = DriftTable(
+                tensor="prediction",
+                method=method,
+                features=names,
+                psi=psi.tolist(),
+                jensen_shannon=js.tolist(),
+                wasserstein=ws.tolist(),
+                p_value=None if pv_adj is None else pv_adj.tolist(),
+                drifted=self._verdict(judged, psi, js, np.zeros_like(ws), pv_adj).tolist(),
+            )
+        mv = self._multivariate(np.concatenate(feats_in, axis=1), judged, self._mv) if self._mv is not None else None
+        drifted_in = [n for t in tables_in for n, d in zip(t.features, t.drifted, strict=True) if d]
+        drifted_out = [n for t in tables_out for n, d in zip(t.features, t.drifted, strict=True) if d]
+        if prediction is not None and prediction.drifted[0]:
+            drifted_out.append("prediction")
+        return DriftReport(
+            rows=rows,
+            judged=judged,
+            method=method,
+            inputs=tables_in,
+            outputs=tables_out,
+            prediction=prediction,
+            multivariate=mv,
+            drifted_features=drifted_in,
+            drifted_outputs=drifted_out,
+        )
+
+    def _verdict(
+        self, judged: bool, psi: np.ndarray, js: np.ndarray, ws: np.ndarray, p_adj: np.ndarray | None
+    ) -> np.ndarray:
+        if not judged:
+            return np.zeros(psi.shape, dtype=bool)
+        if p_adj is not None:
+            return np.asarray(p_adj < self.config.alpha)
+        return self._decide(psi, js, ws)
+
+    def _prediction_effects(
+        self, pred: np.ndarray, rows: int, small: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], np.ndarray | None] | None:
+        if self._classes.size == 0:
+            return None
+        counts = binning.category_counts(pred, self._classes)[None, :]
+        p = np.append(self._class_p, 0.0)[None, :]
+        q = counts / max(rows, 1)
+        eps = self.config.epsilon
+        pv = _chi2_p(counts, p, self.profile.rows) if small else None
+        return _psi(p, q, eps), _js(p, q), np.zeros(1), ["prediction.class"], pv
+
+    def _multivariate(
+        self, x: np.ndarray, judged: bool, mv: tuple[np.ndarray, np.ndarray, np.ndarray, Multivariate]
+    ) -> MultivariateDrift:
+        mean, inv_scale, comps, ref = mv
+        c = self.config
+        step = max(1, -(-x.shape[0] // c.multivariate_max_rows))
+        rows = x[::step]
+        dtype = rows.dtype if rows.dtype == np.float32 else np.float64
+        z = (rows - mean.astype(dtype)) * inv_scale.astype(dtype)
+        err = reconstruction_error(z, comps.astype(dtype))
+        m = float(err.mean()) if err.size else 0.0
+        n = max(err.size, 1)
+        zscore = (m - ref.error_mean) / max(ref.error_std / np.sqrt(n), 1e-12)
+        drifted = judged and zscore > c.multivariate_z and m > c.multivariate_min_ratio * ref.error_mean
+        return MultivariateDrift(
+            method=f"pca_reconstruction(k={comps.shape[0]}, rows={err.size}, z>{c.multivariate_z:g}, "
+            f"ratio>{c.multivariate_min_ratio:g})",
+            window_error=m,
+            reference_error=ref.error_mean,
+            z=float(zscore),
+            drifted=bool(drifted),
+        )

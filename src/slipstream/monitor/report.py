@@ -1,0 +1,307 @@
+"""Offline views of a prediction log: a summary (for ``slipstream monitor status``) and a self-contained HTML
+report with inline SVG plots (``slipstream monitor report``): latency over time, drift per feature, accuracy
+realized and estimated, per-group metrics, security events and alerts. Reads the SQLite file read-only.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from html import escape
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from slipstream.errors import ConfigError
+from slipstream.monitor import svg
+from slipstream.monitor.fairness import FairnessConfig, FairnessReport, fairness_report
+from slipstream.monitor.service import MonitorSnapshot
+from slipstream.monitor.store import read_snapshots
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Bucket(_Frozen):
+    start_ts: float
+    requests: int
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    accuracy: float | None = Field(description="Realized, on the bucket's labeled rows.")
+    ood_share: float | None
+
+
+class DbSummary(_Frozen):
+    path: str
+    models: list[str] = Field(description="'name:version' seen in the log.")
+    predictions: int
+    labeled: int
+    first_ts: float | None
+    last_ts: float | None
+    latency_ms: dict[str, float]
+    accuracy: float | None = Field(description="Realized accuracy over every labeled row.")
+    ood_threshold: float
+    ood_share: float | None
+    fairness: FairnessReport | None
+    timeline: list[Bucket]
+    snapshots: int
+    latest: MonitorSnapshot | None = Field(description="The newest monitor summary stored in the log.")
+    snapshot_series: dict[str, list[float | None]] = Field(description="Selected metrics over stored summaries.")
+    snapshot_ts: list[float]
+
+
+SERIES = (
+    "quality.realized_accuracy",
+    "quality.estimated_accuracy",
+    "drift.drifted_features",
+    "threats.ood_share",
+    "fairness.demographic_parity_difference",
+)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    if not path.is_file():
+        raise ConfigError(
+            f"No prediction log at '{path}'.", field="db", hint="Pass the SQLite file the server logs to (--db)."
+        )
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
+        conn.execute("SELECT 1 FROM predictions LIMIT 1")
+    except sqlite3.Error as exc:
+        raise ConfigError(
+            f"'{path}' is not a slipstream prediction log ({exc}).",
+            field="db",
+            hint="Pass the SQLite file the server logs to.",
+        ) from exc
+    return conn
+
+
+def summarize(
+    db: str | Path, *, buckets: int = 30, ood_threshold: float = 3.0, positive_label: float = 1.0
+) -> DbSummary:
+    path = Path(db)
+    conn = _connect(path)
+    try:
+        rows = conn.execute(
+            "SELECT p.ts, p.latency_ms, p.prediction, f.label, p.grp, p.ood_score, p.model || ':' || p.version "
+            "FROM predictions p LEFT JOIN feedback f ON f.request_id = p.request_id ORDER BY p.seq"
+        ).fetchall()
+    finally:
+        conn.close()
+    n = len(rows)
+    ts = np.array([r[0] for r in rows], dtype=np.float64)
+    lat = np.array([r[1] for r in rows], dtype=np.float64)
+    pred = np.array([np.nan if r[2] is None else r[2] for r in rows], dtype=np.float64)
+    label = np.array([np.nan if r[3] is None else r[3] for r in rows], dtype=np.float64)
+    ood = np.array([np.nan if r[5] is None else r[5] for r in rows], dtype=np.float64)
+    labeled = ~np.isnan(label) & ~np.isnan(pred)
+    scored = ~np.isnan(ood)
+    timeline: list[Bucket] = []
+    if n:
+        edges = np.linspace(ts.min(), ts.max() + 1e-9, buckets + 1)
+        index = np.clip(np.searchsorted(edges, ts, side="right") - 1, 0, buckets - 1)
+        for b in range(buckets):
+            m = index == b
+            if not m.any():
+                continue
+            lm, sm = m & labeled, m & scored
+            timeline.append(
+                Bucket(
+                    start_ts=float(edges[b]),
+                    requests=int(m.sum()),
+                    latency_p50_ms=float(np.percentile(lat[m], 50)),
+                    latency_p99_ms=float(np.percentile(lat[m], 99)),
+                    accuracy=float(np.mean(pred[lm] == label[lm])) if lm.any() else None,
+                    ood_share=float(np.mean(ood[sm] > ood_threshold)) if sm.any() else None,
+                )
+            )
+    grouped = [i for i, r in enumerate(rows) if r[4] is not None and r[2] is not None]
+    fairness = (
+        fairness_report(
+            [rows[i][4] for i in grouped], pred[grouped], label[grouped], FairnessConfig(positive_label=positive_label)
+        )
+        if grouped
+        else None
+    )
+    snaps = read_snapshots(path)
+    parsed = [MonitorSnapshot.model_validate_json(s.body) for s in snaps]
+    return DbSummary(
+        path=str(path),
+        models=sorted({r[6] for r in rows}),
+        predictions=n,
+        labeled=int(labeled.sum()),
+        first_ts=float(ts.min()) if n else None,
+        last_ts=float(ts.max()) if n else None,
+        latency_ms=dict(zip(("p50", "p90", "p99"), np.percentile(lat, [50, 90, 99]).tolist(), strict=True))
+        if n
+        else {},
+        accuracy=float(np.mean(pred[labeled] == label[labeled])) if labeled.any() else None,
+        ood_threshold=ood_threshold,
+        ood_share=float(np.mean(ood[scored] > ood_threshold)) if scored.any() else None,
+        fairness=fairness,
+        timeline=timeline,
+        snapshots=len(parsed),
+        latest=parsed[-1] if parsed else None,
+        snapshot_series={k: [p.metrics.get(k) for p in parsed] for k in SERIES},
+        snapshot_ts=[p.at for p in parsed],
+    )
+
+
+def _table(head: list[str], body: list[list[str]]) -> str:
+    th = "".join(f"<th>{escape(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def _num(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def render_html(s: DbSummary) -> str:
+    """One self-contained HTML page (inline CSS and SVG; nothing is fetched)."""
+    t0 = s.first_ts or 0.0
+    bx = [(b.start_ts - t0) for b in s.timeline]
+    sx = [(t - t0) for t in s.snapshot_ts]
+    latest = s.latest
+    sections: list[str] = []
+    sections.append(
+        "<h2>Overview</h2>"
+        + _table(
+            ["models", "predictions", "labeled", "realized accuracy", "latency p50 / p99 (ms)", "OOD share"],
+            [
+                [
+                    ", ".join(s.models) or "–",
+                    str(s.predictions),
+                    str(s.labeled),
+                    _num(s.accuracy),
+                    f"{_num(s.latency_ms.get('p50'), 2)} / {_num(s.latency_ms.get('p99'), 2)}",
+                    _num(s.ood_share),
+                ]
+            ],
+        )
+    )
+    sections.append(
+        "<h2>Latency</h2>"
+        + svg.line_chart(
+            "Latency over time (ms)",
+            bx,
+            {"p50": [b.latency_p50_ms for b in s.timeline], "p99": [b.latency_p99_ms for b in s.timeline]},
+            x_label="seconds since the first logged request",
+            y_min=0.0,
+        )
+    )
+    drift_html = "<p>No monitor summary stored yet.</p>"
+    if latest is not None and latest.drift is not None:
+        d = latest.drift
+        drift_html = (
+            f"<p>Method: <code>{escape(d.method)}</code>; window {d.rows} rows; "
+            f"{len(d.drifted_features)} drifted input feature(s); drifted outputs: "
+            f"{escape(', '.join(d.drifted_outputs) or 'none')}.</p>"
+            + svg.bar_chart(
+                "PSI per input feature (largest first; red: drifted by the method above; dashes: PSI 0.2)",
+                [f.feature for f in d.top],
+                [f.psi for f in d.top],
+                threshold=0.2,
+                flags=[f.drifted for f in d.top],
+            )
+        )
+        if d.multivariate is not None:
+            mv = d.multivariate
+            drift_html += (
+                f"<p>Multivariate: <code>{escape(mv.method)}</code> window error {mv.window_error:.4g} vs reference "
+                f"{mv.reference_error:.4g} (z = {mv.z:.1f}, drifted: {mv.drifted}).</p>"
+            )
+    drift_html += svg.line_chart(
+        "Drifted input features over time",
+        sx,
+        {"drifted": s.snapshot_series["drift.drifted_features"]},
+        x_label="seconds since the first logged request",
+        y_min=0.0,
+    )
+    sections.append("<h2>Drift</h2>" + drift_html)
+    sections.append(
+        "<h2>Accuracy</h2>"
+        + svg.line_chart(
+            "Accuracy: realized (labels) and estimated (CBPE, no labels)",
+            sx,
+            {
+                "realized": s.snapshot_series["quality.realized_accuracy"],
+                "estimated": s.snapshot_series["quality.estimated_accuracy"],
+            },
+            x_label="seconds since the first logged request",
+            y_min=0.0,
+            y_max=1.0,
+        )
+        + svg.line_chart(
+            "Realized accuracy per time bucket (from the log)",
+            bx,
+            {"accuracy": [b.accuracy for b in s.timeline]},
+            x_label="seconds since the first logged request",
+            y_min=0.0,
+            y_max=1.0,
+        )
+    )
+    if s.fairness is not None:
+        f = s.fairness
+        sections.append(
+            "<h2>Groups</h2>"
+            + _table(
+                ["group", "rows", "labeled", "selection rate", "accuracy", "TPR", "FPR"],
+                [
+                    [
+                        g.group,
+                        str(g.rows),
+                        str(g.labeled),
+                        _num(g.selection_rate),
+                        _num(g.accuracy),
+                        _num(g.tpr),
+                        _num(g.fpr),
+                    ]
+                    for g in f.groups
+                ],
+            )
+            + f"<p>Demographic parity difference {_num(f.demographic_parity_difference)}, ratio "
+            f"{_num(f.demographic_parity_ratio)}; equalized odds difference {_num(f.equalized_odds_difference)} "
+            f"(positive label {f.positive_label:g}). "
+            + (f"<strong>Flagged:</strong> {escape('; '.join(f.reasons))}" if f.flagged else "Not flagged.")
+            + "</p>"
+            + svg.bar_chart(
+                "Selection rate per group", [g.group for g in f.groups], [g.selection_rate for g in f.groups]
+            )
+        )
+    security = [
+        svg.line_chart(
+            f"Out-of-distribution share (score > {s.ood_threshold:g})",
+            bx,
+            {"OOD share": [b.ood_share for b in s.timeline]},
+            x_label="seconds since the first logged request",
+            y_min=0.0,
+            y_max=1.0,
+        )
+    ]
+    if latest is not None:
+        sec = latest.security
+        rejected = sec.counters.get("rejected", {})
+        failed = sec.counters.get("auth_failed", {})
+        rows = [[f"rejected: {k}", str(v)] for k, v in (rejected.items() if isinstance(rejected, dict) else [])]
+        rows += [[f"failed auth: {k}", str(v)] for k, v in (failed.items() if isinstance(failed, dict) else [])]
+        rows += [[f"suspicious key {a.key_id}", a.reason] for a in sec.suspicious_keys]
+        if sec.integrity is not None:
+            rows.append(["model files", "verified" if sec.integrity.ok else f"FAILED: {sec.integrity.error}"])
+        security.append(_table(["event", "detail"], rows or [["none", ""]]))
+        alert_rows = [[a.rule, a.state, a.reason] for a in latest.alerts if a.state != "inactive"]
+        security.append("<h3>Alerts</h3>" + _table(["rule", "state", "reason"], alert_rows or [["none", "", ""]]))
+    sections.append("<h2>Security</h2>" + "".join(security))
+    style = (
+        "body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#111}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+        "th{background:#f3f4f6}svg{display:block;margin:.5em 0}"
+    )
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>slipstream monitor report</title>"
+        f"<style>{style}</style></head><body><h1>slipstream monitor report</h1>"
+        f"<p>Log: <code>{escape(s.path)}</code>; {s.snapshots} stored monitor summaries.</p>"
+        + "".join(sections)
+        + "</body></html>\n"
+    )

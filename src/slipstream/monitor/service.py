@@ -1,0 +1,464 @@
+"""The Monitor: the one object a server talks to, per model version.
+
+Life cycle: build it at model load (``Monitor(model=, version=, profile=load_profile(bundle), store=,
+bundle_dir=)``), call :meth:`Monitor.start` (its thread ingests every ``ingest_interval_s`` and evaluates every
+``evaluate_interval_s``), and :meth:`Monitor.close` at unload (ingests what is left, flushes the log).
+
+Per request, after inference, the server calls :meth:`Monitor.observe`: it appends a reference to the
+request's arrays to a bounded queue (about a microsecond; never blocks, never raises). Everything else
+(features, rolling drift window, out-of-distribution score, per-key extraction tracking, sampling, the
+prediction-log record) happens on the monitor thread, vectorized over whatever arrived since the last pass.
+Optionally, before inference, :meth:`Monitor.screen` scores the inputs synchronously (tens of µs) and says
+whether to refuse them. Labels arrive through :meth:`Monitor.feedback` / :meth:`Monitor.feedback_many`.
+Drift, quality, fairness, alert rules and the integrity re-hash run in :meth:`Monitor.evaluate`;
+:meth:`Monitor.snapshot` returns the latest summary for JSON endpoints, :meth:`Monitor.metric_values` flat
+numbers (and :class:`slipstream.monitor.prometheus.MonitorCollector` a Prometheus collector).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from slipstream.errors import InputError
+from slipstream.monitor.alerts import AlertManager, AlertsConfig, AlertState
+from slipstream.monitor.drift import DriftConfig, DriftDetector, DriftReport, MultivariateDrift
+from slipstream.monitor.fairness import FairnessConfig, FairnessReport, fairness_report
+from slipstream.monitor.ingest import Ingestor, IngestSettings, Pending, WindowView
+from slipstream.monitor.profile import Profile
+from slipstream.monitor.quality import QualityConfig, QualityMonitor, QualityReport
+from slipstream.monitor.store import Feedback, Snapshot, Store
+from slipstream.monitor.threats import (
+    ExtractionWatch,
+    IntegrityStatus,
+    IntegrityWatch,
+    KeyActivity,
+    OODScorer,
+    SecurityCounters,
+    ThreatConfig,
+)
+
+log = logging.getLogger(__name__)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MonitorConfig(_Frozen):
+    """Everything the monitor does, in one typed config."""
+
+    sample_rate: float = Field(default=1.0, ge=0, le=1, description="Share of requests written to the log.")
+    log_raw_inputs: bool = Field(default=False, description="Also store each row's raw input (npz bytes).")
+    max_logged_output_values: int = Field(
+        default=64, ge=0, description="Outputs with more values per row are logged as prediction+confidence only."
+    )
+    window_rows: int = Field(default=2000, ge=1, description="Rows in the rolling drift window.")
+    evaluate_interval_s: float = Field(default=10.0, gt=0, description="Background evaluation period.")
+    evaluate_flush_timeout_s: float = Field(
+        default=2.0, ge=0, description="evaluate() waits at most this long for the log writer to catch up."
+    )
+    ingest_interval_s: float = Field(default=0.05, gt=0, description="How often the monitor thread ingests.")
+    max_pending_requests: int = Field(
+        default=100_000, ge=1, description="Requests waiting for ingestion at most (beyond: dropped, counted)."
+    )
+    snapshot_to_store: bool = Field(default=True, description="Write each evaluation's summary to the log.")
+    top_features: int = Field(default=20, ge=1, description="Features listed per drift summary (by PSI).")
+    seed: int | None = Field(default=None, description="Seed of the sampling RNG (None: random).")
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    fairness: FairnessConfig = Field(default_factory=FairnessConfig)
+    threats: ThreatConfig = Field(default_factory=ThreatConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class Screening:
+    """The out-of-distribution verdict on one request's rows."""
+
+    scores: np.ndarray | None
+    z: np.ndarray | None
+    reject: bool
+
+    @property
+    def max_score(self) -> float | None:
+        return None if self.scores is None or self.scores.size == 0 else float(self.scores.max())
+
+
+class FeatureDrift(_Frozen):
+    feature: str
+    psi: float
+    jensen_shannon: float
+    wasserstein: float
+    p_value: float | None
+    drifted: bool
+
+
+class DriftSummary(_Frozen):
+    rows: int
+    judged: bool
+    method: str
+    drifted_features: list[str]
+    drifted_outputs: list[str]
+    top: list[FeatureDrift] = Field(description="The input features with the largest PSI.")
+    multivariate: MultivariateDrift | None
+
+
+class SecuritySummary(_Frozen):
+    counters: dict[str, dict[str, int] | int]
+    ood_share: float | None = Field(description="Share of window rows above the OOD threshold.")
+    suspicious_keys: list[KeyActivity]
+    integrity: IntegrityStatus | None
+
+
+class MonitorSnapshot(_Frozen):
+    model: str
+    version: str
+    at: float
+    requests: int = Field(description="Requests observed.")
+    rows: int = Field(description="Rows observed (a request may hold several).")
+    sampled: int = Field(description="Rows offered to the prediction log.")
+    observe_errors: int = Field(description="Requests that could not be ingested or screened (counted, never raised).")
+    ingest_dropped: int = Field(description="Requests dropped because the pending buffer was full.")
+    latency_ms: dict[str, float] = Field(description="p50 / p90 / p99 over the latency window.")
+    drift: DriftSummary | None
+    quality: QualityReport | None
+    fairness: FairnessReport | None
+    security: SecuritySummary
+    store: dict[str, int]
+    alerts: list[AlertState]
+    metrics: dict[str, float | None] = Field(description="The flat values the alert rules read.")
+
+
+class Monitor:
+    """See the module docstring. One per served model version."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        version: str,
+        profile: Profile | None,
+        store: Store | None,
+        config: MonitorConfig | None = None,
+        bundle_dir: str | Path | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.model, self.version = model, version
+        self.profile = profile
+        self.store = store
+        self.config = c = config or MonitorConfig()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.detector = DriftDetector(profile, c.drift) if profile is not None else None
+        self.quality = QualityMonitor(profile, c.quality) if profile is not None and profile.prediction else None
+        self.scorer = OODScorer(profile) if profile is not None and profile.multivariate is not None else None
+        self.extraction = ExtractionWatch(c.threats, clock=clock)
+        self.counters = SecurityCounters()
+        self.integrity = (
+            IntegrityWatch(bundle_dir, interval_s=c.threats.integrity_interval_s, clock=clock) if bundle_dir else None
+        )
+        self.alerts = AlertManager(c.alerts, clock=clock)
+        self.ingestor = Ingestor(
+            IngestSettings(
+                model=model,
+                version=version,
+                sample_rate=c.sample_rate,
+                log_raw_inputs=c.log_raw_inputs,
+                max_logged_output_values=c.max_logged_output_values,
+                window_rows=c.window_rows,
+                max_pending_requests=c.max_pending_requests,
+                ood_threshold=c.threats.ood_threshold,
+                seed=c.seed,
+            ),
+            profile,
+            store,
+            self.scorer,
+            self.extraction,
+            self.counters,
+            clock,
+        )
+        self._screen_errors = 0
+        self._eval_lock = threading.Lock()  # the monitor thread and an on-demand caller take turns
+        self._last_dropped = 0
+        self._last: MonitorSnapshot | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- per request ------------------------------------------------------------------------------
+
+    def screen(self, inputs: Mapping[str, np.ndarray]) -> Screening:
+        """Out-of-distribution scores for a request's rows, before inference; counts OOD rows and, with
+        ``reject_ood_above`` set, the refusal. Never raises (a failure gives no scores)."""
+        if self.scorer is None:
+            return Screening(None, None, False)
+        try:
+            z = self.scorer.standardize(inputs)
+            scores = self.scorer.score_standardized(z)
+        except Exception:  # screening must never fail a request; counted (screen_errors)
+            self._screen_errors += 1
+            return Screening(None, None, False)
+        t = self.config.threats
+        reject = t.reject_ood_above is not None and bool(np.any(scores > t.reject_ood_above))
+        self.counters.ood(int(np.sum(scores > t.ood_threshold)), reject)
+        if reject:
+            self.counters.rejected("out_of_distribution")
+        return Screening(scores, z, reject)
+
+    def observe(
+        self,
+        request_id: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+        *,
+        latency_s: float,
+        group: str | None = None,
+        key_id: str | None = None,
+        screening: Screening | None = None,
+    ) -> bool:
+        """Record one served request (after inference): about a microsecond, never blocks or raises.
+
+        The arrays are referenced, not copied: do not modify them afterwards. The work (features, window,
+        scores, log records) happens on the monitor thread. Returns False when the pending buffer was full
+        (the request is then counted in ``ingest_dropped``)."""
+        try:
+            scores = screening.scores if screening is not None else None
+            item = Pending(request_id, self._clock(), inputs, outputs, latency_s, group, key_id, scores)
+            return self.ingestor.submit(item)
+        except Exception:  # the monitor must never fail a request; the loss is counted
+            self.ingestor.dropped += 1
+            return False
+
+    def ingest(self) -> int:
+        """Process pending requests now (the monitor thread does this every ``ingest_interval_s``)."""
+        return self.ingestor.drain()
+
+    def feedback(self, request_id: str, label: float) -> bool:
+        """A ground-truth label for an earlier request (row ids of batched requests: ``id/row``)."""
+        return self.feedback_many([(request_id, label)]) == 1
+
+    def feedback_many(self, items: Iterable[tuple[str, float]]) -> int:
+        """Labels in bulk; returns how many were queued (a full log buffer drops and counts the rest).
+
+        Raises InputError (400) before queuing anything when a label is not a finite number or an id is
+        empty, so a client's bad batch is refused whole, with every problem named."""
+        now = self._clock()
+        checked: list[Feedback] = []
+        problems: list[str] = []
+        for rid, label in items:
+            try:
+                value = float(label)
+            except (TypeError, ValueError):
+                value = float("nan")
+            if not isinstance(rid, str) or not rid or not np.isfinite(value):
+                problems.append(f"{rid!r}: {label!r}")
+            else:
+                checked.append(Feedback(rid, value, now))
+        if problems:
+            shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise InputError(
+                f"Feedback needs a non-empty request id and a finite numeric label each; got {shown}.",
+                hint="Send labels as numbers (class index or value), keyed by the request id the server returned.",
+            )
+        if self.store is None:
+            return 0
+        return self.store.put_feedback(checked)
+
+    # -- periodic ---------------------------------------------------------------------------------
+
+    def _drift(self, window: WindowView) -> DriftSummary | None:
+        if self.detector is None or not window.inputs:
+            return None
+        rows = min(v.shape[0] for v in window.inputs.values())
+        ins = {k: v[-rows:] for k, v in window.inputs.items()}
+        outs = {k: v[-rows:] for k, v in window.outputs.items() if v.shape[0] >= rows}
+        pred = window.predicted[-rows:] if window.predicted is not None and window.predicted.shape[0] >= rows else None
+        return self._summarize(self.detector.compare_features(ins, outs or None, pred))
+
+    def _summarize(self, report: DriftReport) -> DriftSummary:
+        feats: list[FeatureDrift] = []
+        for t in report.inputs:
+            for i, name in enumerate(t.features):
+                feats.append(
+                    FeatureDrift(
+                        feature=name,
+                        psi=t.psi[i],
+                        jensen_shannon=t.jensen_shannon[i],
+                        wasserstein=t.wasserstein[i],
+                        p_value=None if t.p_value is None else t.p_value[i],
+                        drifted=t.drifted[i],
+                    )
+                )
+        feats.sort(key=lambda f: -f.psi)
+        return DriftSummary(
+            rows=report.rows,
+            judged=report.judged,
+            method=report.method,
+            drifted_features=report.drifted_features,
+            drifted_outputs=report.drifted_outputs,
+            top=feats[: self.config.top_features],
+            multivariate=report.multivariate,
+        )
+
+    def _quality_and_fairness(self, now: float) -> tuple[QualityReport | None, FairnessReport | None]:
+        if self.store is None:
+            return None, None
+        window = self.quality.query(now) if self.quality is not None else {"since_ts": None, "limit": 2000}
+        since = window["since_ts"]
+        limit = window["limit"]
+        n = None if limit is None else int(limit)
+        # One log may serve several models: read only this model version's rows.
+        recent = self.store.labeled(since_ts=since, limit=n, model=self.model, version=self.version)
+        quality = None
+        if self.quality is not None:
+            labeled = self.store.labeled(
+                since_ts=since, limit=n, labeled_only=True, model=self.model, version=self.version
+            )
+            quality = self.quality.evaluate(recent, labeled)
+        grouped = [r for r in recent if r.group is not None and r.prediction is not None]
+        fairness = None
+        if grouped:
+            labels = np.array([np.nan if r.label is None else r.label for r in grouped], dtype=np.float64)
+            fairness = fairness_report(
+                [r.group for r in grouped],
+                np.array([r.prediction for r in grouped], dtype=np.float64),
+                labels,
+                self.config.fairness,
+            )
+        return quality, fairness
+
+    def evaluate(self) -> MonitorSnapshot:
+        """Compute drift, quality, fairness and security now, update the alerts, store and return the summary."""
+        with self._eval_lock:
+            return self._evaluate()
+
+    def _evaluate(self) -> MonitorSnapshot:
+        self.ingestor.drain()
+        if self.store is not None:
+            # Read what was just ingested: let the writer catch up (bounded; this is the monitor's thread).
+            self.store.flush(timeout_s=self.config.evaluate_flush_timeout_s)
+        now = self._clock()
+        window = self.ingestor.window()
+        drift = self._drift(window)
+        quality, fairness = self._quality_and_fairness(now)
+        integrity = None
+        if self.integrity is not None:
+            integrity = self.integrity.check() if self.integrity.due() else self.integrity.status
+        ood, lat = window.ood, window.latency_ms
+        ing = self.ingestor
+        requests, rows, sampled = ing.requests, ing.rows, ing.sampled
+        errors = ing.errors + self._screen_errors
+        store_counts = self.store.counts() if self.store is not None else {}
+        dropped = store_counts.get("dropped", 0)
+        suspicious = self.extraction.suspicious_keys(now)
+        ood_share = float(ood.mean()) if ood is not None and ood.size else None
+        metrics: dict[str, float | None] = {
+            "drift.drifted_features": float(len(drift.drifted_features)) if drift and drift.judged else None,
+            "drift.drifted_outputs": float(len(drift.drifted_outputs)) if drift and drift.judged else None,
+            "drift.multivariate_drifted": (
+                float(drift.multivariate.drifted) if drift and drift.judged and drift.multivariate else None
+            ),
+            "quality.accuracy_drop": (
+                quality.accuracy_drop if quality and quality.labeled >= self.config.quality.min_labeled else None
+            ),
+            "quality.estimated_drop": quality.estimated_drop if quality else None,
+            "quality.realized_accuracy": quality.realized.get("accuracy") if quality else None,
+            "quality.estimated_accuracy": quality.estimated_accuracy if quality else None,
+            "fairness.demographic_parity_difference": fairness.demographic_parity_difference if fairness else None,
+            "fairness.demographic_parity_ratio": fairness.demographic_parity_ratio if fairness else None,
+            "fairness.equalized_odds_difference": fairness.equalized_odds_difference if fairness else None,
+            "store.dropped": float(dropped - self._last_dropped) if self.store is not None else None,
+            "store.dropped_total": float(dropped) if self.store is not None else None,
+            "threats.ood_share": ood_share,
+            "threats.suspicious_keys": float(len(suspicious)),
+            "threats.integrity_ok": None if integrity is None else float(integrity.ok),
+            "monitor.observe_errors": float(errors),
+            "monitor.ingest_dropped": float(ing.dropped),
+        }
+        self._last_dropped = dropped
+        self.alerts.update(metrics, now)
+        snap = MonitorSnapshot(
+            model=self.model,
+            version=self.version,
+            at=now,
+            requests=requests,
+            rows=rows,
+            sampled=sampled,
+            observe_errors=errors,
+            ingest_dropped=ing.dropped,
+            latency_ms=(
+                dict(zip(("p50", "p90", "p99"), np.percentile(lat, [50, 90, 99]).tolist(), strict=True))
+                if lat is not None
+                else {}
+            ),
+            drift=drift,
+            quality=quality,
+            fairness=fairness,
+            security=SecuritySummary(
+                counters=self.counters.snapshot(), ood_share=ood_share, suspicious_keys=suspicious, integrity=integrity
+            ),
+            store=store_counts,
+            alerts=self.alerts.states(),
+            metrics=metrics,
+        )
+        self._last = snap
+        if self.store is not None and self.config.snapshot_to_store:
+            self.store.put_snapshot(Snapshot(ts=now, model=self.model, body=snap.model_dump_json()))
+        return snap
+
+    @property
+    def latest(self) -> MonitorSnapshot | None:
+        """The latest evaluation, or None before the first one."""
+        return self._last
+
+    def snapshot(self) -> MonitorSnapshot:
+        """The latest evaluation (computed now if there is none yet)."""
+        return self._last if self._last is not None else self.evaluate()
+
+    def metric_values(self) -> dict[str, float]:
+        """Flat numbers for /metrics from the latest evaluation, plus 1/0 per alert rule (``alert.<rule>``)."""
+        snap = self.snapshot()
+        out = {k: v for k, v in snap.metrics.items() if v is not None}
+        out.update({f"alert.{s.rule}": float(s.state == "firing") for s in snap.alerts})
+        return out
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Evaluate every ``evaluate_interval_s`` on a daemon thread."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name=f"slipstream-monitor-{self.model}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        next_eval = time.monotonic() + self.config.evaluate_interval_s
+        while not self._stop.wait(self.config.ingest_interval_s):
+            try:
+                self.ingestor.drain()
+                if time.monotonic() >= next_eval:
+                    next_eval = time.monotonic() + self.config.evaluate_interval_s
+                    self.evaluate()
+            except Exception as exc:  # keep monitoring; the failure is logged with its traceback
+                log.exception("monitor evaluation failed: %s", exc)
+
+    def close(self, *, close_store: bool = True) -> None:
+        """Stop the monitor thread, ingest what is left, stop the webhook, and flush and close the store
+        (pass ``close_store=False`` when other monitors share it; it is flushed either way)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        self.ingestor.drain()  # what was served before close is still logged
+        if self.store is not None:
+            if close_store:
+                self.store.close()
+            else:
+                self.store.flush()
+        self.alerts.close()

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import ClassVar
+
+import pytest
+
+from slipstream.errors import ConfigError
+from slipstream.monitor.alerts import AlertManager, AlertRule, AlertsConfig
+
+RULE = AlertRule(name="acc", metric="quality.accuracy_drop", threshold=0.05, direction="above", for_s=10)
+
+
+def test_rule_goes_pending_then_firing_then_resolved() -> None:
+    alerts = AlertManager(AlertsConfig(rules=(RULE,)))
+    assert alerts.update({"quality.accuracy_drop": 0.2}, now=0) == []
+    assert alerts.states()[0].state == "pending"
+    assert alerts.update({"quality.accuracy_drop": 0.2}, now=5) == []
+    (fired,) = alerts.update({"quality.accuracy_drop": 0.3}, now=10)
+    assert fired.state == "firing" and fired.value == 0.3 and "0.3 > 0.05" in fired.reason
+    assert alerts.firing() == ["acc"]
+    assert alerts.update({"other": 1.0}, now=11) == []  # no value: the state stays
+    assert alerts.update({"quality.accuracy_drop": None}, now=12) == []
+    (resolved,) = alerts.update({"quality.accuracy_drop": 0.01}, now=20)
+    assert resolved.state == "resolved" and "not >" in resolved.reason
+    assert alerts.states()[0].state == "resolved" and alerts.firing() == []
+
+
+def test_a_blip_shorter_than_for_s_never_fires_and_below_rules_work() -> None:
+    below = AlertRule(name="ratio", metric="fairness.demographic_parity_ratio", threshold=0.8, direction="below")
+    alerts = AlertManager(AlertsConfig(rules=(RULE, below)))
+    alerts.update({"quality.accuracy_drop": 0.2, "fairness.demographic_parity_ratio": 0.9}, now=0)
+    events = alerts.update({"quality.accuracy_drop": 0.0, "fairness.demographic_parity_ratio": 0.5}, now=3)
+    assert [(e.rule, e.state) for e in events] == [("ratio", "firing")]
+    assert {s.rule: s.state for s in alerts.states()} == {"acc": "inactive", "ratio": "firing"}
+
+
+def test_duplicate_rule_names_are_refused() -> None:
+    with pytest.raises(ConfigError, match="unique"):
+        AlertManager(AlertsConfig(rules=(RULE, RULE)))
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, object]]] = []
+    release = threading.Event()
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).release.wait(10)
+        type(self).received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, type[_Receiver]]]:
+    handler = type("Receiver", (_Receiver,), {"received": [], "release": threading.Event()})
+    handler.release.set()
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler
+    server.shutdown()
+    server.server_close()
+
+
+def test_webhook_posts_transitions_to_a_real_loopback_receiver(receiver: tuple[str, type[_Receiver]]) -> None:
+    url, handler = receiver
+    handler.release.clear()  # a receiver that hangs until released: update() must not wait for it
+    alerts = AlertManager(AlertsConfig(rules=(RULE.model_copy(update={"for_s": 0}),), webhook_url=url))
+    alerts.update({"quality.accuracy_drop": 0.5}, now=1)
+    alerts.update({"quality.accuracy_drop": 0.0}, now=2)
+    assert handler.received == []  # both updates returned while the receiver still hangs
+    handler.release.set()
+    alerts.close()
+    assert [e["alert"]["state"] for e in handler.received] == ["firing", "resolved"]  # type: ignore[index]
+    assert handler.received[0]["alert"]["rule"] == "acc"  # type: ignore[index]
+    assert alerts.webhook is not None and alerts.webhook.sent == 2 and alerts.webhook.failed == 0
+
+
+def test_an_unreachable_webhook_is_counted_not_raised() -> None:
+    alerts = AlertManager(
+        AlertsConfig(
+            rules=(RULE.model_copy(update={"for_s": 0}),), webhook_url="http://127.0.0.1:9/", webhook_timeout_s=1
+        )
+    )
+    alerts.update({"quality.accuracy_drop": 0.5}, now=1)
+    alerts.close()
+    assert alerts.webhook is not None and alerts.webhook.failed == 1 and alerts.webhook.last_error is not None

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from slipstream.errors import ConfigError
+from slipstream.monitor.store import Feedback, PredictionRecord, SQLiteStore, StoreConfig
+
+
+def _record(i: int, ts: float = 1000.0, group: str | None = None) -> PredictionRecord:
+    return PredictionRecord(
+        request_id=f"r{i}",
+        ts=ts + i,
+        model="digits",
+        version="1",
+        latency_ms=1.5,
+        input_stats={"mean": 0.5},
+        outputs={"probabilities": [0.1, 0.9]},
+        prediction=float(i % 2),
+        confidence=0.9,
+        group=group,
+        key_id="k1",
+    )
+
+
+def test_records_and_late_labels_are_written_and_joined(tmp_path: Path) -> None:
+    store = SQLiteStore(StoreConfig(path=tmp_path / "log.db"))
+    try:
+        assert store.put_feedback([Feedback("r3", 1.0, 5.0)]) == 1  # a label may come before its prediction
+        assert all(store.put(_record(i, group="a" if i < 5 else "b")) for i in range(10))
+        assert store.put_feedback(Feedback(f"r{i}", float(i % 2), 10.0) for i in range(5)) == 5  # bulk
+        assert store.flush()
+        rows = store.labeled()
+        assert [r.request_id for r in rows] == [f"r{i}" for i in range(10)]
+        assert [r.label for r in rows[:5]] == [0.0, 1.0, 0.0, 1.0, 0.0] and all(r.label is None for r in rows[5:])
+        assert {r.group for r in rows} == {"a", "b"} and rows[0].key_id == "k1"
+        assert [r.request_id for r in store.labeled(limit=3)] == ["r7", "r8", "r9"]
+        assert [r.request_id for r in store.labeled(since_ts=1008.0)] == ["r8", "r9"]
+        counts = store.counts()
+        assert counts["written_predictions"] == 10 and counts["written_feedback"] == 6 and counts["dropped"] == 0
+    finally:
+        store.close()
+    conn = sqlite3.connect(tmp_path / "log.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+def test_close_flushes_everything_queued(tmp_path: Path) -> None:
+    store = SQLiteStore(StoreConfig(path=tmp_path / "log.db", flush_interval_s=5.0, batch_records=7))
+    for i in range(500):
+        store.put(_record(i))
+    store.close()
+    conn = sqlite3.connect(tmp_path / "log.db")
+    assert conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 500
+    conn.close()
+    assert store.put(_record(999)) is False  # a closed store drops, counted, and does not raise
+    assert store.counts()["dropped_closed"] == 1
+
+
+def test_a_locked_database_drops_and_counts_records_and_never_blocks_puts(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    store = SQLiteStore(
+        StoreConfig(path=path, buffer_records=50, batch_records=10, busy_timeout_ms=50, flush_interval_s=0.01)
+    )
+    blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN EXCLUSIVE")  # another process holds the database: every write fails
+    try:
+        results = [store.put(_record(i)) for i in range(2000)]
+        store.flush(timeout_s=30)
+        c = store.counts()
+        # Every record is accounted for: written + dropped by reason == offered.
+        assert c["written_predictions"] + c["dropped_db_error"] + c["dropped_buffer_full"] == 2000
+        assert c["dropped_db_error"] > 0 and c["dropped_buffer_full"] > 0
+        assert results.count(False) == c["dropped_buffer_full"]
+        assert store.last_error is not None and "locked" in store.last_error
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    # Once the database is free again the writer reconnects and carries on.
+    assert store.put(_record(5000))
+    assert store.flush()
+    assert store.labeled(limit=1)[0].request_id == "r5000"
+    store.close()
+
+
+def test_puts_from_many_threads_are_all_accounted_for(tmp_path: Path) -> None:
+    store = SQLiteStore(StoreConfig(path=tmp_path / "log.db", buffer_records=100_000))
+
+    def worker(base: int) -> None:
+        for i in range(250):
+            store.put(_record(base + i))
+
+    threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    store.close()
+    c = store.counts()
+    assert c["accepted_predictions"] == 1000 and c["written_predictions"] == 1000 and c["dropped"] == 0
+
+
+def test_retention_by_rows_and_age(tmp_path: Path) -> None:
+    now = [10_000.0]
+    store = SQLiteStore(StoreConfig(path=tmp_path / "log.db", max_rows=30, max_age_s=100), clock=lambda: now[0])
+    for i in range(50):
+        store.put(_record(i, ts=9_800.0 + 3 * i))  # ts = 9800 + 4i (the record adds i): 9800 .. 9996
+    store.flush()
+    store.run_retention()
+    kept = store.labeled()
+    assert len(kept) == 25  # the newest 30 (r20..r49), minus those older than now - 100 s (r20..r24)
+    assert kept[0].ts >= 9_900.0 and kept[-1].request_id == "r49"
+    store.close()
+
+
+def test_an_unusable_path_fails_loudly_at_start(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="Cannot open the prediction log"):
+        SQLiteStore(StoreConfig(path=tmp_path / "file" / "log.db"))
