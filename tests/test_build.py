@@ -193,3 +193,28 @@ def test_a_gain_that_does_not_hold_up_side_by_side_is_rejected() -> None:
     assert sel.winner == "steady"
     reasons = {r.name: r.reason for r in sel.rejections}
     assert reasons["shaky"].startswith("not faster when re-timed alternately with the baseline: 0.98×")
+
+
+def test_static_int8_over_budget_triggers_sensitivity_and_exclusions(tmp_path: Path) -> None:
+    """A zero fidelity budget: every int8 candidate is over it, so the build finds the layers to keep in fp32."""
+    model, x, y = build_trained_digits_mlp()
+    onnx.save_model(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "eval.npz", pixels=x[:200], labels=y[:200])
+    recipe = parse_recipe(
+        {
+            **RECIPE,
+            "model": str(tmp_path / "m.onnx"),
+            "data": {"eval": str(tmp_path / "eval.npz")},
+            "metric": "cosine",
+            "budget": {"max_accuracy_drop": 0.0},
+            "batch_size": 32,
+            "bench_time_s": 0.1,
+            "output": str(tmp_path / "out"),
+        }
+    )
+    record = run_build(recipe).record
+    assert record.sensitivity is not None
+    assert {row.node for row in record.sensitivity.layers} == {"fc0", "fc1"}
+    rescued = [c for c in record.candidates if c.name == "int8-static-excl"]
+    assert len(rescued) == 1 and "nodes_to_exclude" in rescued[0].passes[0]
+    assert 'id="sensitivity"' in (tmp_path / "out" / "report.html").read_text()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
@@ -47,6 +47,35 @@ class SourceTiming(_Frozen):
     throughput_sps: float
 
 
+class LayerSensitivity(_Frozen):
+    node: str
+    op_type: str
+    quality: float = Field(description="The metric with only this layer changed.")
+    drop: float = Field(description="Baseline quality minus this (positive = worse), in metric units.")
+
+
+class SensitivityReport(_Frozen):
+    pass_name: str
+    options: dict[str, Any]
+    metric: str
+    baseline_quality: float
+    all_layers_quality: float = Field(description="The metric with the pass applied to every layer.")
+    layers: tuple[LayerSensitivity, ...] = Field(description="Most sensitive first.")
+    skipped_unnamed: int = Field(description="Layers without a node name, which cannot be excluded by name.")
+    duration_s: float
+
+    def most_sensitive(self, budget: float) -> list[str]:
+        """The fewest layers to exclude so that the sum of the remaining drops fits ``budget``."""
+        remaining = sum(max(layer.drop, 0.0) for layer in self.layers)
+        chosen: list[str] = []
+        for layer in self.layers:
+            if remaining <= budget or layer.drop <= 0:
+                break
+            chosen.append(layer.node)
+            remaining -= layer.drop
+        return chosen
+
+
 class Rejection(_Frozen):
     name: str
     reason: str
@@ -74,6 +103,9 @@ class RunRecord(_Frozen):
     candidates: tuple[CandidateResult, ...]
     selection: Selection | None = None
     tuning: dict[str, JsonValue] = Field(default_factory=dict, description="Session settings tried on the winner.")
+    sensitivity: SensitivityReport | None = Field(
+        default=None, description="Per-layer sensitivity, when the build computed it (see build/sensitivity.py)."
+    )
     source_timing: SourceTiming | None = Field(
         default=None, description="The source framework's speed at the same batch size, when it could be run."
     )

@@ -165,6 +165,22 @@ def _source_line(record: RunRecord, winner: CandidateResult) -> str:
     return f'<p id="source-comparison">{html.escape(text)}.</p>' if text else ""
 
 
+def _sensitivity_html(record: RunRecord) -> str:
+    sens = record.sensitivity
+    if sens is None:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(r.node)}</td><td>{html.escape(r.op_type)}</td><td>{r.quality:.4f}</td>"
+        f"<td>{r.drop:+.4f}</td></tr>"
+        for r in sens.layers
+    )
+    return (
+        f"<h2>Per-layer sensitivity ({html.escape(sens.pass_name)}, one layer at a time)</h2>"
+        f'<table id="sensitivity"><tr><th>node</th><th>op</th><th>{html.escape(record.metric)}</th><th>drop</th></tr>'
+        f"{rows}</table>"
+    )
+
+
 def render_html(record: RunRecord) -> str:
     decisions = _decisions(record)
     measured = _measured(record)
@@ -209,6 +225,7 @@ budget <code>{html.escape(json.dumps(record.recipe.get("budget")))}</code>; {len
 {scatter_svg(size, title=f"{record.metric} vs size", x_label="bundle size (KiB)", y_label=record.metric)}
 </div>
 <h2>Winner's lineage</h2><ol>{lineage}</ol>
+{_sensitivity_html(record)}
 <h2>Machine and versions</h2><table>{machine}</table>
 </body></html>
 """

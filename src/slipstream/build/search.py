@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 
 from slipstream.artifact.bundle import Bundle, Step, write_bundle
-from slipstream.artifact.hashing import sha256_bytes, sha256_file, sha256_json
+from slipstream.artifact.hashing import sha256_file, sha256_json
 from slipstream.build.ladder import auto_candidates
+from slipstream.build.measure import Measurer, first_rows
 from slipstream.build.recipe import Candidate, Recipe
-from slipstream.build.record import CandidateMetrics, CandidateResult, RunRecord, SourceTiming
-from slipstream.build.select import select
+from slipstream.build.record import CandidateMetrics, CandidateResult, RunRecord, SensitivityReport, SourceTiming
+from slipstream.build.select import quality_drop, select
+from slipstream.build.sensitivity import analyze_sensitivity
 from slipstream.build.torch_source import (
     TorchSourceContext,
     is_torch_chain,
@@ -36,9 +38,8 @@ from slipstream.data.datasets import Dataset, load_dataset
 from slipstream.errors import ConfigError, SlipstreamError
 from slipstream.evaluate.bench import BenchSettings, bench
 from slipstream.evaluate.metrics import Metric, get_metric
-from slipstream.evaluate.quality import predict, score
 from slipstream.runtime.engine import Engine
-from slipstream.runtime.targets import Target, physical_cores, target
+from slipstream.runtime.targets import physical_cores, target
 
 BASELINE = "baseline"
 
@@ -78,94 +79,6 @@ def _pass_ref(ref: str | dict[str, dict[str, Any]]) -> str | tuple[str, dict[str
         raise ConfigError(f"A pass must be 'name' or {{name: {{options}}}}; got {ref!r}.", field="candidates")
     ((name, options),) = ref.items()
     return (name, dict(options or {}))
-
-
-class _Measurer:
-    """Quality and speed of bundles on one dataset and target, cached by content."""
-
-    def __init__(self, recipe: Recipe, dataset: Dataset, metric: Metric, tgt: Target, cache_file: Path) -> None:
-        self.recipe, self.dataset, self.metric, self.target = recipe, dataset, metric, tgt
-        self.reference: np.ndarray | None = None
-        self.cache_file = cache_file
-        self.cache: dict[str, Any] = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-        self.data_key = sha256_json([_array_digest(v) for v in dataset.inputs.values()])
-
-    def key(self, bundle: Bundle) -> str:
-        r = self.recipe
-        return sha256_json([bundle.model_sha256, self.data_key, r.metric, r.batch_size, r.target, r.seed])
-
-    def measure(self, bundle: Bundle) -> tuple[CandidateMetrics, bool]:
-        key = self.key(bundle)
-        reference_file = self.cache_file.with_name(f".reference-{key[:16]}.npy")
-        if key in self.cache and (self.reference is not None or reference_file.is_file()):
-            if self.reference is None:
-                self.reference = np.load(reference_file)
-            return CandidateMetrics.model_validate(self.cache[key]), True
-        engine = Engine(bundle, self.target)
-        outputs = predict(engine, self.dataset, batch_size=256)
-        if self.reference is None:
-            self.reference = outputs  # the baseline's outputs are the fidelity reference
-            np.save(reference_file, outputs)
-        quality = score(self.metric, outputs, self.dataset, self.reference)
-        budget = self.recipe.bench_time_s
-        settings = BenchSettings(
-            batch_sizes=(self.recipe.batch_size,), warmup_runs=3, min_time_s=budget / 4, max_time_s=budget
-        )
-        feeds = {self.recipe.batch_size: _first_rows(self.dataset, self.recipe.batch_size)}
-        report = bench(_returning(engine), settings, feeds=feeds)
-        timing = report.results[0]
-        metrics = CandidateMetrics(
-            quality=quality,
-            latency_p50_ms=timing.p50_ms,
-            latency_p99_ms=timing.p99_ms,
-            throughput_sps=timing.throughput_sps,
-            size_bytes=bundle.size_bytes,
-        )
-        self.remember(key, metrics.model_dump())
-        return metrics, False
-
-    def confirm(self, baseline: Bundle, candidate: Bundle, rounds: int = 5) -> float:
-        """Baseline p50 / candidate p50, each the median over ``rounds`` alternating short timings."""
-        key = "confirm:" + sha256_json([self.key(baseline), self.key(candidate), rounds])
-        if key in self.cache:
-            cached: float = self.cache[key]
-            return cached
-        n = self.recipe.batch_size
-        feeds = {n: _first_rows(self.dataset, n)}
-        budget = self.recipe.bench_time_s / 4
-        settings = BenchSettings(batch_sizes=(n,), warmup_runs=3, min_time_s=budget / 2, max_time_s=budget)
-        engines = (Engine(baseline, self.target), Engine(candidate, self.target))
-        medians: tuple[list[float], list[float]] = ([], [])
-        for _ in range(rounds):
-            for engine, out in zip(engines, medians, strict=True):
-                out.append(bench(_returning(engine), settings, feeds=feeds).results[0].p50_ms)
-        gain = float(np.median(medians[0]) / np.median(medians[1]))
-        self.remember(key, gain)
-        return gain
-
-    def remember(self, key: str, value: Any) -> None:
-        self.cache[key] = value
-        tmp = self.cache_file.with_name(self.cache_file.name + ".tmp")
-        tmp.write_text(json.dumps(self.cache))
-        tmp.replace(self.cache_file)
-
-
-def _returning(engine: Engine) -> Callable[[], Engine]:
-    """An engine factory for bench() that hands back an engine already built (its load time known)."""
-    return lambda: engine
-
-
-def _array_digest(a: np.ndarray) -> str:
-    return sha256_json([a.shape, str(a.dtype), sha256_bytes(np.ascontiguousarray(a).tobytes())])
-
-
-def _first_rows(dataset: Dataset, n: int) -> dict[str, np.ndarray]:
-    """``n`` rows of real data for timing, repeating the dataset if it is shorter."""
-    out = {}
-    for k, v in dataset.inputs.items():
-        reps = -(-n // len(v))
-        out[k] = np.concatenate([v] * reps)[:n] if reps > 1 else v[:n]
-    return out
 
 
 def _write_calibration(recipe: Recipe, baseline: Bundle, eval_set: Dataset, dest: Path) -> Path:
@@ -261,7 +174,7 @@ def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResul
             field="data.eval",
             hint="Add labels to the data, or use metric: cosine or agreement.",
         )
-    measurer = _Measurer(recipe, dataset, metric, tgt, out / ".measurements.json")
+    measurer = Measurer(recipe, dataset, metric, tgt, out / ".measurements.json")
     calibration = _write_calibration(recipe, baseline_bundle, dataset, out / "calibration.npz")
     torch_ctx = torch_context(recipe, baseline_bundle, dataset)
     notify(BuildEvent(stage="baseline", candidate=BASELINE))
@@ -273,7 +186,7 @@ def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResul
         if eager_key in measurer.cache:
             source_timing = SourceTiming.model_validate(measurer.cache[eager_key])
         else:
-            source_timing = torch_eager_timing(torch_ctx, _first_rows(dataset, recipe.batch_size), recipe)
+            source_timing = torch_eager_timing(torch_ctx, first_rows(dataset, recipe.batch_size), recipe)
             measurer.remember(eager_key, source_timing.model_dump())
     baseline = CandidateResult(
         name=BASELINE, passes=(), status="ok", metrics=base_metrics, bundle=str(baseline_bundle.path),
@@ -297,6 +210,15 @@ def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResul
             if best is None or gain > best[0]:
                 best = (gain, f"{cand.name} {gain:.2f}×")
 
+    sensitivity = None
+    if recipe.candidates == "auto":
+        rescue = _sensitivity_candidate(recipe, baseline_bundle, dataset, metric, base_metrics, results, calibration)
+        if rescue is not None:
+            sensitivity, rescued = rescue
+            if rescued is not None:
+                notify(BuildEvent("candidate", rescued.name, len(chosen), len(chosen) + 1, best[1] if best else None))
+                results.append(_try_candidate(rescued, baseline_bundle, out, measurer, recipe, optimize, torch_ctx))
+
     record = RunRecord(
         name=recipe.name,
         recipe=recipe.model_dump(mode="json"),
@@ -310,6 +232,7 @@ def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResul
         baseline=baseline,
         candidates=tuple(results),
         source_timing=source_timing,
+        sensitivity=sensitivity,
     )
     selection = select(record, recipe.budget)
     # Timings on a shared machine drift; re-time each would-be winner alternately with the baseline and
@@ -340,11 +263,41 @@ def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResul
     return BuildResult(record=record, winner=winner, output=out)
 
 
+def _sensitivity_candidate(
+    recipe: Recipe,
+    baseline: Bundle,
+    dataset: Dataset,
+    metric: Metric,
+    base: CandidateMetrics,
+    results: list[CandidateResult],
+    calibration: Path,
+) -> tuple[SensitivityReport, Candidate | None] | None:
+    """When every static int8 candidate broke the budget: find the layers to keep in fp32, and try that."""
+    relative = recipe.budget.kind == "relative"
+    drops = [
+        quality_drop(base.quality, r.metrics.quality, higher_is_better=metric.higher_is_better, relative=relative)
+        for r in results
+        if r.name.startswith("int8-static") and r.metrics is not None
+    ]
+    if not drops or min(drops) <= recipe.budget.max_accuracy_drop:
+        return None
+    allowed = recipe.budget.max_accuracy_drop * (abs(base.quality) if relative else 1.0)
+    options = {"data": str(calibration), "per_channel": True}
+    report = analyze_sensitivity(
+        baseline, dataset, metric, pass_name="quantize.static", options=options, data=str(calibration), seed=recipe.seed
+    )
+    exclude = report.most_sensitive(allowed)
+    if not exclude:
+        return report, None  # no single layer explains the loss; the report still shows every layer's share
+    chosen = {**options, "nodes_to_exclude": exclude}
+    return report, Candidate(name="int8-static-excl", passes=({"quantize.static": chosen},))
+
+
 def _try_candidate(
     cand: Candidate,
     baseline: Bundle,
     out: Path,
-    measurer: _Measurer,
+    measurer: Measurer,
     recipe: Recipe,
     optimize: Any,
     torch_ctx: TorchSourceContext | None,
@@ -392,7 +345,7 @@ def _try_candidate(
     )
 
 
-def _with_confirmed_gain(record: RunRecord, name: str, baseline: Bundle, measurer: _Measurer) -> RunRecord:
+def _with_confirmed_gain(record: RunRecord, name: str, baseline: Bundle, measurer: Measurer) -> RunRecord:
     cand = record.candidate(name)
     gain = measurer.confirm(baseline, Bundle.load(cand.bundle or ""))
     confirmed = cand.model_copy(update={"confirmed_gain": gain})
@@ -401,13 +354,13 @@ def _with_confirmed_gain(record: RunRecord, name: str, baseline: Bundle, measure
     )
 
 
-def _tune(bundle: Bundle, recipe: Recipe, measurer: _Measurer) -> dict[str, Any]:
+def _tune(bundle: Bundle, recipe: Recipe, measurer: Measurer) -> dict[str, Any]:
     """Try thread counts and execution modes on the winner; keep the fastest at the recipe's batch size."""
     cache_key = "tune:" + measurer.key(bundle)
     if cache_key in measurer.cache:
         cached: dict[str, Any] = measurer.cache[cache_key]
         return cached
-    feeds = {recipe.batch_size: _first_rows(measurer.dataset, recipe.batch_size)}
+    feeds = {recipe.batch_size: first_rows(measurer.dataset, recipe.batch_size)}
     budget = recipe.bench_time_s / 2
     settings = BenchSettings(batch_sizes=(recipe.batch_size,), warmup_runs=3, min_time_s=budget / 4, max_time_s=budget)
     trials: list[dict[str, Any]] = []

@@ -7,6 +7,7 @@ from typing import Annotated, Literal, cast
 
 import typer
 
+from slipstream.cli.analyze import analyze_app
 from slipstream.cli.monitor import monitor_app
 from slipstream.cli.output import console, parse_dims, parse_ints, print_json, reporting, status
 from slipstream.cli.render import render_bench, render_summary
@@ -237,6 +238,7 @@ def demo(
 
 
 app.add_typer(monitor_app, name="monitor")
+app.add_typer(analyze_app, name="analyze")
 
 
 def main() -> None:
