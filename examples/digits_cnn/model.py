@@ -1,107 +1,20 @@
-"""A small CNN for scikit-learn's 8×8 digits, trained on first use (seconds) and cached.
+"""The digits CNN used by examples/digits-cnn.yaml and by `slipstream demo` (defined in slipstream.demo.digits).
 
-Entry points for slipstream:
-  build()        -> the trained torch module (use as `model.py:build --input-shape batch,1,8,8`)
-  train_data()   -> batches of {"pixels", "labels"} for fine-tuning and Taylor importance
-  eval_data()    -> held-out batches of {"pixels", "labels"} for the accuracy budget
+Entry points:  model.py:build (the trained torch module), model.py:train_data, model.py:eval_data.
+Run it to see the model's held-out accuracy:  .venv/bin/python examples/digits_cnn/model.py
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from pathlib import Path
+from slipstream.demo.digits import DigitsCNN, build, eval_data, held_out, train_data
 
-import numpy as np
-import torch
-from torch import nn
-
-SEED = 0
-EPOCHS = 6
-
-
-class DigitsCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1),
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.BatchNorm2d(32),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 32, 3, padding=1),
-            nn.ReLU(),
-        )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(pixels))
-
-
-def _split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
-    y = digits.target.astype(np.int64)
-    order = np.random.default_rng(SEED).permutation(len(x))
-    x, y = x[order], y[order]
-    return x[:1300], y[:1300], x[1300:], y[1300:]
-
-
-def _batches(x: np.ndarray, y: np.ndarray, size: int = 256) -> Iterator[dict[str, np.ndarray]]:
-    for i in range(0, len(x), size):
-        yield {"pixels": x[i : i + size], "labels": y[i : i + size]}
-
-
-def train_data() -> Iterator[dict[str, np.ndarray]]:
-    x, y, _, _ = _split()
-    return _batches(x, y)
-
-
-def eval_data() -> Iterator[dict[str, np.ndarray]]:
-    _, _, x, y = _split()
-    return _batches(x, y)
-
-
-def _cache_file() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slipstream" / "examples"
-    return root / f"digits_cnn-seed{SEED}-e{EPOCHS}.pt"
-
-
-def build() -> nn.Module:
-    """The trained model in eval mode (about 99 % accuracy on the held-out digits)."""
-    model = DigitsCNN()
-    cache = _cache_file()
-    if cache.is_file():
-        model.load_state_dict(torch.load(cache, weights_only=True))
-        return model.eval()
-    torch.manual_seed(SEED)
-    x, y, _, _ = _split()
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=EPOCHS)
-    model.train()
-    for _ in range(EPOCHS):
-        perm = torch.randperm(len(xt))
-        for i in range(0, len(xt), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-        sched.step()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(cache)
-    return model.eval()
-
+__all__ = ["DigitsCNN", "build", "eval_data", "train_data"]
 
 if __name__ == "__main__":
+    import torch
+
     net = build()
-    _, _, xe, ye = _split()
+    x, y = held_out()
     with torch.no_grad():
-        acc = (net(torch.from_numpy(xe)).argmax(1).numpy() == ye).mean()
-    print(f"held-out accuracy {acc:.4f}")
+        accuracy = (net(torch.from_numpy(x)).argmax(1).numpy() == y).mean()
+    print(f"held-out accuracy {accuracy:.4f}")

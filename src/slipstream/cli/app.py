@@ -165,6 +165,55 @@ def bench(
 
 
 @app.command()
+def serve(
+    path: Annotated[Path, typer.Argument(help="A bundle, or a repository laid out as <model>/<version>/.")],
+    host: Annotated[str, typer.Option(help="Address to bind; off loopback, API keys are required.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key_file: Annotated[Path | None, typer.Option(help="API keys, one per line (or $SLIPSTREAM_API_KEYS).")] = None,
+    admin_key_file: Annotated[
+        Path | None, typer.Option(help="Keys for /v2/repository/* (or $SLIPSTREAM_ADMIN_KEYS).")
+    ] = None,
+    allow_anonymous: Annotated[bool, typer.Option(help="Serve off loopback without API keys.")] = False,
+    version_policy: Annotated[str, typer.Option(help="latest, all or specific.")] = "latest",
+    model_version: Annotated[
+        list[str] | None, typer.Option("--model-version", help="A version for --version-policy specific; repeatable.")
+    ] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Most rows per model call.")] = 32,
+    max_queue_delay_ms: Annotated[float, typer.Option(help="Longest wait for a batch to fill.")] = 2.0,
+    max_queue_length: Annotated[int, typer.Option(help="Queued requests per model before 503.")] = 1024,
+    timeout_ms: Annotated[float, typer.Option(help="Timeout per request, queue + model (504).")] = 30_000.0,
+    compute: Annotated[str, typer.Option(help="auto, inline (on the event loop) or thread.")] = "auto",
+    rate_per_s: Annotated[float | None, typer.Option(help="Requests/s per API key (429 beyond).")] = None,
+    burst: Annotated[int, typer.Option(help="Token-bucket burst per key.")] = 50,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body (413 beyond).")] = 16 * 1024 * 1024,
+    non_finite: Annotated[str, typer.Option(help="reject or allow NaN/Inf inputs.")] = "reject",
+    cors_origin: Annotated[
+        list[str] | None, typer.Option(help="An origin CORS allows; repeatable. Off by default.")
+    ] = None,
+    threads: Annotated[int, typer.Option(min=1, help="onnxruntime intra-op threads per model.")] = 1,
+    poll_interval: Annotated[float, typer.Option(help="Seconds between repository rescans; 0: off.")] = 0.0,
+    access_log: Annotated[bool, typer.Option(help="JSON access log lines on stderr.")] = True,
+) -> None:
+    """Serve a bundle or a model repository over the Open Inference Protocol v2 (REST)."""
+    import os
+
+    from slipstream.serve.server import serve as do_serve
+    from slipstream.serve.server import settings_from_options
+
+    options = {
+        "host": host, "port": port, "api_key_file": api_key_file, "admin_key_file": admin_key_file,
+        "allow_anonymous": allow_anonymous, "version_policy": version_policy, "versions": tuple(model_version or ()),
+        "max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms,
+        "max_queue_length": max_queue_length, "timeout_ms": timeout_ms, "compute": compute,
+        "rate_per_s": rate_per_s, "burst": burst,
+        "max_body_bytes": max_body_bytes, "non_finite": non_finite, "cors_origins": tuple(cors_origin or ()),
+        "intra_op_threads": threads, "poll_interval_s": poll_interval, "access_log": access_log,
+    }  # fmt: skip
+    with reporting(as_json=False):
+        do_serve(path, settings_from_options(options, os.environ))
+
+
+@app.command()
 def optimize(
     bundle: Annotated[Path | None, typer.Argument(help="A bundle directory.")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Where to write the new bundle.")] = None,

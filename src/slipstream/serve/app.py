@@ -1,0 +1,404 @@
+"""The HTTP layer: a lean ASGI app speaking the Open Inference Protocol v2.
+
+No web framework on the hot path: the measured cost per request is ~54 µs for bare ASGI + orjson
+against ~200 µs through FastAPI, and for small models that overhead is the whole latency. Errors map
+to HTTP through ``SlipstreamError.status_code`` (and ``retry_after_s``); anything else is a 500 whose
+body carries the request id, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+
+from slipstream.errors import MethodNotAllowedError, ModelNotFoundError, ProtocolError, ServingError, SlipstreamError
+from slipstream.serve.accesslog import AccessLog
+from slipstream.serve.codec import RequestedOutput, datatype, decode_request, encode_response
+from slipstream.serve.guard import Guard
+from slipstream.serve.metrics import CONTENT_TYPE, ServeMetrics
+from slipstream.serve.repository import ModelVersion, Repository
+from slipstream.serve.settings import ServeSettings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("slipstream.serve")
+
+_JSON = (b"content-type", b"application/json")
+_HEADER_LENGTH = b"inference-header-content-length"
+EXTENSIONS = ("binary_tensor_data", "model_repository")
+REJECTION_REASONS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "unavailable",
+    504: "timeout",
+}
+
+
+class _Reply:
+    """What a handler answers: status, body, extra headers, and labels for the access log."""
+
+    __slots__ = ("body", "content_type", "headers", "model", "status", "version")
+
+    def __init__(self, body: bytes, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.body = body
+        self.status = status
+        self.headers = headers or []
+        self.content_type = _JSON
+        self.model = ""
+        self.version = ""
+
+
+def _json(doc: Any, status: int = 200) -> _Reply:
+    return _Reply(orjson.dumps(doc), status)
+
+
+def _error_reply(exc: SlipstreamError) -> _Reply:
+    text = exc.message if not exc.hint else f"{exc.message} Hint: {exc.hint}"
+    reply = _json({"error": text}, exc.status_code or 500)
+    retry = exc.retry_after_s if isinstance(exc, ServingError) else None
+    if retry is not None:
+        reply.headers.append((b"retry-after", str(max(1, round(retry))).encode()))
+    return reply
+
+
+class SlipstreamApp:
+    """One server: a repository of models, a guard, metrics. Build it with :func:`create_app`."""
+
+    def __init__(
+        self,
+        root: Path,
+        settings: ServeSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        access_sink: BinaryIO | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = ServeMetrics()
+        self.guard = Guard(settings.guard, host=settings.host, clock=clock)
+        self.repository = Repository(root, settings, self.metrics)
+        self.draining = False
+        self._clock = clock
+        self._poller: asyncio.Task[None] | None = None
+        self._ids = itertools.count(1)
+        self._boot = os.urandom(4).hex()
+        self.access_log = AccessLog(access_sink or sys.stderr.buffer) if settings.access_log else None
+        self._http_entry: Callable[[Scope, Receive, Send], Awaitable[None]] = self._http
+        if settings.guard.cors_origins:
+            from starlette.middleware.cors import CORSMiddleware
+
+            self._http_entry = CORSMiddleware(
+                self._http,
+                allow_origins=list(settings.guard.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["*"],
+                expose_headers=["inference-header-content-length", "x-request-id"],
+            )
+
+    # -- ASGI -----------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http_entry(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except SlipstreamError as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        await self.repository.load_all()
+        if not any(e.state == "READY" for versions in self.repository.models.values() for e in versions.values()):
+            rows = self.repository.index(ready_only=False)
+            raise ServingError(
+                f"No model could be served from '{self.repository.root}': "
+                + ("; ".join(f"{r['name']} {r['version']}: {r['reason']}" for r in rows) or "it holds no bundles")
+                + ".",
+                hint="Fix or rebuild the bundles listed above.",
+            )
+        if self.settings.poll_interval_s > 0:
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def shutdown(self) -> None:
+        self.draining = True
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        await self.repository.close()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_s)
+            try:
+                await self.repository.rescan()
+            except (SlipstreamError, OSError) as exc:  # a repository mid-change: report it, keep serving
+                log.error("repository rescan failed: %s", exc, extra={"event": "rescan_failed"})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = self._clock()
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        request_id = next((v.decode("latin-1") for k, v in headers if k == b"x-request-id"), None)
+        if request_id is None:
+            request_id = f"{self._boot}-{next(self._ids)}"
+        try:
+            reply = await self._route(scope, receive, headers)
+        except SlipstreamError as exc:
+            reply = _error_reply(exc)
+        except Exception:
+            log.exception("internal error in request %s", request_id, extra={"request_id": request_id})
+            reply = _json({"error": f"Internal server error (request id {request_id}); see the server log."}, 500)
+        if reply.status >= 400:
+            self.metrics.rejections.labels(REJECTION_REASONS.get(reply.status, str(reply.status))).inc()
+        if reply.model:
+            self._count(reply.model, reply.version, reply.status, started)
+        response_headers = [
+            reply.content_type,
+            (b"content-length", str(len(reply.body)).encode()),
+            (b"x-request-id", request_id.encode()),
+        ]
+        response_headers += reply.headers
+        await send({"type": "http.response.start", "status": reply.status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": reply.body})
+        if self.access_log is not None:
+            self.access_log.write(
+                {
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": reply.status,
+                    "model": reply.model or None,
+                    "version": reply.version or None,
+                    "duration_ms": round((self._clock() - started) * 1000, 3),
+                    "client": (scope.get("client") or ("", 0))[0],
+                }
+            )
+
+    def _count(self, model: str, version: str, status: int, started: float) -> None:
+        self.metrics.count_request(model, version, status)
+        self.metrics.model(model).total.observe(self._clock() - started)
+
+    # -- routing --------------------------------------------------------------------------------
+    async def _route(self, scope: Scope, receive: Receive, headers: list[tuple[bytes, bytes]]) -> _Reply:
+        method: str = scope["method"]
+        parts = scope["path"].strip("/").split("/")
+        if parts[0] == "metrics" and len(parts) == 1:
+            _allow(method, "GET")
+            reply = _Reply(self.metrics.render())
+            reply.content_type = (b"content-type", CONTENT_TYPE.encode())
+            return reply
+        if parts[0] != "v2":
+            raise ModelNotFoundError(f"No endpoint at {scope['path']}.", hint="The protocol's endpoints start at /v2.")
+        rest = parts[1:]
+        if rest[:1] == ["health"] and len(rest) == 2 and rest[1] in ("live", "ready"):
+            _allow(method, "GET")
+            if rest[1] == "live":
+                return _json({"live": True})
+            ready = self.repository.ready() and not self.draining
+            return _json({"ready": ready}, 200 if ready else 503)
+        client = (scope.get("client") or ("local", 0))[0]
+        if rest[:1] == ["repository"]:
+            self.guard.authorize_admin(headers)
+            return await self._repository(method, rest[1:], receive, headers)
+        caller = self.guard.authenticate(headers, client)
+        self.guard.rate_limit(caller)
+        if not rest:
+            _allow(method, "GET")
+            from slipstream import __version__
+
+            return _json({"name": "slipstream", "version": __version__, "extensions": list(EXTENSIONS)})
+        if rest[0] != "models" or len(rest) < 2:
+            raise ModelNotFoundError(f"No endpoint at {scope['path']}.", hint="See GET /v2 and /v2/models/{name}.")
+        name, tail, version = rest[1], rest[2:], None
+        if tail[:1] == ["versions"] and len(tail) >= 2:
+            version, tail = tail[1], tail[2:]
+        if not tail:
+            _allow(method, "GET")
+            return self._metadata(name, version)
+        if tail == ["ready"]:
+            _allow(method, "GET")
+            try:
+                entry = self.repository.get(name, version)
+            except ModelNotFoundError:
+                raise
+            except SlipstreamError:
+                return _json({"name": name, "ready": False}, 503)
+            return _json({"name": name, "ready": entry.state == "READY"})
+        if tail == ["infer"]:
+            _allow(method, "POST")
+            return await self._infer(name, version, receive, headers)
+        raise ModelNotFoundError(f"No endpoint at {scope['path']}.", hint="See GET /v2 and /v2/models/{name}.")
+
+    def _metadata(self, name: str, version: str | None) -> _Reply:
+        entry = self.repository.get(name, version)
+        manifest = entry.manifest
+        versions = [version] if version else [r["version"] for r in self.repository.index(True) if r["name"] == name]
+
+        def io(specs: Any) -> list[dict[str, Any]]:
+            return [
+                {
+                    "name": s.name,
+                    "datatype": datatype(s.dtype),
+                    "shape": [d if isinstance(d, int) else -1 for d in s.shape],
+                }
+                for s in specs
+            ]
+
+        return _json(
+            {
+                "name": name,
+                "versions": versions,
+                "platform": "onnxruntime_onnx",
+                "inputs": io(manifest.inputs),
+                "outputs": io(manifest.outputs),
+            }
+        )
+
+    async def _infer(
+        self, name: str, version: str | None, receive: Receive, headers: list[tuple[bytes, bytes]]
+    ) -> _Reply:
+        entry = self.repository.get(name, version)
+        engine, batcher = entry.engine, entry.batcher
+        if engine is None or batcher is None:
+            raise ModelNotFoundError(f"Model '{name}' is not loaded.")
+        self.metrics.in_flight += 1
+        batcher.arrive()
+        joined = False
+        try:
+            body = await self._read_body(receive, headers)
+            request = decode_request(body, _header_length(headers))
+            feeds = engine.check_inputs(request.inputs)
+            self.guard.check_values(feeds, engine.inputs)
+            wanted = _wanted_outputs(request.outputs, entry)
+            arrays = list(feeds.values())
+            rows = arrays[0].shape[0] if entry.batchable else 1
+            key = tuple((a.shape[1:], a.dtype.str) for a in arrays)
+            joined = True
+            results, queue_s = await batcher.infer(feeds, rows, key)
+        except SlipstreamError as exc:
+            reply = _error_reply(exc)
+            reply.model, reply.version = entry.name, entry.version
+            return reply
+        finally:
+            if not joined:
+                batcher.depart()
+            self.metrics.in_flight -= 1
+        self.metrics.model(entry.name).queue.observe(queue_s)
+        payload, json_length = encode_response(
+            entry.name, entry.version, request.id, results, wanted, request.binary_output
+        )
+        reply = _Reply(payload)
+        if json_length is not None:
+            reply.headers = [(b"inference-header-content-length", str(json_length).encode())]
+        reply.model, reply.version = entry.name, entry.version
+        return reply
+
+    async def _read_body(self, receive: Receive, headers: list[tuple[bytes, bytes]]) -> bytes:
+        guard = self.guard
+        for k, v in headers:
+            if k == b"content-length" and v.isdigit():
+                guard.check_size(int(v))
+        message = await receive()
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            guard.check_size(len(body))
+            return body
+        chunks = [body]
+        size = len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            guard.check_size(size)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _repository(
+        self, method: str, rest: list[str], receive: Receive, headers: list[tuple[bytes, bytes]]
+    ) -> _Reply:
+        _allow(method, "POST")
+        body = await self._read_body(receive, headers)
+        try:
+            doc = orjson.loads(body) if body.strip() else {}
+        except orjson.JSONDecodeError as exc:
+            raise ProtocolError(f"The request body is not valid JSON ({exc}).") from exc
+        if not isinstance(doc, dict):
+            raise ProtocolError("The request body must be a JSON object.")
+        if rest == ["index"]:
+            return _json(self.repository.index(ready_only=doc.get("ready") is True))
+        if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
+            if rest[2] == "load":
+                await self.repository.load(rest[1])
+            else:
+                await self.repository.unload(rest[1])
+            return _Reply(b"{}")
+        raise ModelNotFoundError(f"No repository endpoint /v2/repository/{'/'.join(rest)}.")
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise MethodNotAllowedError(f"This endpoint answers {allowed}, not {method}.", hint=f"Use {allowed}.")
+
+
+def _header_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for k, v in headers:
+        if k == _HEADER_LENGTH:
+            if not v.isdigit():
+                raise ProtocolError(f"Inference-Header-Content-Length must be a number; got {v!r}.")
+            return int(v)
+    return None
+
+
+def _wanted_outputs(requested: tuple[RequestedOutput, ...] | None, entry: ModelVersion) -> tuple[RequestedOutput, ...]:
+    if requested is None:
+        return tuple(RequestedOutput(n, None) for n in entry.output_names)
+    unknown = [r.name for r in requested if r.name not in entry.output_names]
+    if unknown:
+        raise ProtocolError(
+            f"Requested outputs {unknown} do not exist; '{entry.name}' has [{', '.join(entry.output_names)}].",
+            hint="Ask for outputs by the names GET /v2/models/{name} lists.",
+        )
+    return requested
+
+
+def create_app(
+    path: str | os.PathLike[str],
+    settings: ServeSettings | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    access_sink: BinaryIO | None = None,
+) -> SlipstreamApp:
+    """The ASGI application serving the bundle or repository at ``path`` (models load at startup).
+
+    Access log lines (JSON, one per request) go to ``access_sink``, stderr by default.
+    """
+    return SlipstreamApp(Path(path), settings or ServeSettings(), clock=clock, access_sink=access_sink)

@@ -1,0 +1,268 @@
+"""The Open Inference Protocol v2 tensor codec: JSON (nested or flat) and the binary tensor extension.
+
+A request body is JSON, optionally followed by raw little-endian tensors; the
+``Inference-Header-Content-Length`` header says where the JSON ends. Pure functions over bytes and
+numpy arrays, so the HTTP layer stays thin and this file is tested without a server.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from slipstream.artifact.tensor import DType
+from slipstream.errors import ProtocolError
+
+# OIP datatype -> numpy dtype (little-endian). BYTES travels as an object array of bytes/str.
+NUMPY_OF: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(np.object_),
+}
+
+# Manifest dtype -> OIP datatype.
+DATATYPE_OF: dict[str, str] = {
+    "bool": "BOOL",
+    "uint8": "UINT8",
+    "uint16": "UINT16",
+    "uint32": "UINT32",
+    "uint64": "UINT64",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float16": "FP16",
+    "bfloat16": "BF16",
+    "float32": "FP32",
+    "float64": "FP64",
+    "string": "BYTES",
+}
+
+_NUMPY_KIND_TO_DATATYPE = {np.dtype(v).str.lstrip("<|="): k for k, v in NUMPY_OF.items() if k != "BYTES"}
+
+
+def datatype(dtype: DType) -> str:
+    return DATATYPE_OF[dtype]
+
+
+def datatype_of_array(array: np.ndarray) -> str:
+    if array.dtype.kind in "OUS":
+        return "BYTES"
+    return _NUMPY_KIND_TO_DATATYPE[array.dtype.str.lstrip("<|=>")]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedOutput:
+    name: str
+    binary: bool | None  # None: follow the request's binary_data_output
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    """A decoded infer request: named arrays plus what to send back and how."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[RequestedOutput, ...] | None
+    binary_output: bool
+
+
+def _fail(message: str, hint: str | None = None) -> ProtocolError:
+    return ProtocolError(message, hint=hint or "See the Open Inference Protocol v2 infer request format.")
+
+
+def _loads(raw: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _fail(f"The request body is not valid JSON ({exc}).") from exc
+
+
+def _shape(item: Mapping[str, Any], name: str) -> tuple[int, ...]:
+    shape = item.get("shape")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise _fail(f"Input '{name}' needs 'shape', a list of non-negative integers; got {shape!r}.")
+    return tuple(shape)
+
+
+def _unpack_bytes(raw: memoryview, count: int, name: str) -> np.ndarray:
+    out = np.empty(count, dtype=object)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(raw):
+            raise _fail(f"Input '{name}': BYTES data ends inside element {i} of {count}.")
+        (length,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + length > len(raw):
+            raise _fail(f"Input '{name}': BYTES element {i} says {length} bytes but the data ends first.")
+        try:
+            # onnxruntime string tensors take str (it would stringify bytes as "b'...'").
+            out[i] = bytes(raw[pos : pos + length]).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _fail(f"Input '{name}': BYTES element {i} is not UTF-8 text ({exc}).") from exc
+        pos += length
+    if pos != len(raw):
+        raise _fail(f"Input '{name}': {len(raw) - pos} bytes left over after {count} BYTES elements.")
+    return out
+
+
+def _from_binary(raw: memoryview, dt: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    count = math.prod(shape)
+    if dt == "BYTES":
+        return _unpack_bytes(raw, count, name).reshape(shape)
+    want = count * NUMPY_OF[dt].itemsize
+    if len(raw) != want:
+        raise _fail(f"Input '{name}' ({dt} {list(shape)}) needs {want} bytes of binary data; got {len(raw)}.")
+    return np.frombuffer(raw, dtype=NUMPY_OF[dt]).reshape(shape)
+
+
+def _from_json(data: Any, dt: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    if dt == "FP16":
+        raise _fail(f"Input '{name}' is FP16, which travels only as binary data.", "Send it with binary_data_size.")
+    try:
+        if dt == "BYTES":
+            flat = np.array(data, dtype=object).reshape(-1)
+        else:
+            flat = np.array(data, dtype=NUMPY_OF[dt]).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise _fail(f"Input '{name}': 'data' is not a regular array of {dt} values ({exc}).") from exc
+    if flat.size != math.prod(shape):
+        raise _fail(
+            f"Input '{name}' has shape {list(shape)} ({math.prod(shape)} values) but 'data' holds {flat.size}.",
+            "Make 'data' match 'shape' (row-major, flat or nested).",
+        )
+    return flat.reshape(shape)
+
+
+def decode_request(body: bytes, header_length: int | None) -> InferRequest:
+    """Parse an infer request body; ``header_length`` is Inference-Header-Content-Length, if sent."""
+    view = memoryview(body)
+    if header_length is not None:
+        if header_length > len(body):
+            raise _fail(f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes.")
+        head, binary, pos = _loads(view[:header_length]), view[header_length:], 0
+    else:
+        head, binary, pos = _loads(view), view[:0], 0
+    if not isinstance(head, dict):
+        raise _fail("The request must be a JSON object with an 'inputs' list.")
+    raw_inputs = head.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise _fail("The request needs 'inputs', a non-empty list of tensors.")
+    inputs: dict[str, np.ndarray] = {}
+    for item in raw_inputs:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise _fail("Every input must be an object with a 'name'.")
+        name = item["name"]
+        if name in inputs:
+            raise _fail(f"Input '{name}' is given more than once.")
+        dt = item.get("datatype")
+        if dt not in NUMPY_OF:
+            raise _fail(f"Input '{name}' has datatype {dt!r}; expected one of {', '.join(NUMPY_OF)}.")
+        shape = _shape(item, name)
+        params = item.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if type(size) is not int or size < 0 or pos + size > len(binary):
+                raise _fail(f"Input '{name}' has binary_data_size {size!r}; the binary part has {len(binary) - pos}.")
+            inputs[name] = _from_binary(binary[pos : pos + size], dt, shape, name)
+            pos += size
+        elif "data" in item:
+            inputs[name] = _from_json(item["data"], dt, shape, name)
+        else:
+            raise _fail(f"Input '{name}' has neither 'data' nor parameters.binary_data_size.")
+    if pos != len(binary):
+        raise _fail(f"{len(binary) - pos} bytes of binary data follow the JSON but no input claims them.")
+    return InferRequest(
+        id=_request_id(head.get("id")),
+        inputs=inputs,
+        outputs=_requested_outputs(head.get("outputs")),
+        binary_output=_flag(head.get("parameters"), "binary_data_output"),
+    )
+
+
+def _request_id(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise _fail(f"'id' must be a string; got {value!r}.")
+
+
+def _flag(params: Any, key: str) -> bool:
+    return isinstance(params, dict) and params.get(key) is True
+
+
+def _requested_outputs(raw: Any) -> tuple[RequestedOutput, ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise _fail("'outputs' must be a list of {'name': ...} objects.")
+    out = []
+    for item in raw:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise _fail("Every requested output must be an object with a 'name'.")
+        params = item.get("parameters")
+        binary = params.get("binary_data") if isinstance(params, dict) else None
+        out.append(RequestedOutput(item["name"], binary if isinstance(binary, bool) else None))
+    return tuple(out)
+
+
+def _pack_bytes(array: np.ndarray) -> bytes:
+    parts = []
+    for element in array.reshape(-1):
+        data = element.encode() if isinstance(element, str) else bytes(element)
+        parts.append(struct.pack("<I", len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _json_data(array: np.ndarray) -> Any:
+    if array.dtype.kind in "OUS":
+        return [e.decode("utf-8", "replace") if isinstance(e, bytes) else str(e) for e in array.reshape(-1)]
+    return array.reshape(-1)
+
+
+def encode_response(
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    results: Mapping[str, np.ndarray],
+    wanted: Sequence[RequestedOutput],
+    binary_default: bool,
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON length when binary parts follow it (else ``None``)."""
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for req in wanted:
+        array = results[req.name]
+        entry: dict[str, Any] = {"name": req.name, "datatype": datatype_of_array(array), "shape": list(array.shape)}
+        binary = binary_default if req.binary is None else req.binary
+        if binary:
+            blob = _pack_bytes(array) if array.dtype.kind in "OUS" else np.ascontiguousarray(array).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _json_data(array)
+        outputs.append(entry)
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request_id is not None:
+        doc["id"] = request_id
+    doc["outputs"] = outputs
+    head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return head, None
+    return b"".join([head, *blobs]), len(head)

@@ -1,0 +1,339 @@
+"""The model repository: ``repo/<model>/<version>/`` bundles (or one bundle), versions, hot reload.
+
+A version takes traffic only after it has loaded, passed verification (every file's sha256, and a
+parity record for a converted model) and run a warm-up batch. Loading happens in a worker thread;
+the swap is one dict assignment on the event loop, so a request sees the old version or the new one,
+never half of either. A version that fails keeps its reason in the index, the logs and the metrics,
+and never displaces a good one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from slipstream.artifact.bundle import MANIFEST_FILE, Bundle
+from slipstream.artifact.manifest import Manifest
+from slipstream.artifact.tensor import numpy_dtype
+from slipstream.errors import ConfigError, IntegrityError, ModelNotFoundError, ServerBusyError, SlipstreamError
+from slipstream.runtime import Engine, Target
+from slipstream.serve.batching import Batcher, InlinePolicy
+from slipstream.serve.metrics import ServeMetrics
+from slipstream.serve.settings import ServeSettings
+
+log = logging.getLogger("slipstream.serve")
+
+State = Literal["LOADING", "READY", "UNAVAILABLE", "UNLOADED"]
+
+
+def version_key(version: str) -> tuple[int, int, str]:
+    """Numeric versions sort by number, before any non-numeric name (which sort alphabetically)."""
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    """One version of one model and everything needed to serve it."""
+
+    name: str
+    version: str
+    path: Path
+    state: State = "LOADING"
+    reason: str = ""
+    stamp: float = 0.0  # manifest mtime when loaded; a change makes a rescan retry a failed version
+    engine: Engine | None = None
+    batcher: Batcher | None = None
+    batchable: bool = False
+    load_s: float = 0.0
+    warm_call_s: float = 0.0  # fastest warm-up call: decides whether the model runs inline
+    output_names: tuple[str, ...] = field(default=())
+
+    @property
+    def manifest(self) -> Manifest:
+        if self.engine is None:
+            raise ServerBusyError(f"Model '{self.name}' version {self.version} is not loaded.")
+        return self.engine.bundle.manifest
+
+
+def has_parity_record(manifest: Manifest) -> bool:
+    """A bundle converted from another framework must carry a passed parity proof; an ONNX import is the source.
+
+    A conversion made with --skip-parity records ``status="skipped"``: it is not served.
+    """
+    if manifest.source.framework == "onnx":
+        return True
+    return manifest.parity is not None and manifest.parity.status == "passed"
+
+
+def is_batchable(manifest: Manifest) -> bool:
+    """Batching needs one shared symbolic first axis on every input and output."""
+    firsts = {spec.shape[0] if spec.rank else None for spec in (*manifest.inputs, *manifest.outputs)}
+    return len(firsts) == 1 and isinstance(next(iter(firsts)), str)
+
+
+def warm_up_feeds(manifest: Manifest) -> dict[str, np.ndarray]:
+    feeds = {}
+    for spec in manifest.inputs:
+        shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
+        if spec.dtype == "string":
+            feeds[spec.name] = np.full(shape, "", dtype=object)
+        else:
+            low = spec.value_range[0] if spec.value_range else 0
+            feeds[spec.name] = np.full(shape, low, dtype=numpy_dtype(spec.dtype))
+    return feeds
+
+
+def load_version(entry: ModelVersion, settings: ServeSettings) -> None:
+    """Load, verify and warm one version (blocking; runs in a worker thread). Raises SlipstreamError."""
+    started = time.perf_counter()
+    bundle = Bundle.load(entry.path, verify=True)
+    if not has_parity_record(bundle.manifest):
+        raise IntegrityError(
+            f"Bundle '{entry.path}' came from {bundle.manifest.source.framework} but records no passed parity "
+            f"proof (parity: {bundle.manifest.parity.status if bundle.manifest.parity else 'none'}).",
+            path=entry.path,
+            file=MANIFEST_FILE,
+            hint="Convert it again with `slipstream convert` (which proves parity), without --skip-parity.",
+        )
+    engine = Engine(bundle, Target(intra_op_threads=settings.intra_op_threads))
+    feeds = warm_up_feeds(bundle.manifest)
+    calls = []
+    for _ in range(5):
+        call_started = time.perf_counter()
+        engine.run(feeds)
+        calls.append(time.perf_counter() - call_started)
+    entry.warm_call_s = min(calls)
+    entry.engine = engine
+    entry.batchable = is_batchable(bundle.manifest)
+    entry.output_names = tuple(s.name for s in bundle.manifest.outputs)
+    entry.load_s = time.perf_counter() - started
+
+
+def _stamp(path: Path) -> float:
+    try:
+        return (path / MANIFEST_FILE).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+class Repository:
+    """Every served model version, keyed by model name then version."""
+
+    def __init__(self, root: Path, settings: ServeSettings, metrics: ServeMetrics) -> None:
+        if not root.is_dir():
+            raise ConfigError(
+                f"Expected a bundle or a model repository directory at '{root}'; it does not exist.",
+                field="path",
+                hint="Pass a bundle from `slipstream convert`, or a directory laid out as <model>/<version>/.",
+            )
+        self.root = root
+        self.settings = settings
+        self.metrics = metrics
+        self.models: dict[str, dict[str, ModelVersion]] = {}
+        self.unloaded: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    # -- discovery ----------------------------------------------------------------------------
+    def discover(self) -> dict[str, dict[str, Path]]:
+        """Model name → version → directory, as found on disk now."""
+        if (self.root / MANIFEST_FILE).is_file():
+            try:
+                manifest = Bundle.load(self.root, verify=False).manifest
+            except SlipstreamError:
+                return {self.root.name: {"1": self.root}}
+            return {manifest.name: {manifest.version: self.root}}
+        found: dict[str, dict[str, Path]] = {}
+        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            versions = {v.name: v for v in model_dir.iterdir() if v.is_dir() and not v.name.startswith(".")}
+            if versions:
+                found[model_dir.name] = versions
+        return found
+
+    def _wanted(self, versions: dict[str, Path]) -> list[str]:
+        names = sorted(versions, key=version_key)
+        if self.settings.version_policy == "all":
+            return names
+        if self.settings.version_policy == "specific":
+            return [v for v in names if v in self.settings.versions]
+        return names[-1:]
+
+    # -- loading ------------------------------------------------------------------------------
+    async def load_all(self) -> None:
+        for name in self.discover():
+            await self.load(name)
+
+    async def load(self, name: str) -> None:
+        """(Re)scan one model: load new or changed versions, then retire what the policy drops."""
+        async with self._lock:
+            versions = self.discover().get(name)
+            if versions is None:
+                raise ModelNotFoundError(
+                    f"No model '{name}' in the repository at '{self.root}'.",
+                    hint="Add a <model>/<version>/ bundle directory, then load it.",
+                )
+            self.unloaded.discard(name)
+            current = self.models.setdefault(name, {})
+            latest = self.settings.version_policy == "latest"
+            for version in self._candidates(versions):
+                path = versions[version]
+                old = current.get(version)
+                if old is not None and old.state == "READY":
+                    if latest:
+                        break
+                    continue
+                if old is not None and old.state == "UNAVAILABLE" and old.stamp == _stamp(path):
+                    continue
+                await self._load_one(current, ModelVersion(name, version, path, stamp=_stamp(path)))
+                if latest and current[version].state == "READY":
+                    break
+            self._apply_policy(name, current)
+
+    def _candidates(self, versions: dict[str, Path]) -> list[str]:
+        # Under 'latest', try newest first and stop at the first one that is (or becomes) ready.
+        wanted = self._wanted(versions)
+        if self.settings.version_policy != "latest":
+            return wanted
+        return sorted(versions, key=version_key, reverse=True)
+
+    async def _load_one(self, current: dict[str, ModelVersion], entry: ModelVersion) -> None:
+        try:
+            await asyncio.to_thread(load_version, entry, self.settings)
+        except SlipstreamError as exc:
+            entry.state, entry.reason = "UNAVAILABLE", str(exc).replace("\n", " ")
+            previous = current.get(entry.version)
+            if previous is None or previous.state != "READY":
+                current[entry.version] = entry
+            self.metrics.load_failures.labels(entry.name, entry.version).inc()
+            log.error(
+                "refused model %s version %s: %s",
+                entry.name,
+                entry.version,
+                entry.reason,
+                extra={"model": entry.name, "version": entry.version, "event": "load_failed"},
+            )
+            return
+        engine = entry.engine
+        if engine is None:  # load_version always sets it; this keeps mypy honest without an assert
+            return
+        entry.batcher = Batcher(
+            lambda feeds: engine.run(feeds, check=False),
+            self.settings.batching,
+            batchable=entry.batchable,
+            on_batch=self.metrics.model(entry.name).on_batch,
+            name=f"{entry.name}-{entry.version}",
+            inline=_inline_policy(self.settings, entry.warm_call_s),
+        )
+        entry.batcher.start()
+        entry.state, entry.reason = "READY", ""
+        current[entry.version] = entry
+        self.metrics.load_seconds.labels(entry.name, entry.version).set(entry.load_s)
+        self.metrics.model_ready.labels(entry.name, entry.version).set(1)
+        log.info(
+            "model %s version %s ready in %.3f s (model runs %s)",
+            entry.name,
+            entry.version,
+            entry.load_s,
+            {"never": "in a worker thread", "alone": "inline for a lone caller", "always": "inline"}[
+                entry.batcher.inline
+            ],
+            extra={"model": entry.name, "version": entry.version, "event": "loaded"},
+        )
+
+    def _apply_policy(self, name: str, current: dict[str, ModelVersion]) -> None:
+        if self.settings.version_policy != "latest":
+            return
+        ready = sorted((v for v, e in current.items() if e.state == "READY"), key=version_key)
+        for version in ready[:-1]:
+            self._retire(current[version], f"replaced by version {ready[-1]}")
+
+    def _retire(self, entry: ModelVersion, reason: str) -> None:
+        entry.state, entry.reason = "UNLOADED", reason
+        self.metrics.model_ready.labels(entry.name, entry.version).set(0)
+        if entry.batcher is not None:
+            asyncio.get_running_loop().create_task(_drain_and_stop(entry.batcher))
+        log.info("model %s version %s unloaded: %s", entry.name, entry.version, reason)
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            current = self.models.get(name)
+            if current is None:
+                raise ModelNotFoundError(f"No model '{name}' is loaded.", hint="POST /v2/repository/index lists them.")
+            for entry in current.values():
+                if entry.state == "READY":
+                    self._retire(entry, "unloaded on request")
+            self.unloaded.add(name)
+
+    async def rescan(self) -> None:
+        """Pick up new models and versions (the poller and /load call this)."""
+        for name in self.discover():
+            if name not in self.unloaded:
+                await self.load(name)
+
+    async def close(self) -> None:
+        for current in self.models.values():
+            for entry in current.values():
+                if entry.batcher is not None:
+                    await entry.batcher.stop()
+
+    # -- lookup -------------------------------------------------------------------------------
+    def get(self, name: str, version: str | None) -> ModelVersion:
+        current = self.models.get(name)
+        if not current:
+            raise ModelNotFoundError(
+                f"No model named '{name}'; serving [{', '.join(sorted(self.models))}].",
+                hint="GET /v2/models/{name} with one of those names.",
+            )
+        if version is None:
+            ready = [v for v, e in current.items() if e.state == "READY"]
+            if not ready:
+                raise ServerBusyError(f"Model '{name}' has no ready version.", retry_after_s=1.0)
+            return current[max(ready, key=version_key)]
+        entry = current.get(version)
+        if entry is None:
+            raise ModelNotFoundError(
+                f"Model '{name}' has no version '{version}'; it has [{', '.join(sorted(current, key=version_key))}].",
+                hint="Leave the version out to use the newest ready one.",
+            )
+        if entry.state != "READY":
+            raise ServerBusyError(
+                f"Model '{name}' version {version} is {entry.state.lower()}"
+                + (f": {entry.reason}" if entry.reason else "."),
+                retry_after_s=1.0,
+            )
+        return entry
+
+    def ready(self) -> bool:
+        """True once every model that should serve has a ready version."""
+        live = [n for n in self.models if n not in self.unloaded]
+        return bool(live) and all(any(e.state == "READY" for e in self.models[n].values()) for n in live)
+
+    def index(self, ready_only: bool) -> list[dict[str, str]]:
+        rows = []
+        for name in sorted(self.models):
+            for version in sorted(self.models[name], key=version_key):
+                entry = self.models[name][version]
+                if ready_only and entry.state != "READY":
+                    continue
+                rows.append({"name": name, "version": version, "state": entry.state, "reason": entry.reason})
+        return rows
+
+
+def _inline_policy(settings: ServeSettings, warm_call_s: float) -> InlinePolicy:
+    mode = settings.batching.compute
+    if mode == "auto":
+        return "alone" if warm_call_s * 1000.0 < settings.batching.inline_below_ms else "never"
+    return "always" if mode == "inline" else "never"
+
+
+async def _drain_and_stop(batcher: Batcher, grace_s: float = 30.0) -> None:
+    """Let a retired version answer what it already holds, then stop it."""
+    deadline = time.monotonic() + grace_s
+    while (len(batcher.queue) or batcher.queue.joining) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await batcher.stop()

@@ -1,0 +1,80 @@
+"""Serving settings: typed, frozen and validated before the server starts."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+VersionPolicy = Literal["latest", "all", "specific"]
+NonFinitePolicy = Literal["reject", "allow"]
+ComputeMode = Literal["auto", "inline", "thread"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BatchSettings(_Frozen):
+    """Dynamic batching for one model. A batch is flushed as soon as every in-flight request has joined."""
+
+    max_batch_size: int = Field(default=32, ge=1, description="Most rows (samples) in one model call.")
+    max_queue_delay_ms: float = Field(
+        default=2.0, ge=0, description="Longest a queued request waits for others while more are still arriving."
+    )
+    max_queue_length: int = Field(
+        default=1024, ge=1, description="Most requests waiting per model; beyond it the server answers 503."
+    )
+    timeout_ms: float = Field(
+        default=30_000.0,
+        gt=0,
+        description="Longest a request may wait for its answer (queue + model call in the worker thread) before "
+        "it is answered 504.",
+    )
+    retry_after_s: float = Field(default=1.0, gt=0, description="The Retry-After a 503 for a full queue carries.")
+    compute: ComputeMode = Field(
+        default="auto",
+        description="Where the model runs: 'inline' on the event loop, 'thread' in a worker thread, or 'auto': "
+        "inline for a lone caller when a warm-up call takes under inline_below_ms, else the worker thread.",
+    )
+    inline_below_ms: float = Field(default=1.0, ge=0, description="The 'auto' threshold for running inline.")
+
+
+class GuardSettings(_Frozen):
+    """Authentication, rate limits, size limits and input value checks."""
+
+    api_key_hashes: frozenset[str] = Field(
+        default=frozenset(), description="sha256 hex digests of the accepted API keys (never the keys)."
+    )
+    admin_key_hashes: frozenset[str] = Field(
+        default=frozenset(), description="sha256 hex digests of the keys allowed on the repository endpoints."
+    )
+    allow_anonymous: bool = Field(
+        default=False, description="Serve without API keys on a non-loopback address (explicit opt-out)."
+    )
+    rate_per_s: float | None = Field(
+        default=None, gt=0, description="Requests per second each key (or client address) may make; None: no limit."
+    )
+    burst: int = Field(default=50, ge=1, description="Token-bucket capacity: requests a caller may make at once.")
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1, description="Largest request body accepted.")
+    non_finite: NonFinitePolicy = Field(default="reject", description="What to do with NaN/Inf in float inputs.")
+    cors_origins: tuple[str, ...] = Field(default=(), description="Origins allowed by CORS; empty: CORS off.")
+
+
+class ServeSettings(_Frozen):
+    """Everything `create_app` needs besides the repository path."""
+
+    host: str = Field(default="127.0.0.1", description="The address the server binds to.")
+    port: int = Field(default=8000, ge=0, le=65535, description="The TCP port.")
+    version_policy: VersionPolicy = Field(default="latest", description="Which versions of each model to serve.")
+    versions: tuple[str, ...] = Field(default=(), description="The versions to serve under the 'specific' policy.")
+    intra_op_threads: int = Field(
+        default=1, ge=1, description="onnxruntime threads per model; 1 because the HTTP layer shares the cores."
+    )
+    poll_interval_s: float = Field(
+        default=0.0, ge=0, description="How often to rescan the repository for new versions; 0: only on /load."
+    )
+    batching: BatchSettings = Field(default_factory=BatchSettings, description="Dynamic batching per model.")
+    guard: GuardSettings = Field(default_factory=GuardSettings, description="Safety settings.")
+    access_log: bool = Field(default=True, description="Write one JSON line per request to 'slipstream.access'.")
+    drain_timeout_s: float = Field(default=30.0, gt=0, description="How long SIGTERM waits for in-flight requests.")
