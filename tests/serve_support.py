@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +11,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from slipstream.importers import import_onnx
-from slipstream.serve.server import build_server
-from slipstream.serve.settings import ServeSettings
+from slipstream.serve.background import ServerThread as ServerThread  # re-exported for the serve tests
+from slipstream.serve.background import free_port as free_port
 from tests.onnx_models import build_mlp, build_token_scorer
 
 API_KEY = "test-key-123"
@@ -108,36 +105,3 @@ class Reference:
         session = self._sessions[key]
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feeds), strict=True))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ServerThread:
-    """A real uvicorn server on loopback, run in a thread (signal handling stays with the main thread)."""
-
-    def __init__(self, path: Path, settings: ServeSettings) -> None:
-        self.settings = settings.model_copy(update={"port": settings.port or free_port()})
-        self.server = build_server(path, self.settings)
-        self.app = self.server.slipstream
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)

@@ -278,12 +278,13 @@ def build(
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its files.")] = Path("demo-output"),
+    fast: Annotated[bool, typer.Option(help="A shorter build and less traffic (used by the test suite).")] = False,
 ) -> None:
-    """Run the embedded default job end to end on this machine."""
+    """Train, convert, build, serve, attack and watch a digits CNN: the whole flow on this machine."""
     from slipstream.demo import run_demo
 
     with reporting(as_json=False):
-        run_demo(workdir)
+        run_demo(workdir, fast=fast)
 
 
 app.add_typer(monitor_app, name="monitor")
