@@ -21,7 +21,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "server errors (5xx): 0" in out
     assert re.search(r"malformed\s+│\s+7 │ 400×7", out)
     assert re.search(r"unauthenticated\s+│\s+5 │ 401×5", out)
-    assert re.search(r"over the rate limit\s+│\s+120 │ 200×\d+, 429×\d+", out)
+    assert re.search(r"over the rate limit\s+│\s+300 │ 200×\d+, 429×\d+", out)
     winner = Bundle.load(tmp_path / "build" / "winner")
     assert winner.manifest.lineage[-1].step == "build.select@1"
     assert (tmp_path / "build" / "report.html").is_file()

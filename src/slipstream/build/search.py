@@ -331,7 +331,12 @@ def _try_candidate(
         return CandidateResult(
             name=cand.name, passes=labels, status="failed", error=text, duration_s=time.perf_counter() - started
         )
-    warnings = bundle.manifest.resolved.get("warnings")
+    warnings = [
+        str(text)
+        for entry in bundle.manifest.resolved.values()
+        if isinstance(entry, dict) and isinstance(entry.get("warnings"), list)
+        for text in entry["warnings"]  # type: ignore[union-attr]
+    ]
     return CandidateResult(
         name=cand.name,
         passes=labels,
@@ -341,7 +346,7 @@ def _try_candidate(
         lineage=tuple(e.step for e in bundle.manifest.lineage),
         duration_s=time.perf_counter() - started,
         cache_hits=hits,
-        warnings=tuple(str(w) for w in warnings) if isinstance(warnings, list) else (),
+        warnings=tuple(warnings),
     )
 
 

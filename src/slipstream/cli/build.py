@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -11,9 +13,18 @@ from slipstream.build.record import RunRecord
 from slipstream.build.report import source_comparison
 from slipstream.build.search import BuildEvent, BuildResult, run_build
 from slipstream.cli.output import console, err_console
+from slipstream.passes.base import PassWarning
 
 
 def run_with_progress(recipe: Recipe, *, quiet: bool) -> BuildResult:
+    # Pass warnings (e.g. "ConvInteger is 7× slower") are recorded per candidate and shown with the
+    # table, not printed as Python warnings in the middle of the progress bar.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PassWarning)
+        return _run(recipe, quiet=quiet)
+
+
+def _run(recipe: Recipe, *, quiet: bool) -> BuildResult:
     if quiet:
         return run_build(recipe)
     with Progress(
@@ -65,6 +76,9 @@ def render_record(record: RunRecord) -> None:
             style=style,
         )
     console.print(table)
+    for c in record.candidates:
+        for text in dict.fromkeys(c.warnings):
+            console.print(f"[yellow]{escape(c.name)}:[/] {escape(text)}", highlight=False)
     if sel:
         console.print(f"[bold]winner:[/] {escape(sel.winner)} — {escape(sel.reason)}", highlight=False)
     if sel is not None:

@@ -126,7 +126,7 @@ def run_demo(workdir: Path, *, fast: bool = False) -> None:
         port=0,
         access_log=False,
         guard=GuardSettings(
-            api_key_hashes=frozenset({hash_key(API_KEY), hash_key(BURST_KEY)}), rate_per_s=50.0, burst=80
+            api_key_hashes=frozenset({hash_key(API_KEY), hash_key(BURST_KEY)}), rate_per_s=100.0, burst=200
         ),
     )
     with ServerThread(repo, settings) as server:
@@ -145,7 +145,7 @@ def run_demo(workdir: Path, *, fast: bool = False) -> None:
                 drifted,
                 send_malformed(client, url, API_KEY),
                 send_unauthenticated(client, url, x_test),
-                send_burst(client, url, x_test, BURST_KEY, 120 if fast else 240),
+                send_burst(client, url, x_test, BURST_KEY, 300 if fast else 400),
             ]
             console.print(_phase_table(phases))
 
