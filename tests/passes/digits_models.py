@@ -22,24 +22,8 @@ def digits_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def small_cnn() -> Any:
-    """A digits CNN with batch norm (pruning must carry it along), 10 classes."""
-    from torch import nn
-
-    class DigitsCNN(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.features = nn.Sequential(
-                nn.Conv2d(1, 16, 3, padding=1),
-                nn.BatchNorm2d(16),
-                nn.ReLU(),
-                nn.Conv2d(16, 32, 3, padding=1),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-            )
-            self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
-
-        def forward(self, pixels: Any) -> Any:
-            return self.classifier(self.features(pixels))
+    """The demo's digits CNN (convs with batch norm, 10 classes): pruning must carry the norms along."""
+    from slipstream.demo.digits import DigitsCNN
 
     return DigitsCNN()
 

@@ -45,8 +45,8 @@ def test_structured_pruning_shrinks_and_fine_tuning_recovers(
     assert report.params_after < report.params_before / 2.5
     assert pruned.module(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
     convs = [m for m in pruned.module.modules() if isinstance(m, nn.Conv2d)]  # output layer excepted
-    assert [c.out_channels for c in convs] == [8, 16]
-    assert [m.num_features for m in pruned.module.modules() if isinstance(m, nn.BatchNorm2d)] == [8]
+    assert [c.out_channels for c in convs] == [8, 16, 16]
+    assert [m.num_features for m in pruned.module.modules() if isinstance(m, nn.BatchNorm2d)] == [8, 16]
     recovered, history = finetune(pruned, FinetuneConfig(epochs=6, lr=2e-3), data[0], data[1])
     assert evaluate(recovered.module, data[1]) >= base_acc - 0.01
     assert history.best_metric is not None and len(history.history) >= 1

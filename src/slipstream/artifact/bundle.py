@@ -176,6 +176,16 @@ def verify_files(root: Path, manifest: Manifest) -> None:
         )
 
 
+def refuse_existing(target: Path, *, overwrite: bool, what: str = "a bundle") -> None:
+    """Refuse to replace an existing output unless asked: checked before any work starts."""
+    if target.exists() and not overwrite:
+        raise BundleExistsError(
+            f"Refusing to write {what} to '{target}': it already exists.",
+            path=target,
+            hint="Choose another output path, or pass --overwrite (overwrite=True) to replace it.",
+        )
+
+
 def _save_model(model: onnx.ModelProto, directory: Path, threshold_bytes: int) -> None:
     import onnx
 
@@ -220,12 +230,7 @@ def write_bundle(
     given) to the lineage with the digest of the model it wrote. ``model`` is not modified.
     """
     target = Path(dest)
-    if target.exists() and not overwrite:
-        raise BundleExistsError(
-            f"Refusing to write a bundle to '{target}': it already exists.",
-            path=target,
-            hint="Choose another output path, or pass --overwrite to replace it.",
-        )
+    refuse_existing(target, overwrite=overwrite)
     if target.exists() and not target.is_dir():
         raise BundleExistsError(
             f"Cannot write a bundle to '{target}': a file is in the way.", path=target, hint="Remove it."

@@ -12,8 +12,8 @@ from typing import Any, TypeAlias
 
 import yaml
 
-from slipstream.artifact.bundle import Bundle
-from slipstream.errors import BundleExistsError, ConfigError
+from slipstream.artifact.bundle import Bundle, refuse_existing
+from slipstream.errors import ConfigError
 from slipstream.passes.base import ModelKind, OnnxPass, Pass, PassConfig, PassRun
 from slipstream.passes.cache import PassCache
 from slipstream.passes.catalogue import PassSpec, check_order, load_pass, lookup
@@ -122,12 +122,7 @@ def optimize(
         load_inputs(data_path, source.manifest.inputs)  # refuse bad data before any work
     store = PassCache.default() if cache is True else (cache or None)
     target = Path(output)
-    if target.exists() and not overwrite:
-        raise BundleExistsError(
-            f"Refusing to write the optimized bundle to '{target}': it already exists.",
-            path=target,
-            hint="Choose another output path, or pass overwrite=True (--overwrite).",
-        )
+    refuse_existing(target, overwrite=overwrite, what="the optimized bundle")
     target.parent.mkdir(parents=True, exist_ok=True)
     current = source
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.steps-", dir=target.parent) as tmp:

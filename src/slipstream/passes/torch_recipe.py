@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from slipstream.artifact.bundle import Bundle
-from slipstream.errors import BundleExistsError
+from slipstream.artifact.bundle import Bundle, refuse_existing
 from slipstream.passes.cache import PassCache
 from slipstream.passes.export import ExportConfig, ExportOnnx
 from slipstream.passes.recipe import PassRef, Progress, ProgressEvent, optimize, plan
@@ -42,12 +41,7 @@ def optimize_torch(
         steps = plan([*passes, "export"], start="torch")
     split = next(i for i, (_, inst, _) in enumerate(steps) if isinstance(inst, ExportOnnx))
     target = Path(output)
-    if target.exists() and not overwrite:
-        raise BundleExistsError(
-            f"Refusing to write the optimized bundle to '{target}': it already exists.",
-            path=target,
-            hint="Choose another output path, or pass overwrite=True (--overwrite).",
-        )
+    refuse_existing(target, overwrite=overwrite, what="the optimized bundle")
     ctx = TorchContext(train=train, eval=eval_data, teacher=model.copy().module, seed=seed)
     current = model
     total = len(steps)
