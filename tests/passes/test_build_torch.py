@@ -84,3 +84,22 @@ def test_second_torch_build_reuses_everything(torch_build: tuple[BuildResult, Bu
     assert pruned.cache_hits == 3
     assert [c.metrics for c in second.record.candidates] == [c.metrics for c in first.record.candidates]
     assert second.record.source_timing == first.record.source_timing
+
+
+def test_bench_compare_times_the_torch_source_on_the_same_inputs(
+    torch_build: tuple[BuildResult, BuildResult, Path],
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from slipstream.cli import app
+
+    _, _, work = torch_build
+    args = ["bench", str(work / "out" / "winner"), "--batch", "1,32", "--max-time", "0.1", "--json"]
+    result = CliRunner().invoke(app, [*args, "--compare", f"{work / 'model.py'}:build"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["source_framework"] == "torch eager"
+    assert [r["batch"] for r in report["source_results"]] == [1, 32]
+    assert all(r["p50_ms"] > 0 for r in report["source_results"])

@@ -142,9 +142,14 @@ def bench(
     ] = False,
     dim: Annotated[list[str] | None, typer.Option(help="Size of a symbolic dim, NAME=SIZE; repeatable.")] = None,
     max_time: Annotated[float, typer.Option(min=0.01, help="Time budget per batch size, seconds.")] = 5.0,
+    compare: Annotated[
+        str | None,
+        typer.Option(help="Also time the torch source in eager mode on the same inputs (file.py:fn, .pt, .pt2)."),
+    ] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow --compare to load a pickled whole-model file.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure latency percentiles, throughput, memory and load time at several batch sizes."""
+    """Measure latency percentiles, throughput, GFLOP/s, memory and load time at several batch sizes."""
     from slipstream.artifact import Bundle
     from slipstream.evaluate.bench import BenchSettings
     from slipstream.evaluate.bench import bench as do_bench
@@ -158,6 +163,11 @@ def bench(
         settings = BenchSettings(batch_sizes=batches, dims=dims, max_time_s=max_time)
         with status(f"Benchmarking {b.manifest.name} at batch {', '.join(map(str, batches))}…", quiet=as_json):
             report = do_bench(lambda: Engine(b, tgt), settings)
+            if compare is not None:
+                from slipstream.evaluate.torch_eager import compare_torch_source
+
+                timed = compare_torch_source(compare, b.manifest.inputs, settings, trust_pickle=trust_pickle)
+                report = report.model_copy(update={"source_framework": "torch eager", "source_results": timed})
     if as_json:
         print_json(report)
     else:

@@ -106,6 +106,15 @@ def render_bench(r: BenchReport) -> None:
             "yes" if b.settled else "no",
         )
     console.print(table)
+    if r.source_results:
+        src = Table(title=f"against {r.source_framework} on the same inputs", title_justify="left")
+        for col in ("batch", "source p50 ms", "bundle p50 ms", "speed-up"):
+            src.add_column(col, justify="right")
+        for mine, theirs in zip(r.results, r.source_results, strict=True):
+            src.add_row(
+                str(mine.batch), f"{theirs.p50_ms:.3f}", f"{mine.p50_ms:.3f}", f"{theirs.p50_ms / mine.p50_ms:.2f}×"
+            )
+        console.print(src)
     best = max((b.achieved_gflops or 0.0 for b in r.results), default=0.0)
     console.print(
         f"best {best:.2f} GFLOP/s = {100 * best / r.peak.gflops:.1f} % of an estimated {r.peak.gflops:.0f} GFLOP/s "

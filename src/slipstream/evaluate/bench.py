@@ -72,6 +72,10 @@ class BenchReport(BaseModel):
     results: tuple[BatchResult, ...]
     peak: PeakEstimate = Field(description="This CPU's estimated fp32 peak, and how it was estimated.")
     counted_ops: dict[str, int] = Field(description="Node types counted in gflop_per_run.")
+    source_framework: str | None = Field(default=None, description="What --compare timed beside the bundle.")
+    source_results: tuple[BatchResult, ...] | None = Field(
+        default=None, description="The source framework's timings on the same inputs, per batch size."
+    )
 
 
 def _percentile(sorted_ms: Sequence[float], q: float) -> float:

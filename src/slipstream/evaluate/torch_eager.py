@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from slipstream.artifact.tensor import TensorSpec
+from slipstream.data.synthetic import example_inputs
 from slipstream.evaluate.bench import BatchResult, BenchSettings, time_batch
 
 
@@ -27,3 +29,19 @@ def time_torch_eager(
             module(*tensors)
 
     return time_batch(run, batch, settings)
+
+
+def compare_torch_source(
+    source: str, specs: Sequence[TensorSpec], settings: BenchSettings, *, trust_pickle: bool = False
+) -> tuple[BatchResult, ...]:
+    """Time the torch source (entry point, TorchScript, .pt2) in eager mode on the inputs bench uses."""
+    import torch
+
+    from slipstream.importers.torch_sources import load_torch_source
+
+    loaded = load_torch_source(source, trust_pickle=trust_pickle).model
+    module = loaded.module() if isinstance(loaded, torch.export.ExportedProgram) else loaded
+    return tuple(
+        time_torch_eager(module, example_inputs(specs, batch, dims=settings.dims, seed=settings.seed), settings)
+        for batch in settings.batch_sizes
+    )
