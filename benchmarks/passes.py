@@ -8,8 +8,8 @@
   * sizes: int8, fp16, int4 (MatMulNBits, on MatMul weights), binarized layers.
 
 Every pass runs through ``slipstream.optimize``; timings are medians over interleaved repeats, compared
-as ratios of medians inside this one run. Structured pruning rows (prune.structured + fine-tune) come
-with the torch passes and are not measured here yet.
+as ratios of medians inside this one run. The structured-pruning rows (prune.structured + fine-tune)
+are measured by benchmarks/pruning.py.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/passes.py [--repeats 7] [--threads 1] [--skip-minilm]
 """
@@ -262,7 +262,7 @@ def main() -> None:
             "",
             "structured pruning 50 % + fine-tune (accuracy, speed)",
             "≤ 1 point, ≥ 2×",
-            "not measured: prune.structured comes with the torch passes",
+            "see the structured-pruning section (benchmarks/pruning.py)",
             "—",
         )
     )
@@ -413,8 +413,8 @@ def main() -> None:
             "",
             f"Command: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/passes.py {' '.join(sys.argv[1:])}`".rstrip(),
             "",
-            "Not measured here: the structured-pruning rows (prune.structured + train.finetune), which arrive "
-            "with the torch passes.",
+            "The structured-pruning rows (prune.structured + train.finetune) are in the section from "
+            "benchmarks/pruning.py.",
             "",
         ]
     )
