@@ -203,8 +203,28 @@ def serve(
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime intra-op threads per model.")] = 1,
     poll_interval: Annotated[float, typer.Option(help="Seconds between repository rescans; 0: off.")] = 0.0,
     access_log: Annotated[bool, typer.Option(help="JSON access log lines on stderr.")] = True,
+    monitor_db: Annotated[
+        Path | None, typer.Option(help="Monitor into this SQLite prediction log (off when not given).")
+    ] = None,
+    monitor_sample_rate: Annotated[float, typer.Option(help="Share of requests logged (0..1).")] = 1.0,
+    monitor_raw_inputs: Annotated[bool, typer.Option(help="Log raw inputs too, not only summaries.")] = False,
+    ood_reject: Annotated[
+        float | None, typer.Option(help="Refuse requests whose out-of-distribution score exceeds this.")
+    ] = None,
+    group_parameter: Annotated[str, typer.Option(help="Request parameter naming the caller's group.")] = "group",
+    accuracy_drop_alert: Annotated[float, typer.Option(help="Alert when accuracy drops by more.")] = 0.05,
+    fairness_max_difference: Annotated[float, typer.Option(help="Alert above this parity/odds gap.")] = 0.1,
+    fairness_min_ratio: Annotated[float, typer.Option(help="Alert below this parity ratio.")] = 0.8,
+    webhook: Annotated[str | None, typer.Option(help="POST alert transitions to this URL.")] = None,
+    monitor_retention_days: Annotated[float, typer.Option(help="Delete logged predictions older than this.")] = 7.0,
+    monitor_max_rows: Annotated[int, typer.Option(help="Keep at most this many logged predictions.")] = 1_000_000,
+    monitor_interval: Annotated[float, typer.Option(help="Seconds between monitor evaluations.")] = 10.0,
 ) -> None:
-    """Serve a bundle or a model repository over the Open Inference Protocol v2 (REST)."""
+    """Serve a bundle or a model repository over the Open Inference Protocol v2 (REST).
+
+    With --monitor-db, the server also monitors (latency, drift, accuracy from feedback, bias, threats):
+    POST /v2/models/{m}/feedback, GET /v2/models/{m}/monitoring, monitor series in /metrics, and /dashboard.
+    """
     import os
 
     from slipstream.serve.server import serve as do_serve
@@ -218,6 +238,14 @@ def serve(
         "rate_per_s": rate_per_s, "burst": burst,
         "max_body_bytes": max_body_bytes, "non_finite": non_finite, "cors_origins": tuple(cors_origin or ()),
         "intra_op_threads": threads, "poll_interval_s": poll_interval, "access_log": access_log,
+        "monitor": {
+            "db_path": monitor_db, "sample_rate": monitor_sample_rate, "log_raw_inputs": monitor_raw_inputs,
+            "ood_reject_above": ood_reject, "group_parameter": group_parameter,
+            "accuracy_drop_threshold": accuracy_drop_alert, "fairness_max_difference": fairness_max_difference,
+            "fairness_min_ratio": fairness_min_ratio, "webhook_url": webhook,
+            "retention_max_age_s": monitor_retention_days * 86400, "retention_max_rows": monitor_max_rows,
+            "evaluate_interval_s": monitor_interval,
+        },
     }  # fmt: skip
     with reporting(as_json=False):
         do_serve(path, settings_from_options(options, os.environ))

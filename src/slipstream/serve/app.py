@@ -17,17 +17,27 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
-from slipstream.errors import MethodNotAllowedError, ModelNotFoundError, ProtocolError, ServingError, SlipstreamError
+from slipstream.errors import (
+    InputError,
+    MethodNotAllowedError,
+    ModelNotFoundError,
+    ProtocolError,
+    ServingError,
+    SlipstreamError,
+)
 from slipstream.serve.accesslog import AccessLog
 from slipstream.serve.codec import RequestedOutput, datatype, decode_request, encode_response
 from slipstream.serve.guard import Guard
 from slipstream.serve.metrics import CONTENT_TYPE, ServeMetrics
 from slipstream.serve.repository import ModelVersion, Repository
 from slipstream.serve.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from slipstream.serve.monitoring import ServeMonitors
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -56,7 +66,7 @@ REJECTION_REASONS = {
 class _Reply:
     """What a handler answers: status, body, extra headers, and labels for the access log."""
 
-    __slots__ = ("body", "content_type", "headers", "model", "status", "version")
+    __slots__ = ("body", "content_type", "headers", "model", "reason", "status", "version")
 
     def __init__(self, body: bytes, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         self.body = body
@@ -65,6 +75,7 @@ class _Reply:
         self.content_type = _JSON
         self.model = ""
         self.version = ""
+        self.reason = ""  # a rejection reason more precise than the status (already counted by the monitor)
 
 
 def _json(doc: Any, status: int = 200) -> _Reply:
@@ -98,9 +109,17 @@ class SlipstreamApp:
         self.draining = False
         self._clock = clock
         self._poller: asyncio.Task[None] | None = None
+        self._pump: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self._boot = os.urandom(4).hex()
         self.access_log = AccessLog(access_sink or sys.stderr.buffer) if settings.access_log else None
+        self.monitors: ServeMonitors | None = None
+        if settings.monitor.enabled:  # only then is slipstream.monitor imported at all
+            from slipstream.serve.monitoring import ServeMonitors, register_collectors
+
+            self.monitors = ServeMonitors(settings.monitor)
+            register_collectors(self.monitors, self.metrics.registry)
+            self.repository.monitors = self.monitors
         self._http_entry: Callable[[Scope, Receive, Send], Awaitable[None]] = self._http
         if settings.guard.cors_origins:
             from starlette.middleware.cors import CORSMiddleware
@@ -147,9 +166,15 @@ class SlipstreamApp:
             )
         if self.settings.poll_interval_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
+        if self.monitors is not None:
+            self._pump = asyncio.get_running_loop().create_task(self.monitors.pump())
 
     async def shutdown(self) -> None:
         self.draining = True
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -171,14 +196,17 @@ class SlipstreamApp:
         if request_id is None:
             request_id = f"{self._boot}-{next(self._ids)}"
         try:
-            reply = await self._route(scope, receive, headers)
+            reply = await self._route(scope, receive, headers, request_id, started)
         except SlipstreamError as exc:
             reply = _error_reply(exc)
         except Exception:
             log.exception("internal error in request %s", request_id, extra={"request_id": request_id})
             reply = _json({"error": f"Internal server error (request id {request_id}); see the server log."}, 500)
         if reply.status >= 400:
-            self.metrics.rejections.labels(REJECTION_REASONS.get(reply.status, str(reply.status))).inc()
+            reason = reply.reason or REJECTION_REASONS.get(reply.status, str(reply.status))
+            self.metrics.rejections.labels(reason).inc()
+            if self.monitors is not None:
+                self._count_security(scope["path"], reply, reason)
         if reply.model:
             self._count(reply.model, reply.version, reply.status, started)
         response_headers = [
@@ -203,18 +231,46 @@ class SlipstreamApp:
                 }
             )
 
+    def _count_security(self, path: str, reply: _Reply, reason: str) -> None:
+        """Refusals of a model's requests, and failed authentication on a model's endpoints, per monitor."""
+        name, version = reply.model, reply.version
+        if not name:
+            parts = path.strip("/").split("/")
+            if len(parts) < 3 or parts[:2] != ["v2", "models"]:
+                return
+            name, version = parts[2], parts[4] if len(parts) > 4 and parts[3] == "versions" else ""
+        try:
+            entry = self.repository.get(name, version or None)
+        except SlipstreamError:
+            return
+        if entry.monitor is None:
+            return
+        if reply.status == 401:
+            entry.monitor.counters.auth_failed("missing_or_unknown_key")
+        elif reply.reason != "out_of_distribution":  # screen() counted that one itself
+            entry.monitor.counters.rejected(reason)
+
     def _count(self, model: str, version: str, status: int, started: float) -> None:
         self.metrics.count_request(model, version, status)
         self.metrics.model(model).total.observe(self._clock() - started)
 
     # -- routing --------------------------------------------------------------------------------
-    async def _route(self, scope: Scope, receive: Receive, headers: list[tuple[bytes, bytes]]) -> _Reply:
+    async def _route(
+        self, scope: Scope, receive: Receive, headers: list[tuple[bytes, bytes]], request_id: str, started: float
+    ) -> _Reply:
         method: str = scope["method"]
         parts = scope["path"].strip("/").split("/")
         if parts[0] == "metrics" and len(parts) == 1:
             _allow(method, "GET")
             reply = _Reply(self.metrics.render())
             reply.content_type = (b"content-type", CONTENT_TYPE.encode())
+            return reply
+        if parts == ["dashboard"]:  # a static page: the data comes from the guarded JSON endpoints
+            _allow(method, "GET")
+            from slipstream.serve.dashboard import DASHBOARD_HTML
+
+            reply = _Reply(DASHBOARD_HTML)
+            reply.content_type = (b"content-type", b"text/html; charset=utf-8")
             return reply
         if parts[0] != "v2":
             raise ModelNotFoundError(f"No endpoint at {scope['path']}.", hint="The protocol's endpoints start at /v2.")
@@ -236,6 +292,9 @@ class SlipstreamApp:
             from slipstream import __version__
 
             return _json({"name": "slipstream", "version": __version__, "extensions": list(EXTENSIONS)})
+        if rest == ["monitoring"]:
+            _allow(method, "GET")
+            return await self._monitoring(None, None, scope)
         if rest[0] != "models" or len(rest) < 2:
             raise ModelNotFoundError(f"No endpoint at {scope['path']}.", hint="See GET /v2 and /v2/models/{name}.")
         name, tail, version = rest[1], rest[2:], None
@@ -255,7 +314,13 @@ class SlipstreamApp:
             return _json({"name": name, "ready": entry.state == "READY"})
         if tail == ["infer"]:
             _allow(method, "POST")
-            return await self._infer(name, version, receive, headers)
+            return await self._infer(name, version, receive, headers, request_id, started, caller)
+        if tail == ["feedback"]:
+            _allow(method, "POST")
+            return await self._feedback(name, version, receive, headers)
+        if tail == ["monitoring"]:
+            _allow(method, "GET")
+            return await self._monitoring(name, version, scope)
         raise ModelNotFoundError(f"No endpoint at {scope['path']}.", hint="See GET /v2 and /v2/models/{name}.")
 
     def _metadata(self, name: str, version: str | None) -> _Reply:
@@ -284,10 +349,18 @@ class SlipstreamApp:
         )
 
     async def _infer(
-        self, name: str, version: str | None, receive: Receive, headers: list[tuple[bytes, bytes]]
+        self,
+        name: str,
+        version: str | None,
+        receive: Receive,
+        headers: list[tuple[bytes, bytes]],
+        request_id: str,
+        started: float,
+        caller: str,
     ) -> _Reply:
         entry = self.repository.get(name, version)
-        engine, batcher = entry.engine, entry.batcher
+        engine, batcher, monitor = entry.engine, entry.batcher, entry.monitor
+        screening = None
         if engine is None or batcher is None:
             raise ModelNotFoundError(f"Model '{name}' is not loaded.")
         self.metrics.in_flight += 1
@@ -299,6 +372,14 @@ class SlipstreamApp:
             feeds = engine.check_inputs(request.inputs)
             self.guard.check_values(feeds, engine.inputs)
             wanted = _wanted_outputs(request.outputs, entry)
+            if monitor is not None and self.monitors is not None and self.monitors.screening:
+                screening = monitor.screen(feeds)
+                if screening.reject:
+                    raise InputError(
+                        f"The input is out of distribution (score {screening.max_score:.3g}, this server refuses "
+                        f"above {self.settings.monitor.ood_reject_above:g}).",
+                        hint="Send inputs like the data the model was built on.",
+                    )
             arrays = list(feeds.values())
             rows = arrays[0].shape[0] if entry.batchable else 1
             key = tuple((a.shape[1:], a.dtype.str) for a in arrays)
@@ -307,12 +388,28 @@ class SlipstreamApp:
         except SlipstreamError as exc:
             reply = _error_reply(exc)
             reply.model, reply.version = entry.name, entry.version
+            if screening is not None and screening.reject:
+                reply.reason = "out_of_distribution"
             return reply
         finally:
             if not joined:
                 batcher.depart()
             self.metrics.in_flight -= 1
         self.metrics.model(entry.name).queue.observe(queue_s)
+        if monitor is not None:
+            params, group = request.parameters, None
+            if params is not None and self.monitors is not None:
+                value = params.get(self.monitors.settings.group_parameter)
+                group = None if value is None else str(value)
+            monitor.observe(
+                request.id or request_id,
+                feeds,
+                results,
+                latency_s=self._clock() - started,
+                group=group,
+                key_id=caller[:16] if self.guard.auth_required else caller,  # a digest prefix, never the key
+                screening=screening,
+            )
         payload, json_length = encode_response(
             entry.name, entry.version, request.id, results, wanted, request.binary_output
         )
@@ -321,6 +418,31 @@ class SlipstreamApp:
             reply.headers = [(b"inference-header-content-length", str(json_length).encode())]
         reply.model, reply.version = entry.name, entry.version
         return reply
+
+    async def _feedback(
+        self, name: str, version: str | None, receive: Receive, headers: list[tuple[bytes, bytes]]
+    ) -> _Reply:
+        from slipstream.serve.monitoring import monitoring_off, parse_feedback
+
+        if self.monitors is None:
+            raise monitoring_off()
+        monitor = self.monitors.lookup(self.repository.get(name, version))
+        items = parse_feedback(await self._read_body(receive, headers))
+        accepted = monitor.feedback_many(items)
+        return _json({"received": len(items), "accepted": accepted})
+
+    async def _monitoring(self, name: str | None, version: str | None, scope: Scope) -> _Reply:
+        """One version's summary, or every monitored version's plus live server counters (the dashboard's)."""
+        from slipstream.serve.monitoring import monitoring_off, server_summary, summary
+
+        if self.monitors is None:
+            raise monitoring_off()
+        fresh = b"evaluate=true" in scope.get("query_string", b"")
+        monitors = [self.monitors.lookup(self.repository.get(name, version))] if name else self.monitors.monitors()
+        for mon in monitors:
+            if fresh or mon.latest is None:
+                await asyncio.to_thread(mon.evaluate)
+        return _json(summary(monitors[0]) if name else server_summary(self.metrics, monitors))
 
     async def _read_body(self, receive: Receive, headers: list[tuple[bytes, bytes]]) -> bytes:
         guard = self.guard

@@ -81,6 +81,7 @@ class InferRequest:
     inputs: dict[str, np.ndarray]
     outputs: tuple[RequestedOutput, ...] | None
     binary_output: bool
+    parameters: dict[str, Any] | None = None  # the request-level parameters (e.g. a monitoring group)
 
 
 def _fail(message: str, hint: str | None = None) -> ProtocolError:
@@ -193,6 +194,7 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
         inputs=inputs,
         outputs=_requested_outputs(head.get("outputs")),
         binary_output=_flag(head.get("parameters"), "binary_data_output"),
+        parameters=top if isinstance(top := head.get("parameters"), dict) else None,
     )
 
 

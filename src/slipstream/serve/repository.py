@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -26,6 +26,10 @@ from slipstream.runtime import Engine, Target
 from slipstream.serve.batching import Batcher, InlinePolicy
 from slipstream.serve.metrics import ServeMetrics
 from slipstream.serve.settings import ServeSettings
+
+if TYPE_CHECKING:
+    from slipstream.monitor import Monitor
+    from slipstream.serve.monitoring import ServeMonitors
 
 log = logging.getLogger("slipstream.serve")
 
@@ -53,6 +57,7 @@ class ModelVersion:
     load_s: float = 0.0
     warm_call_s: float = 0.0  # fastest warm-up call: decides whether the model runs inline
     output_names: tuple[str, ...] = field(default=())
+    monitor: Monitor | None = None  # set only when the server monitors
 
     @property
     def manifest(self) -> Manifest:
@@ -137,6 +142,7 @@ class Repository:
         self.metrics = metrics
         self.models: dict[str, dict[str, ModelVersion]] = {}
         self.unloaded: set[str] = set()
+        self.monitors: ServeMonitors | None = None  # the app sets it when monitoring is on
         self._lock = asyncio.Lock()
 
     # -- discovery ----------------------------------------------------------------------------
@@ -230,6 +236,8 @@ class Repository:
             inline=_inline_policy(self.settings, entry.warm_call_s),
         )
         entry.batcher.start()
+        if self.monitors is not None:
+            entry.monitor = await asyncio.to_thread(self.monitors.attach, entry)
         entry.state, entry.reason = "READY", ""
         current[entry.version] = entry
         self.metrics.load_seconds.labels(entry.name, entry.version).set(entry.load_s)
@@ -256,7 +264,7 @@ class Repository:
         entry.state, entry.reason = "UNLOADED", reason
         self.metrics.model_ready.labels(entry.name, entry.version).set(0)
         if entry.batcher is not None:
-            asyncio.get_running_loop().create_task(_drain_and_stop(entry.batcher))
+            asyncio.get_running_loop().create_task(_drain_and_stop(entry.batcher, self.monitors, entry))
         log.info("model %s version %s unloaded: %s", entry.name, entry.version, reason)
 
     async def unload(self, name: str) -> None:
@@ -280,6 +288,8 @@ class Repository:
             for entry in current.values():
                 if entry.batcher is not None:
                     await entry.batcher.stop()
+        if self.monitors is not None:  # after the batchers: everything served is observed, then logged
+            await asyncio.to_thread(self.monitors.close)
 
     # -- lookup -------------------------------------------------------------------------------
     def get(self, name: str, version: str | None) -> ModelVersion:
@@ -331,9 +341,13 @@ def _inline_policy(settings: ServeSettings, warm_call_s: float) -> InlinePolicy:
     return "always" if mode == "inline" else "never"
 
 
-async def _drain_and_stop(batcher: Batcher, grace_s: float = 30.0) -> None:
-    """Let a retired version answer what it already holds, then stop it."""
+async def _drain_and_stop(
+    batcher: Batcher, monitors: ServeMonitors | None, entry: ModelVersion, grace_s: float = 30.0
+) -> None:
+    """Let a retired version answer what it already holds, then stop it (and its monitor)."""
     deadline = time.monotonic() + grace_s
     while (len(batcher.queue) or batcher.queue.joining) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     await batcher.stop()
+    if monitors is not None:
+        await asyncio.to_thread(monitors.detach, entry)

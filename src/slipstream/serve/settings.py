@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,6 +62,51 @@ class GuardSettings(_Frozen):
     cors_origins: tuple[str, ...] = Field(default=(), description="Origins allowed by CORS; empty: CORS off.")
 
 
+class MonitorSettings(_Frozen):
+    """Monitoring from inside the server (slipstream.monitor). Off unless ``db_path`` is given."""
+
+    db_path: Path | None = Field(
+        default=None,
+        description="The SQLite prediction log (WAL); monitoring is on when this is set, off (free) when not.",
+    )
+    sample_rate: float = Field(default=1.0, ge=0, le=1, description="Share of requests written to the prediction log.")
+    log_raw_inputs: bool = Field(default=False, description="Also store each logged row's raw input (npz bytes).")
+    ood_threshold: float = Field(default=3.0, gt=0, description="Count a row as out of distribution above this score.")
+    ood_reject_above: float | None = Field(
+        default=None, gt=0, description="Refuse requests (400) with a row scoring above this; None: never refuse."
+    )
+    group_parameter: str = Field(
+        default="group", min_length=1, description="The request-level parameter naming the caller's group (bias)."
+    )
+    accuracy_drop_threshold: float = Field(
+        default=0.05, gt=0, description="Alert when build-time minus realized (or estimated) accuracy exceeds this."
+    )
+    fairness_max_difference: float = Field(
+        default=0.1, ge=0, description="Alert when a demographic-parity or equalized-odds difference exceeds this."
+    )
+    fairness_min_ratio: float = Field(
+        default=0.8, ge=0, le=1, description="Alert when the demographic-parity ratio falls below this."
+    )
+    fairness_positive_label: float = Field(default=1.0, description="The prediction that counts as selected.")
+    webhook_url: str | None = Field(default=None, description="POST every alert transition here as JSON; None: off.")
+    retention_max_age_s: float | None = Field(
+        default=7 * 86400, gt=0, description="Delete logged predictions older than this; None: keep."
+    )
+    retention_max_rows: int | None = Field(
+        default=1_000_000, ge=1, description="Keep at most this many logged predictions; None: no limit."
+    )
+    evaluate_interval_s: float = Field(default=10.0, gt=0, description="Seconds between background evaluations.")
+    window_rows: int = Field(default=2000, ge=1, description="Rows in the rolling drift window.")
+    quality_window_rows: int = Field(default=500, ge=1, description="Newest logged rows the accuracy is computed on.")
+    min_labeled: int = Field(
+        default=50, ge=1, description="Fewer labeled rows than this: no realized accuracy verdict."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.db_path is not None
+
+
 class ServeSettings(_Frozen):
     """Everything `create_app` needs besides the repository path."""
 
@@ -76,5 +122,6 @@ class ServeSettings(_Frozen):
     )
     batching: BatchSettings = Field(default_factory=BatchSettings, description="Dynamic batching per model.")
     guard: GuardSettings = Field(default_factory=GuardSettings, description="Safety settings.")
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings, description="Monitoring; off by default.")
     access_log: bool = Field(default=True, description="Write one JSON line per request to 'slipstream.access'.")
     drain_timeout_s: float = Field(default=30.0, gt=0, description="How long SIGTERM waits for in-flight requests.")

@@ -1,0 +1,336 @@
+"""Issue 8's scripted monitoring scenario at full size over real HTTP, and what monitoring costs a server.
+
+1. Scenario: `slipstream serve --monitor-db` (a subprocess) serves a digits MLP (scikit-learn, trained on
+   load_digits, exported to ONNX) with a reference profile of held-out data. 2,000 in-distribution requests,
+   then 2,000 shifted ones (pixel noise, sd 0.4), each with a group attribute whose members are treated
+   differently (group "b" never sends a 1). Labels of clean traffic come back one chunk (250) late; labels
+   of shifted traffic only after all of it was served. The monitor is evaluated after every chunk
+   (``GET .../monitoring?evaluate=true``); the table says what fired when.
+2. Overhead: the same model behind two servers, monitoring off vs on (100 % sampled into SQLite), plus
+   on + out-of-distribution screening; wrk on loopback, interleaved rounds, medians, 1 onnxruntime thread,
+   access log off on all. Server CPU per request (from /proc) is the steadier number on a shared machine.
+3. Where the monitor's time goes: its three stages timed in-process on the same model and rows.
+
+    .venv/bin/python benchmarks/monitoring.py [--duration 9] [--rounds 3] [--concurrency 1,8,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.onnx_models: the trained digits MLP the tests use
+
+from serving import Row, bench_servers, free_port, start, stop  # noqa: E402
+from tests.onnx_models import build_trained_digits_mlp  # noqa: E402
+
+from slipstream.importers import import_onnx  # noqa: E402
+from slipstream.monitor import (  # noqa: E402
+    Monitor,
+    MonitorConfig,
+    SQLiteStore,
+    StoreConfig,
+    load_profile,
+    profile_from_bundle,
+    write_profiled_bundle,
+)
+from slipstream.runtime import Engine, Target  # noqa: E402
+
+CHUNK = 250
+WATCHED = (
+    "input_drift", "multivariate_drift", "prediction_drift", "estimated_accuracy_drop", "accuracy_drop",
+    "demographic_parity", "demographic_parity_ratio", "equalized_odds", "out_of_distribution",
+    "prediction_log_drops", "model_extraction",
+)  # fmt: skip
+
+
+def build(work: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The MLP with a profile of its whole held-out split (540 digits); live traffic replays its training
+    split (1,257 digits: the same distribution, and enough distinct rows that a window of up to 1,000 rows,
+    the size judged by p-value tests, holds no repeats, which those tests would read as evidence)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    model, x_test, y_test = build_trained_digits_mlp()
+    x, y = load_digits(return_X_y=True)
+    x_train, _, y_train, _ = train_test_split(
+        (x / 16.0).astype(np.float32), y, test_size=0.3, random_state=0, stratify=y
+    )  # the split build_trained_digits_mlp trained on
+    onnx.save_model(model, str(work / "digits.onnx"))
+    bare = import_onnx(work / "digits.onnx", work / "bare", name="digits", version="1").path
+    profile = profile_from_bundle(bare, {"pixels": x_test}, y_test)
+    bundle = write_profiled_bundle(bare, work / "digits", profile)
+    return bundle, x_train, y_train.astype(np.int64)
+
+
+def serve_cmd(bundle: Path, port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-c", "from slipstream.cli import main; main()", "serve", str(bundle),
+            "--port", str(port), "--threads", "1", "--no-access-log", *extra]  # fmt: skip
+
+
+def body(row: np.ndarray, rid: str | None = None, group: str | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": row.tolist()}]}
+    if rid is not None:
+        doc["id"] = rid
+    if group is not None:
+        doc["parameters"] = {"group": group}
+    return doc
+
+
+# -- 1. the scenario ------------------------------------------------------------------------------
+def scenario(bundle: Path, x: np.ndarray, y: np.ndarray, n: int, work: Path) -> dict[str, Any]:
+    port, db = free_port(), work / "scenario.db"
+    proc = start(serve_cmd(bundle, port, "--monitor-db", str(db), "--monitor-interval", "3600"), port, "digits")
+    rows = np.stack([x[i % len(x)] for i in range(n)])
+    labels = np.array([y[i % len(y)] for i in range(n)])
+    groups = ["a" if (i % 2 == 0 or labels[i] == 1) else "b" for i in range(n)]
+    noisy = np.clip(rows + np.random.default_rng(1).normal(0, 0.4, rows.shape), 0, 1).astype(np.float32)
+    timeline: list[dict[str, Any]] = []
+    statuses: dict[int, int] = {}
+    sent = labeled = 0
+    started = time.perf_counter()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+
+            def feedback(ids: list[str], ys: np.ndarray) -> None:
+                nonlocal labeled
+                doc = {"labels": [{"id": i, "label": int(v)} for i, v in zip(ids, ys, strict=True)]}
+                r = client.post("/v2/models/digits/feedback", json=doc)
+                assert r.status_code == 200, r.text
+                labeled += len(ids)
+
+            def evaluate(phase: str) -> None:
+                doc = client.get("/v2/models/digits/monitoring", params={"evaluate": "true"}).json()
+                q, d = doc["quality"] or {}, doc["drift"] or {}
+                firing = sorted(a["rule"] for a in doc["alerts"] if a["state"] == "firing")
+                timeline.append({
+                    "phase": phase, "sent": sent, "labels": labeled, "drifted": len(d.get("drifted_features", [])),
+                    "estimated": q.get("estimated_accuracy"), "realized": (q.get("realized") or {}).get("accuracy"),
+                    "firing": firing, "doc": doc,
+                })  # fmt: skip
+
+            def send(xs: np.ndarray, prefix: str, start_i: int) -> list[str]:
+                nonlocal sent
+                ids = []
+                for j, row in enumerate(xs):
+                    i = start_i + j
+                    rid = f"{prefix}-{i}"
+                    code = client.post("/v2/models/digits/infer", json=body(row, rid, groups[i])).status_code
+                    statuses[code] = statuses.get(code, 0) + 1
+                    ids.append(rid)
+                sent += len(xs)
+                return ids
+
+            late: tuple[list[str], np.ndarray] | None = None
+            for s in range(0, n, CHUNK):
+                ids = send(rows[s : s + CHUNK], "clean", s)
+                if late is not None:
+                    feedback(*late)  # the previous chunk's labels arrive one chunk late
+                late = (ids, labels[s : s + CHUNK])
+                evaluate("in-distribution")
+            feedback(*late)
+            shifted: list[str] = []
+            for s in range(0, n, CHUNK):
+                shifted += send(noisy[s : s + CHUNK], "shifted", s)
+                evaluate("shifted, no labels yet")
+            for s in range(0, n, CHUNK):
+                feedback(shifted[s : s + CHUNK], labels[s : s + CHUNK])
+                evaluate("shifted, labels arriving")
+    finally:
+        stop(proc)  # drains: every observed request is logged before the process exits
+    conn = sqlite3.connect(db)
+    logged = conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+    labels_stored = conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
+    conn.close()
+    return {"timeline": timeline, "statuses": statuses, "logged": logged, "labels_stored": labels_stored,
+            "seconds": time.perf_counter() - started}  # fmt: skip
+
+
+# -- 3. where the time goes -----------------------------------------------------------------------
+def stages(bundle: Path, x: np.ndarray, work: Path, n: int = 5000) -> dict[str, float]:
+    from slipstream.artifact import Bundle
+
+    engine = Engine(Bundle.load(bundle), Target(intra_op_threads=1))
+    feeds = [{"pixels": x[i % len(x)][None, :]} for i in range(n)]
+    outs = [engine.run(f) for f in feeds]
+    t0 = time.perf_counter()
+    for f in feeds:
+        engine.run(f, check=False)
+    infer = time.perf_counter() - t0
+    store = SQLiteStore(StoreConfig(path=work / "stages.db"))
+    mon = Monitor(model="digits", version="1", profile=load_profile(bundle), store=store,
+                  config=MonitorConfig(evaluate_interval_s=3600, max_pending_requests=n + 1))  # fmt: skip
+    t0 = time.perf_counter()
+    for i in range(n):
+        mon.screen(feeds[i])
+    screen = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(n):
+        mon.observe(f"r{i}", feeds[i], outs[i], latency_s=0.001, group="a", key_id="k")
+    observe = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mon.ingest()  # features, window, OOD scores, extraction watch, sampling, log records (on the event loop)
+    ingest = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    store.flush(timeout_s=60)  # SQLite inserts (writer thread)
+    write = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mon.evaluate()
+    evaluate = time.perf_counter() - t0
+    mon.close()
+    us = 1e6 / n
+    return {"Engine.run (the model itself)": infer * us, "screen (OOD score, only with --ood-reject)": screen * us,
+            "observe (on the request path)": observe * us,
+            "ingest, every 50 ms on the event loop, between requests": ingest * us,
+            "SQLite write (writer thread)": write * us, "evaluate, once per interval (ms, not µs/request)":
+            evaluate * 1000}  # fmt: skip
+
+
+def first(timeline: list[dict[str, Any]], rule: str) -> str:
+    for t in timeline:
+        if rule in t["firing"]:
+            return f"{t['phase']}: after {t['sent']} requests, {t['labels']} labels"
+    return "never"
+
+
+def fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=2000, help="Requests per phase of the scenario.")
+    ap.add_argument("--concurrency", default="1,8,64", type=lambda s: [int(v) for v in s.split(",")])
+    ap.add_argument("--duration", type=float, default=9.0, help="Seconds per server and concurrency.")
+    ap.add_argument("--rounds", type=int, default=3, help="Interleaved slices the duration is split into.")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "monitoring.md")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="slipstream-monitoring-"))
+    try:
+        bundle, x, y = build(work)
+        print("scenario…", flush=True)
+        result = scenario(bundle, x, y, args.requests, work)
+        for t in result["timeline"]:
+            est, real = fmt(t["estimated"]), fmt(t["realized"])
+            print(f"{t['phase']:26} sent {t['sent']:5} labels {t['labels']:5} drifted {t['drifted']:3} "
+                  f"est {est} real {real} {','.join(t['firing'])}", flush=True)  # fmt: skip
+        print("stages…", flush=True)
+        cost = stages(bundle, x, work)
+        print(cost, flush=True)
+        print("overhead…", flush=True)
+        req = body(x[0], group="a")
+        servers = {
+            "monitoring off": serve_cmd(bundle, free_port()),
+            "monitoring on (100 %)": serve_cmd(bundle, free_port(), "--monitor-db", str(work / "on.db")),
+            "on, 10 % logged": serve_cmd(
+                bundle, free_port(), "--monitor-db", str(work / "ten.db"), "--monitor-sample-rate", "0.1"
+            ),
+            "on + OOD screening": serve_cmd(
+                bundle, free_port(), "--monitor-db", str(work / "ood.db"), "--ood-reject", "1000"
+            ),
+        }
+        rows = bench_servers(servers, "digits", req, args, work)
+        write_report(args, result, cost, rows)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def write_report(args: argparse.Namespace, result: dict[str, Any], cost: dict[str, float], rows: list[Row]) -> None:
+    tl = result["timeline"]
+    n = args.requests
+    last = tl[-1]["doc"]
+    store = last["store"]
+    clean = [t for t in tl if t["phase"] == "in-distribution"]
+    false_drift = sorted({r for t in clean for r in t["firing"] if "drift" in r})
+    lines = [
+        "# Monitoring: the scripted scenario over HTTP, and what monitoring costs",
+        "",
+        f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), Python {platform.python_version()}; shared "
+        "with other jobs, so absolute numbers vary run to run.",
+        f"Command: `.venv/bin/python benchmarks/monitoring.py --requests {n} --duration {args.duration:g} "
+        f"--rounds {args.rounds} --concurrency {','.join(map(str, args.concurrency))}`",
+        "",
+        f"## Scenario: {n} in-distribution requests, then {n} shifted (pixel noise, sd 0.4)",
+        "",
+        "A digits MLP (scikit-learn, 64→64→10, ONNX) served by `slipstream serve --monitor-db`, its profile built "
+        "on its 540 held-out digits; traffic replays its 1,257 training digits (same distribution, no repeats in the "
+        "first 1,257 requests; the model is ~100 % right on them, so realized accuracy reads above build time). "
+        "Requests carry a group: 'b' never "
+        "sends a 1, so the model selects class 1 at different rates per group. Clean labels come back one chunk "
+        f"({CHUNK} requests) late; shifted labels only after all shifted traffic. Evaluated after every chunk.",
+        "",
+        "| phase | requests sent | labels sent | drifted features | estimated acc. | realized acc. | alerts firing |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in tl:
+        lines.append(f"| {t['phase']} | {t['sent']} | {t['labels']} | {t['drifted']} | {fmt(t['estimated'])} | "
+                     f"{fmt(t['realized'])} | {', '.join(t['firing']) or '–'} |")  # fmt: skip
+    lines += ["", "| alert | first fired |", "|---|---|"]
+    lines += [f"| {rule} | {first(tl, rule)} |" for rule in WATCHED]
+    lines += [
+        "",
+        f"- Drift alerts during in-distribution traffic: {false_drift or 'none'}.",
+        f"- HTTP statuses: {result['statuses']} ({sum(result['statuses'].values())} requests).",
+        f"- Accounting at the end: observed {last['requests']}, sampled {last['sampled']}, written "
+        f"{store['written_predictions']}, dropped {store['dropped']}; rows in SQLite after shutdown: "
+        f"{result['logged']} predictions, {result['labels_stored']} labels.",
+        f"- Scenario wall time {result['seconds']:.1f} s (sequential requests, {len(tl)} on-demand evaluations).",
+        "- `model_extraction` fires because one client sends thousands of requests a minute (limit 600 per key per "
+        "minute) and replays digits: the volume + near-duplicate pattern that watch exists for, not a false alarm.",
+        "- The demographic-parity alerts fire from the first chunk on: the groups are treated differently "
+        "throughout (by construction), so there is no 'before' for bias.",
+        "",
+        "## Overhead: throughput with monitoring off vs on",
+        "",
+        "wrk on loopback, one request body (one digit, group 'a'), onnxruntime 1 thread, access log off, "
+        f"{args.rounds} interleaved rounds of {max(1, int(args.duration / args.rounds))} s per server and "
+        "concurrency, medians. 'on, 10 % logged': drift, latency and threats still see every request, only one "
+        "in ten goes to SQLite. 'on + OOD screening' (100 % logged) also scores every request before inference "
+        "(`--ood-reject 1000`: nothing is refused).",
+        "",
+        "| concurrency | server | req/s | vs off | p50 ms | p99 ms | server CPU µs/req | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in args.concurrency:
+        off = next(r for r in rows if r.concurrency == c and r.server == "monitoring off")
+        for r in (r for r in rows if r.concurrency == c):
+            lines.append(f"| {c} | {r.server} | {r.rps:,.0f} | {r.rps / off.rps:.2f} | {r.p50_ms:.2f} | "
+                         f"{r.p99_ms:.2f} | {r.cpu_us_per_req:.0f} | {r.errors} |")  # fmt: skip
+    lines += [
+        "",
+        "## Where the monitor's time goes (in-process, same model, 5,000 single-row requests)",
+        "",
+        "| stage | µs per request |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v:.1f} |" for k, v in cost.items()]
+    lines += [
+        "",
+        "Where it runs: `observe` appends a reference to the request's arrays to a queue (request path); the "
+        "server ingests that queue on its event loop every 50 ms, vectorized over everything since the last "
+        "pass (features, drift window, OOD scores, per-key extraction watch, sampling, log records); one "
+        "writer thread does the SQLite inserts; the monitor's own thread only evaluates (drift, quality, "
+        "fairness, alerts) every `--monitor-interval` seconds. Ingesting on the monitor's thread instead "
+        "measured ~2x the CPU per request: that thread and the event loop then trade the GIL on every "
+        "socket call.",
+        "",
+    ]
+    args.out.write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
