@@ -22,6 +22,10 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert re.search(r"malformed\s+│\s+7 │ 400×7", out)
     assert re.search(r"unauthenticated\s+│\s+5 │ 401×5", out)
     assert re.search(r"over the rate limit\s+│\s+300 │ 200×\d+, 429×\d+", out)
+    # The monitor: quiet on normal traffic, then drift and the accuracy drop once the labels came back.
+    assert re.search(r"alerts firing\s+│ none\s+│ input_drift", out)
+    assert "accuracy_drop: quality.accuracy_drop" in out
+    assert "'dropped': 0" in out
     winner = Bundle.load(tmp_path / "build" / "winner")
     assert winner.manifest.lineage[-1].step == "build.select@1"
     assert (tmp_path / "build" / "report.html").is_file()

@@ -17,14 +17,24 @@ from rich.markup import escape
 from rich.rule import Rule
 from rich.table import Table
 
+from slipstream.artifact.bundle import Bundle
 from slipstream.build.recipe import Budget, Candidate, DataConfig, Recipe
 from slipstream.cli.build import render_record, run_with_progress
 from slipstream.cli.output import console
-from slipstream.demo.traffic import Phase, send_burst, send_labelled, send_malformed, send_unauthenticated
+from slipstream.demo.report import render_monitoring
+from slipstream.demo.traffic import (
+    Phase,
+    send_burst,
+    send_feedback,
+    send_labelled,
+    send_malformed,
+    send_unauthenticated,
+)
 from slipstream.importers import convert
 
 ENTRY = "slipstream.demo.digits:build"
 API_KEY = "demo-key"
+SHIFTED_KEY = "demo-shifted-key"  # another client, so each stays within its own rate limit
 BURST_KEY = "demo-burst-key"
 
 
@@ -80,7 +90,7 @@ def run_demo(workdir: Path, *, fast: bool = False) -> None:
     from slipstream.demo.digits import build, split
     from slipstream.serve.background import ServerThread
     from slipstream.serve.guard import hash_key
-    from slipstream.serve.settings import GuardSettings, ServeSettings
+    from slipstream.serve.settings import GuardSettings, MonitorSettings, ServeSettings
 
     started = time.perf_counter()
     work = workdir.resolve()
@@ -118,16 +128,20 @@ def run_demo(workdir: Path, *, fast: bool = False) -> None:
     render_record(result.record)
     console.print(f"report: {result.output / 'report.html'}", highlight=False)
 
-    _heading("4 · serve the winner on loopback (API key, rate limit)")
+    _heading("4 · serve the winner on loopback (API key, rate limit, monitoring)")
     repo = work / "repo"
     shutil.rmtree(repo, ignore_errors=True)
-    shutil.copytree(result.winner.path, repo / "digits" / "1")
+    _profiled(result.winner, repo / "digits" / "1", x_test, y_test)
+    console.print("reference profile written from the held-out digits (what drift and accuracy compare against)")
+    db = work / "monitor.db"
+    db.unlink(missing_ok=True)
     settings = ServeSettings(
         port=0,
         access_log=False,
         guard=GuardSettings(
-            api_key_hashes=frozenset({hash_key(API_KEY), hash_key(BURST_KEY)}), rate_per_s=100.0, burst=200
+            api_key_hashes=frozenset(hash_key(k) for k in (API_KEY, SHIFTED_KEY, BURST_KEY)), rate_per_s=20.0, burst=200
         ),
+        monitor=MonitorSettings(db_path=db, evaluate_interval_s=3600.0),
     )
     with ServerThread(repo, settings) as server:
         url = f"{server.url}/v2/models/digits/infer"
@@ -135,11 +149,17 @@ def run_demo(workdir: Path, *, fast: bool = False) -> None:
 
         _heading("5 · traffic: normal, drifted, malformed, unauthenticated, over the rate limit")
         rows = 16 if fast else 8
-        with httpx.Client(timeout=30.0) as client:
+        live_x, live_y = (x_train[:640], y_train[:640]) if fast else (x_train, y_train)
+        monitoring = f"{server.url}/v2/models/digits/monitoring?evaluate=true"
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        with httpx.Client(timeout=60.0) as client:
             normal = Phase("normal digits")
-            send_labelled(client, url, normal, x_test, y_test, key=API_KEY, rows=rows, group_of=_group)
+            send_labelled(client, url, normal, live_x, live_y, key=API_KEY, rows=rows, group_of=_group)
+            before = client.get(monitoring, headers=auth).json()
             drifted = Phase("drifted (inverted pixels)")
-            send_labelled(client, url, drifted, 1.0 - x_test, y_test, key=API_KEY, rows=rows, group_of=_group)
+            send_labelled(client, url, drifted, 1.0 - live_x, live_y, key=SHIFTED_KEY, rows=rows, group_of=_group)
+            labels = send_feedback(client, f"{server.url}/v2/models/digits/feedback", API_KEY, [normal, drifted])
+            after = client.get(monitoring, headers=auth).json()
             phases = [
                 normal,
                 drifted,
@@ -148,17 +168,19 @@ def run_demo(workdir: Path, *, fast: bool = False) -> None:
                 send_burst(client, url, x_test, BURST_KEY, 300 if fast else 400),
             ]
             console.print(_phase_table(phases))
+            final = client.get(monitoring, headers=auth).json()
 
-            _heading("6 · what the server saw")
+            _heading("6 · what the server saw, and what the monitor made of it")
             metrics = client.get(f"{server.url}/metrics").text
             for line in _metric_lines(metrics, ("slipstream_requests_total", "slipstream_rejections_total")):
                 console.print("  " + escape(line), highlight=False)
             failures = sum(n for p in phases for code, n in p.statuses.items() if code >= 500)
             console.print(
                 f"server errors (5xx): {failures}; accuracy on normal traffic {normal.accuracy or 0:.3f}, "
-                f"on drifted traffic {drifted.accuracy or 0:.3f}",
+                f"on drifted traffic {drifted.accuracy or 0:.3f}; {labels} ground-truth labels sent back",
                 highlight=False,
             )
+            render_monitoring(before, after, final)
 
     _heading("7 · shut down")
     console.print(f"drained and stopped; the whole demo took {time.perf_counter() - started:.0f} s", highlight=False)
@@ -169,6 +191,17 @@ def run_demo(workdir: Path, *, fast: bool = False) -> None:
         "  slipstream serve build-output/winner --api-key-file keys.txt",
         highlight=False,
     )
+
+
+def _profiled(winner: Bundle, dest: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    """The winner plus the reference profile of its held-out inputs, outputs and accuracy."""
+    from slipstream.monitor.profile import ProfileConfig, build_profile, write_profiled_bundle
+    from slipstream.runtime import Engine, Target
+
+    engine = Engine(winner, Target(intra_op_threads=1))
+    outputs = engine.run({"pixels": x})
+    profile = build_profile({"pixels": x}, outputs, labels=y, config=ProfileConfig(task="classification"))
+    return write_profiled_bundle(winner.path, dest, profile, overwrite=True)
 
 
 def _show_tamper_check(bundle_dir: Path, copy: Path) -> None:
