@@ -118,3 +118,11 @@ def test_a_tie_broken_the_other_way_is_caught(cancer: Data, tmp_path: Path) -> N
 def test_an_unfitted_estimator_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidModelError, match="not fitted"):
         slipstream.convert(LogisticRegression(), tmp_path / "b")
+
+
+def test_sample_data_with_labels_is_accepted(fitted: dict[str, Any], cancer: Data, tmp_path: Path) -> None:
+    """The evaluation .npz (inputs + labels) doubles as parity sample data; its labels are not an input."""
+    _, x_test, _, y_test = cancer
+    np.savez(tmp_path / "eval.npz", input=x_test, labels=y_test)
+    bundle = slipstream.convert(fitted["logistic"], tmp_path / "b", sample=tmp_path / "eval.npz")
+    assert bundle.manifest.parity is not None and bundle.manifest.parity.data == "sample"

@@ -50,6 +50,10 @@ class Recipe(_Strict):
     input_shape: str | None = Field(
         default=None, description="Input shape for sources that need one, e.g. 'batch,1,8,8' for a torch entry point."
     )
+    dynamic_axes: tuple[str, ...] = Field(
+        default=(),
+        description="Extra dynamic axes for a torch source, as INPUT:AXIS=NAME or AXIS=NAME (e.g. '1=seq').",
+    )
     data: DataConfig
     metric: str = Field(default="accuracy", description=f"One of {', '.join(METRIC_NAMES)}.")
     budget: Budget
@@ -71,6 +75,18 @@ class Recipe(_Strict):
     def _known_metric(cls, value: str) -> str:
         if value not in METRIC_NAMES:
             raise ValueError(f"unknown metric {value!r}; expected one of {', '.join(METRIC_NAMES)}")
+        return value
+
+    @field_validator("dynamic_axes")
+    @classmethod
+    def _axes_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from slipstream.importers.torch_inputs import parse_dynamic_axis
+
+        for text in value:
+            try:
+                parse_dynamic_axis(text)
+            except ConfigError as exc:
+                raise ValueError(f"{exc.message} {exc.hint or ''}".strip().rstrip(".")) from exc
         return value
 
 

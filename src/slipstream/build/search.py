@@ -99,7 +99,7 @@ def _source_key(recipe: Recipe) -> str | None:
     """What the baseline conversion depends on: the source file's bytes, or a torch entry point's weights."""
     src = Path(recipe.model)
     if src.is_file():
-        return sha256_json([sha256_file(src), recipe.input_shape])
+        return sha256_json([sha256_file(src), recipe.input_shape, *recipe.dynamic_axes])
     from slipstream.importers.torch_sources import is_entry_point
 
     if not is_entry_point(recipe.model):
@@ -112,7 +112,8 @@ def _source_key(recipe: Recipe) -> str | None:
     model = load_torch_source(recipe.model, trust_pickle=False).model
     module = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     code = Path(recipe.model.rpartition(":")[0])
-    return sha256_json([weights_digest(module), sha256_file(code) if code.is_file() else None, recipe.input_shape])
+    code_digest = sha256_file(code) if code.is_file() else None
+    return sha256_json([weights_digest(module), code_digest, recipe.input_shape, *recipe.dynamic_axes])
 
 
 def _source_bundle(recipe: Recipe, dest: Path, index_file: Path) -> Bundle:
@@ -130,6 +131,8 @@ def _source_bundle(recipe: Recipe, dest: Path, index_file: Path) -> Bundle:
     kwargs: dict[str, Any] = {"overwrite": True, "name": recipe.name}
     if recipe.input_shape is not None:
         kwargs["input_shapes"] = [recipe.input_shape]
+    if recipe.dynamic_axes:
+        kwargs["dynamic_axes"] = list(recipe.dynamic_axes)
     bundle = convert(recipe.model, dest, **kwargs)
     if key is not None:
         index_file.write_text(json.dumps(key))

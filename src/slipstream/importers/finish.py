@@ -21,6 +21,7 @@ from slipstream.artifact.bundle import Bundle, Step, write_bundle
 from slipstream.artifact.manifest import Framework, Manifest, ParityRecord, Source
 from slipstream.artifact.specs import graph_io_specs
 from slipstream.artifact.tensor import TensorSpec, numpy_dtype
+from slipstream.data.datasets import LABELS
 from slipstream.errors import ConfigError
 from slipstream.importers.onnx import check_model
 from slipstream.importers.parity import Reference, generated_cases, prove_parity, sample_cases, skipped
@@ -63,6 +64,8 @@ def load_sample_data(sample: SampleData | str | os.PathLike[str] | None) -> dict
 def align_sample(sample: SampleData, inputs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
     """Match sample arrays to the model's inputs by name (or by position for unnamed ``arr_N`` keys)."""
     names = [s.name for s in inputs]
+    # The same .npz serves evaluation elsewhere: its 'labels' array is not an input, so it is ignored here.
+    sample = {k: v for k, v in sample.items() if not (k == LABELS and k not in names)}
     keys = list(sample)
     if set(keys) != set(names) and keys == [f"arr_{i}" for i in range(len(keys))] and len(keys) == len(names):
         sample = dict(zip(names, sample.values(), strict=True))
