@@ -19,8 +19,8 @@ demo: install
 	$(BIN)/slipstream demo
 
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks $(wildcard examples/*/*.py)
 
 typecheck: install
 	$(BIN)/mypy
