@@ -151,6 +151,7 @@ def test_build_records_every_candidate_and_packages_the_winner(built: tuple[Buil
     assert base is not None and base.quality > 0.9  # a real trained classifier
     winner = Bundle.load(work / "out" / "winner")
     assert winner.manifest.lineage[-1].step == "build.select@1"
+    assert "profile.json" in winner.manifest.files  # the reference monitoring compares live traffic with
     build_metrics = winner.manifest.metrics["build"]
     assert isinstance(build_metrics, dict) and build_metrics["metric"] == "accuracy"
     assert winner.manifest.resolved["session"] == first.record.tuning["chosen"]
@@ -218,3 +219,20 @@ def test_static_int8_over_budget_triggers_sensitivity_and_exclusions(tmp_path: P
     rescued = [c for c in record.candidates if c.name == "int8-static-excl"]
     assert len(rescued) == 1 and "nodes_to_exclude" in rescued[0].passes[0]
     assert 'id="sensitivity"' in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_monitor_profile_writes_a_new_profiled_bundle(built: tuple[BuildResult, BuildResult, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from slipstream.cli import app
+
+    _, _, work = built
+    args = ["monitor", "profile", str(work / "out" / "baseline"), "--data", str(work / "eval.npz")]
+    result = CliRunner().invoke(app, [*args, "-o", str(work / "profiled"), "--task", "classification"])
+    assert result.exit_code == 0, result.output
+    profiled = Bundle.load(work / "profiled")
+    assert profiled.manifest.lineage[-1].step == "profile@1"
+    assert "profile.json" in profiled.manifest.files
+    assert "profile.json" not in Bundle.load(work / "out" / "baseline").manifest.files  # the source is untouched
+    bad = CliRunner().invoke(app, [*args, "-o", str(work / "p2"), "--task", "clustering"])
+    assert bad.exit_code == 2 and "auto, classification or regression" in bad.output

@@ -254,7 +254,7 @@ def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResul
     winner_src = Bundle.load(winner_result.bundle) if winner_result.bundle else baseline_bundle
     notify(BuildEvent(stage="tune", candidate=selection.winner))
     tuning = _tune(winner_src, recipe, measurer)
-    winner = _package(winner_src, out / "winner", recipe, winner_result, tuning)
+    winner = _package(winner_src, out / "winner", recipe, winner_result, tuning, dataset)
     record = record.model_copy(
         update={"selection": selection, "tuning": tuning, "duration_s": time.perf_counter() - started}
     )
@@ -383,8 +383,15 @@ def _tune(bundle: Bundle, recipe: Recipe, measurer: Measurer) -> dict[str, Any]:
     return tuning
 
 
-def _package(src: Bundle, dest: Path, recipe: Recipe, result: CandidateResult, tuning: dict[str, Any]) -> Bundle:
-    """The winner as its own bundle, with its measured metrics and tuned session settings written back."""
+def _package(
+    src: Bundle, dest: Path, recipe: Recipe, result: CandidateResult, tuning: dict[str, Any], dataset: Dataset
+) -> Bundle:
+    """The winner as its own bundle: measured metrics, tuned session settings, and the reference profile of
+    the evaluation data (profile.json), which drift, accuracy and OOD monitoring compare live traffic with."""
+    from slipstream.monitor.profile import PROFILE_FILE, ProfileConfig, profile_from_dataset
+
+    task = {"mae": "regression", "rmse": "regression", "cosine": "auto"}.get(recipe.metric, "classification")
+    profile = profile_from_dataset(src.path, dataset, ProfileConfig(task=task))
     m = result.metrics
     metrics = dict(src.manifest.metrics)
     if m is not None:
@@ -404,4 +411,5 @@ def _package(src: Bundle, dest: Path, recipe: Recipe, result: CandidateResult, t
         config={"candidate": result.name, "recipe": recipe.name},
         input_sha256=src.model_sha256,
     )
-    return write_bundle(dest, src.load_model(), manifest, step=step, overwrite=True)
+    extra = {PROFILE_FILE: profile.to_json_bytes()}
+    return write_bundle(dest, src.load_model(), manifest, step=step, extra_files=extra, overwrite=True)

@@ -89,3 +89,32 @@ def report(
         html = render_html(summarize(db, positive_label=positive_label))
     output.write_text(html, encoding="utf-8")
     console.print(f"wrote {output} ({len(html) // 1024} KiB)")
+
+
+@monitor_app.command()
+def profile(
+    bundle: Annotated[Path, typer.Argument(help="The bundle to profile (left untouched).")],
+    data: Annotated[str, typer.Option(help="Reference data: .npz/.csv/.parquet or file.py:fn (labels optional).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the new, profiled bundle.")],
+    task: Annotated[str, typer.Option(help="auto, classification or regression.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at OUTPUT.")] = False,
+) -> None:
+    """Write a new bundle with profile.json: the reference that drift, OOD and accuracy monitoring use.
+
+    `slipstream build` already writes one into its winner; use this for a bundle made another way.
+    Profile on held-out data: statistics from training data make the build-time accuracy look too good.
+    """
+    from slipstream.artifact import Bundle
+    from slipstream.data.datasets import load_dataset
+    from slipstream.monitor.profile import ProfileConfig, profile_from_dataset, write_profiled_bundle
+
+    if task not in ("auto", "classification", "regression"):
+        raise typer.BadParameter(f"expected auto, classification or regression; got {task!r}", param_hint="--task")
+    with reporting(as_json=False):
+        source = Bundle.load(bundle)
+        dataset = load_dataset(data, source.manifest.inputs)
+        config = ProfileConfig.model_validate({"task": task})
+        made = write_profiled_bundle(
+            source.path, output, profile_from_dataset(source.path, dataset, config), overwrite=overwrite
+        )
+    console.print(f"[green]✓[/] wrote {made} with profile.json ({len(dataset)} reference rows)", highlight=False)

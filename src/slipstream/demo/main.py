@@ -131,8 +131,8 @@ def run_demo(workdir: Path, *, fast: bool = False) -> None:
     _heading("4 · serve the winner on loopback (API key, rate limit, monitoring)")
     repo = work / "repo"
     shutil.rmtree(repo, ignore_errors=True)
-    _profiled(result.winner, repo / "digits" / "1", x_test, y_test)
-    console.print("reference profile written from the held-out digits (what drift and accuracy compare against)")
+    shutil.copytree(result.winner.path, repo / "digits" / "1")
+    console.print("the winner carries profile.json: the held-out digits' statistics that monitoring compares with")
     db = work / "monitor.db"
     db.unlink(missing_ok=True)
     settings = ServeSettings(
@@ -193,20 +193,9 @@ def run_demo(workdir: Path, *, fast: bool = False) -> None:
     )
 
 
-def _profiled(winner: Bundle, dest: Path, x: np.ndarray, y: np.ndarray) -> Path:
-    """The winner plus the reference profile of its held-out inputs, outputs and accuracy."""
-    from slipstream.monitor.profile import ProfileConfig, build_profile, write_profiled_bundle
-    from slipstream.runtime import Engine, Target
-
-    engine = Engine(winner, Target(intra_op_threads=1))
-    outputs = engine.run({"pixels": x})
-    profile = build_profile({"pixels": x}, outputs, labels=y, config=ProfileConfig(task="classification"))
-    return write_profiled_bundle(winner.path, dest, profile, overwrite=True)
-
-
 def _show_tamper_check(bundle_dir: Path, copy: Path) -> None:
     """A copy with one flipped byte must be refused: that is what 'verified' means."""
-    from slipstream.artifact.bundle import MODEL_FILE, Bundle
+    from slipstream.artifact.bundle import MODEL_FILE
     from slipstream.errors import IntegrityError
 
     shutil.rmtree(copy, ignore_errors=True)
