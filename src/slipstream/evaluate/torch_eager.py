@@ -28,7 +28,9 @@ def time_torch_eager(
         with torch.inference_mode():
             module(*tensors)
 
-    return time_batch(run, batch, settings)
+    # torch's first calls build its kernels and grow its allocator: warm it up well, to be fair to it.
+    warmed = settings.model_copy(update={"warmup_runs": max(settings.warmup_runs, 20)})
+    return time_batch(run, batch, warmed)
 
 
 def compare_torch_source(
