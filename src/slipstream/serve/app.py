@@ -23,17 +23,25 @@ import orjson
 
 from slipstream.errors import (
     InputError,
-    MethodNotAllowedError,
     ModelNotFoundError,
     ProtocolError,
     ServingError,
     SlipstreamError,
 )
 from slipstream.serve.accesslog import AccessLog
-from slipstream.serve.codec import RequestedOutput, datatype, decode_request, encode_response
+from slipstream.serve.codec import datatype, decode_request, encode_response
 from slipstream.serve.guard import Guard
 from slipstream.serve.metrics import CONTENT_TYPE, ServeMetrics
-from slipstream.serve.repository import ModelVersion, Repository
+from slipstream.serve.replies import (
+    REJECTION_REASONS,
+    Reply,
+    allow,
+    error_reply,
+    header_length,
+    json_reply,
+    wanted_outputs,
+)
+from slipstream.serve.repository import Repository
 from slipstream.serve.settings import ServeSettings
 
 if TYPE_CHECKING:
@@ -46,49 +54,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger("slipstream.serve")
 
-_JSON = (b"content-type", b"application/json")
-_HEADER_LENGTH = b"inference-header-content-length"
 EXTENSIONS = ("binary_tensor_data", "model_repository")
-REJECTION_REASONS = {
-    400: "invalid_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    429: "rate_limited",
-    500: "internal_error",
-    503: "unavailable",
-    504: "timeout",
-}
-
-
-class _Reply:
-    """What a handler answers: status, body, extra headers, and labels for the access log."""
-
-    __slots__ = ("body", "content_type", "headers", "model", "reason", "status", "version")
-
-    def __init__(self, body: bytes, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        self.body = body
-        self.status = status
-        self.headers = headers or []
-        self.content_type = _JSON
-        self.model = ""
-        self.version = ""
-        self.reason = ""  # a rejection reason more precise than the status (already counted by the monitor)
-
-
-def _json(doc: Any, status: int = 200) -> _Reply:
-    return _Reply(orjson.dumps(doc), status)
-
-
-def _error_reply(exc: SlipstreamError) -> _Reply:
-    text = exc.message if not exc.hint else f"{exc.message} Hint: {exc.hint}"
-    reply = _json({"error": text}, exc.status_code or 500)
-    retry = exc.retry_after_s if isinstance(exc, ServingError) else None
-    if retry is not None:
-        reply.headers.append((b"retry-after", str(max(1, round(retry))).encode()))
-    return reply
 
 
 class SlipstreamApp:
@@ -198,10 +164,10 @@ class SlipstreamApp:
         try:
             reply = await self._route(scope, receive, headers, request_id, started)
         except SlipstreamError as exc:
-            reply = _error_reply(exc)
+            reply = error_reply(exc)
         except Exception:
             log.exception("internal error in request %s", request_id, extra={"request_id": request_id})
-            reply = _json({"error": f"Internal server error (request id {request_id}); see the server log."}, 500)
+            reply = json_reply({"error": f"Internal server error (request id {request_id}); see the server log."}, 500)
         if reply.status >= 400:
             reason = reply.reason or REJECTION_REASONS.get(reply.status, str(reply.status))
             self.metrics.rejections.labels(reason).inc()
@@ -231,7 +197,7 @@ class SlipstreamApp:
                 }
             )
 
-    def _count_security(self, path: str, reply: _Reply, reason: str) -> None:
+    def _count_security(self, path: str, reply: Reply, reason: str) -> None:
         """Refusals of a model's requests, and failed authentication on a model's endpoints, per monitor."""
         name, version = reply.model, reply.version
         if not name:
@@ -257,30 +223,30 @@ class SlipstreamApp:
     # -- routing --------------------------------------------------------------------------------
     async def _route(
         self, scope: Scope, receive: Receive, headers: list[tuple[bytes, bytes]], request_id: str, started: float
-    ) -> _Reply:
+    ) -> Reply:
         method: str = scope["method"]
         parts = scope["path"].strip("/").split("/")
         if parts[0] == "metrics" and len(parts) == 1:
-            _allow(method, "GET")
-            reply = _Reply(self.metrics.render())
+            allow(method, "GET")
+            reply = Reply(self.metrics.render())
             reply.content_type = (b"content-type", CONTENT_TYPE.encode())
             return reply
         if parts == ["dashboard"]:  # a static page: the data comes from the guarded JSON endpoints
-            _allow(method, "GET")
+            allow(method, "GET")
             from slipstream.serve.dashboard import DASHBOARD_HTML
 
-            reply = _Reply(DASHBOARD_HTML)
+            reply = Reply(DASHBOARD_HTML)
             reply.content_type = (b"content-type", b"text/html; charset=utf-8")
             return reply
         if parts[0] != "v2":
             raise ModelNotFoundError(f"No endpoint at {scope['path']}.", hint="The protocol's endpoints start at /v2.")
         rest = parts[1:]
         if rest[:1] == ["health"] and len(rest) == 2 and rest[1] in ("live", "ready"):
-            _allow(method, "GET")
+            allow(method, "GET")
             if rest[1] == "live":
-                return _json({"live": True})
+                return json_reply({"live": True})
             ready = self.repository.ready() and not self.draining
-            return _json({"ready": ready}, 200 if ready else 503)
+            return json_reply({"ready": ready}, 200 if ready else 503)
         client = (scope.get("client") or ("local", 0))[0]
         if rest[:1] == ["repository"]:
             self.guard.authorize_admin(headers)
@@ -288,12 +254,12 @@ class SlipstreamApp:
         caller = self.guard.authenticate(headers, client)
         self.guard.rate_limit(caller)
         if not rest:
-            _allow(method, "GET")
+            allow(method, "GET")
             from slipstream import __version__
 
-            return _json({"name": "slipstream", "version": __version__, "extensions": list(EXTENSIONS)})
+            return json_reply({"name": "slipstream", "version": __version__, "extensions": list(EXTENSIONS)})
         if rest == ["monitoring"]:
-            _allow(method, "GET")
+            allow(method, "GET")
             return await self._monitoring(None, None, scope)
         if rest[0] != "models" or len(rest) < 2:
             raise ModelNotFoundError(f"No endpoint at {scope['path']}.", hint="See GET /v2 and /v2/models/{name}.")
@@ -301,29 +267,29 @@ class SlipstreamApp:
         if tail[:1] == ["versions"] and len(tail) >= 2:
             version, tail = tail[1], tail[2:]
         if not tail:
-            _allow(method, "GET")
+            allow(method, "GET")
             return self._metadata(name, version)
         if tail == ["ready"]:
-            _allow(method, "GET")
+            allow(method, "GET")
             try:
                 entry = self.repository.get(name, version)
             except ModelNotFoundError:
                 raise
             except SlipstreamError:
-                return _json({"name": name, "ready": False}, 503)
-            return _json({"name": name, "ready": entry.state == "READY"})
+                return json_reply({"name": name, "ready": False}, 503)
+            return json_reply({"name": name, "ready": entry.state == "READY"})
         if tail == ["infer"]:
-            _allow(method, "POST")
+            allow(method, "POST")
             return await self._infer(name, version, receive, headers, request_id, started, caller)
         if tail == ["feedback"]:
-            _allow(method, "POST")
+            allow(method, "POST")
             return await self._feedback(name, version, receive, headers)
         if tail == ["monitoring"]:
-            _allow(method, "GET")
+            allow(method, "GET")
             return await self._monitoring(name, version, scope)
         raise ModelNotFoundError(f"No endpoint at {scope['path']}.", hint="See GET /v2 and /v2/models/{name}.")
 
-    def _metadata(self, name: str, version: str | None) -> _Reply:
+    def _metadata(self, name: str, version: str | None) -> Reply:
         entry = self.repository.get(name, version)
         manifest = entry.manifest
         versions = [version] if version else [r["version"] for r in self.repository.index(True) if r["name"] == name]
@@ -338,7 +304,7 @@ class SlipstreamApp:
                 for s in specs
             ]
 
-        return _json(
+        return json_reply(
             {
                 "name": name,
                 "versions": versions,
@@ -357,7 +323,7 @@ class SlipstreamApp:
         request_id: str,
         started: float,
         caller: str,
-    ) -> _Reply:
+    ) -> Reply:
         entry = self.repository.get(name, version)
         engine, batcher, monitor = entry.engine, entry.batcher, entry.monitor
         screening = None
@@ -368,10 +334,10 @@ class SlipstreamApp:
         joined = False
         try:
             body = await self._read_body(receive, headers)
-            request = decode_request(body, _header_length(headers))
+            request = decode_request(body, header_length(headers))
             feeds = engine.check_inputs(request.inputs)
             self.guard.check_values(feeds, engine.inputs)
-            wanted = _wanted_outputs(request.outputs, entry)
+            wanted = wanted_outputs(request.outputs, entry)
             if monitor is not None and self.monitors is not None and self.monitors.screening:
                 screening = monitor.screen(feeds)
                 if screening.reject:
@@ -386,7 +352,7 @@ class SlipstreamApp:
             joined = True
             results, queue_s = await batcher.infer(feeds, rows, key)
         except SlipstreamError as exc:
-            reply = _error_reply(exc)
+            reply = error_reply(exc)
             reply.model, reply.version = entry.name, entry.version
             if screening is not None and screening.reject:
                 reply.reason = "out_of_distribution"
@@ -413,7 +379,7 @@ class SlipstreamApp:
         payload, json_length = encode_response(
             entry.name, entry.version, request.id, results, wanted, request.binary_output
         )
-        reply = _Reply(payload)
+        reply = Reply(payload)
         if json_length is not None:
             reply.headers = [(b"inference-header-content-length", str(json_length).encode())]
         reply.model, reply.version = entry.name, entry.version
@@ -421,7 +387,7 @@ class SlipstreamApp:
 
     async def _feedback(
         self, name: str, version: str | None, receive: Receive, headers: list[tuple[bytes, bytes]]
-    ) -> _Reply:
+    ) -> Reply:
         from slipstream.serve.monitoring import monitoring_off, parse_feedback
 
         if self.monitors is None:
@@ -429,9 +395,9 @@ class SlipstreamApp:
         monitor = self.monitors.lookup(self.repository.get(name, version))
         items = parse_feedback(await self._read_body(receive, headers))
         accepted = monitor.feedback_many(items)
-        return _json({"received": len(items), "accepted": accepted})
+        return json_reply({"received": len(items), "accepted": accepted})
 
-    async def _monitoring(self, name: str | None, version: str | None, scope: Scope) -> _Reply:
+    async def _monitoring(self, name: str | None, version: str | None, scope: Scope) -> Reply:
         """One version's summary, or every monitored version's plus live server counters (the dashboard's)."""
         from slipstream.serve.monitoring import monitoring_off, server_summary, summary
 
@@ -442,7 +408,7 @@ class SlipstreamApp:
         for mon in monitors:
             if fresh or mon.latest is None:
                 await asyncio.to_thread(mon.evaluate)
-        return _json(summary(monitors[0]) if name else server_summary(self.metrics, monitors))
+        return json_reply(summary(monitors[0]) if name else server_summary(self.metrics, monitors))
 
     async def _read_body(self, receive: Receive, headers: list[tuple[bytes, bytes]]) -> bytes:
         guard = self.guard
@@ -466,8 +432,8 @@ class SlipstreamApp:
 
     async def _repository(
         self, method: str, rest: list[str], receive: Receive, headers: list[tuple[bytes, bytes]]
-    ) -> _Reply:
-        _allow(method, "POST")
+    ) -> Reply:
+        allow(method, "POST")
         body = await self._read_body(receive, headers)
         try:
             doc = orjson.loads(body) if body.strip() else {}
@@ -476,40 +442,14 @@ class SlipstreamApp:
         if not isinstance(doc, dict):
             raise ProtocolError("The request body must be a JSON object.")
         if rest == ["index"]:
-            return _json(self.repository.index(ready_only=doc.get("ready") is True))
+            return json_reply(self.repository.index(ready_only=doc.get("ready") is True))
         if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
             if rest[2] == "load":
                 await self.repository.load(rest[1])
             else:
                 await self.repository.unload(rest[1])
-            return _Reply(b"{}")
+            return Reply(b"{}")
         raise ModelNotFoundError(f"No repository endpoint /v2/repository/{'/'.join(rest)}.")
-
-
-def _allow(method: str, allowed: str) -> None:
-    if method != allowed:
-        raise MethodNotAllowedError(f"This endpoint answers {allowed}, not {method}.", hint=f"Use {allowed}.")
-
-
-def _header_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for k, v in headers:
-        if k == _HEADER_LENGTH:
-            if not v.isdigit():
-                raise ProtocolError(f"Inference-Header-Content-Length must be a number; got {v!r}.")
-            return int(v)
-    return None
-
-
-def _wanted_outputs(requested: tuple[RequestedOutput, ...] | None, entry: ModelVersion) -> tuple[RequestedOutput, ...]:
-    if requested is None:
-        return tuple(RequestedOutput(n, None) for n in entry.output_names)
-    unknown = [r.name for r in requested if r.name not in entry.output_names]
-    if unknown:
-        raise ProtocolError(
-            f"Requested outputs {unknown} do not exist; '{entry.name}' has [{', '.join(entry.output_names)}].",
-            hint="Ask for outputs by the names GET /v2/models/{name} lists.",
-        )
-    return requested
 
 
 def create_app(
