@@ -95,34 +95,36 @@ def _write_calibration(recipe: Recipe, baseline: Bundle, eval_set: Dataset, dest
     return dest
 
 
-def _source_key(recipe: Recipe) -> str | None:
+def _entry_point_module(recipe: Recipe) -> Any:
+    """The torch module of a ``file.py:fn`` source, loaded once per build (None for other sources)."""
+    from slipstream.importers.torch_sources import is_entry_point, load_torch_module
+
+    if Path(recipe.model).exists() or not is_entry_point(recipe.model):
+        return None
+    return load_torch_module(recipe.model)
+
+
+def _source_key(recipe: Recipe, module: Any) -> str | None:
     """What the baseline conversion depends on: the source file's bytes, or a torch entry point's weights."""
     src = Path(recipe.model)
     if src.is_file():
         return sha256_json([sha256_file(src), recipe.input_shape, *recipe.dynamic_axes])
-    from slipstream.importers.torch_sources import is_entry_point
-
-    if not is_entry_point(recipe.model):
+    if module is None:
         return None
-    import torch
-
-    from slipstream.importers.torch_sources import load_torch_source
     from slipstream.passes.torch_base import weights_digest
 
-    model = load_torch_source(recipe.model, trust_pickle=False).model
-    module = model.module() if isinstance(model, torch.export.ExportedProgram) else model
     code = Path(recipe.model.rpartition(":")[0])
     code_digest = sha256_file(code) if code.is_file() else None
     return sha256_json([weights_digest(module), code_digest, recipe.input_shape, *recipe.dynamic_axes])
 
 
-def _source_bundle(recipe: Recipe, dest: Path, index_file: Path) -> Bundle:
+def _source_bundle(recipe: Recipe, dest: Path, index_file: Path, module: Any) -> Bundle:
     """The baseline bundle: the recipe's bundle as is, or its source converted (re-used while unchanged)."""
     if Path(recipe.model).is_dir():
         return Bundle.load(recipe.model)
     from slipstream.importers import convert
 
-    key = _source_key(recipe)
+    key = _source_key(recipe, module)
     if key is not None and dest.is_dir() and index_file.is_file() and json.loads(index_file.read_text()) == key:
         try:
             return Bundle.load(dest)  # same source: re-use the earlier conversion (verified)
@@ -169,7 +171,8 @@ def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResul
     tgt = target(recipe.target)
 
     notify(BuildEvent(stage="import"))
-    baseline_bundle = _source_bundle(recipe, out / BASELINE, out / ".source-key.json")
+    module = _entry_point_module(recipe)
+    baseline_bundle = _source_bundle(recipe, out / BASELINE, out / ".source-key.json", module)
     dataset = load_dataset(recipe.data.eval, baseline_bundle.manifest.inputs).take(recipe.max_eval_rows)
     if metric.against == "labels" and dataset.labels is None:
         raise ConfigError(
@@ -179,7 +182,7 @@ def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResul
         )
     measurer = Measurer(recipe, dataset, metric, tgt, out / ".measurements.json")
     calibration = _write_calibration(recipe, baseline_bundle, dataset, out / "calibration.npz")
-    torch_ctx = torch_context(recipe, baseline_bundle, dataset)
+    torch_ctx = torch_context(recipe, baseline_bundle, dataset, module)
     notify(BuildEvent(stage="baseline", candidate=BASELINE))
     base_metrics, _ = measurer.measure(baseline_bundle)
     source_timing = None

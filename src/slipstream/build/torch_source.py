@@ -47,17 +47,18 @@ def _torch_data(dataset: Dataset, what: str) -> Any:
     return TorchData(next(iter(dataset.inputs.values())), np.asarray(dataset.labels))
 
 
-def torch_context(recipe: Recipe, baseline: Bundle, dataset: Dataset) -> TorchSourceContext | None:
-    """The torch module behind a torch-sourced baseline, with its data; None for other sources."""
+def torch_context(recipe: Recipe, baseline: Bundle, dataset: Dataset, module: Any = None) -> TorchSourceContext | None:
+    """The torch module behind a torch-sourced baseline (``module`` when already loaded), with its data;
+    None for other sources."""
     if baseline.manifest.source.framework != "torch" or len(baseline.manifest.inputs) != 1:
         return None
     import torch
 
-    from slipstream.importers.torch_sources import load_torch_source
+    from slipstream.importers.torch_sources import load_torch_module
     from slipstream.passes.torch_model import TorchModel
 
-    src = load_torch_source(recipe.model, trust_pickle=False)
-    module = src.model.module() if isinstance(src.model, torch.export.ExportedProgram) else src.model
+    if module is None:
+        module = load_torch_module(recipe.model)
     example = example_inputs(baseline.manifest.inputs, 1)
     model = TorchModel(module, tuple(torch.from_numpy(v) for v in example.values()))
     train = None

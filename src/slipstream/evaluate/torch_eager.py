@@ -37,12 +37,9 @@ def compare_torch_source(
     source: str, specs: Sequence[TensorSpec], settings: BenchSettings, *, trust_pickle: bool = False
 ) -> tuple[BatchResult, ...]:
     """Time the torch source (entry point, TorchScript, .pt2) in eager mode on the inputs bench uses."""
-    import torch
+    from slipstream.importers.torch_sources import load_torch_module
 
-    from slipstream.importers.torch_sources import load_torch_source
-
-    loaded = load_torch_source(source, trust_pickle=trust_pickle).model
-    module = loaded.module() if isinstance(loaded, torch.export.ExportedProgram) else loaded
+    module = load_torch_module(source, trust_pickle=trust_pickle)
     return tuple(
         time_torch_eager(module, example_inputs(specs, batch, dims=settings.dims, seed=settings.seed), settings)
         for batch in settings.batch_sizes

@@ -68,6 +68,14 @@ def load_torch_source(source: object, *, trust_pickle: bool) -> TorchSource:
     return _load_file(path, trust_pickle=trust_pickle)
 
 
+def load_torch_module(source: object, *, trust_pickle: bool = False) -> Any:
+    """The runnable torch module behind ``source`` (a torch.export program gives its ``.module()``)."""
+    import torch
+
+    model = load_torch_source(source, trust_pickle=trust_pickle).model
+    return model.module() if isinstance(model, torch.export.ExportedProgram) else model
+
+
 def _load_file(path: Path, *, trust_pickle: bool) -> TorchSource:
     import torch
 
