@@ -38,6 +38,10 @@ types. Every message says what was expected, what came, and what to do (the ``hi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 __all__ = [
     "BundleError",
@@ -68,6 +72,8 @@ __all__ = [
     "UnauthorizedError",
     "UnsupportedOpError",
     "UntrustedPickleError",
+    "invalid_setting",
+    "validation_problems",
 ]
 
 
@@ -261,3 +267,17 @@ class ServerBusyError(ServingError):
 
 class RequestTimeoutError(ServingError):
     status_code = 504
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """Every problem of a pydantic ValidationError as ``field.path: message; ...`` for one error message."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
+
+
+def invalid_setting(exc: ValidationError, what: str, *, hint: str | None = None) -> ConfigError:
+    """A ConfigError for the first problem of a settings object: names the field and the value that came."""
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"])
+    return ConfigError(
+        f"Invalid {what} setting {field}: {first['msg']} (got {first.get('input')!r}).", field=field, hint=hint
+    )

@@ -28,6 +28,7 @@ from slipstream.errors import (
     BundleNotFoundError,
     IntegrityError,
     SchemaError,
+    validation_problems,
 )
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ def read_manifest(root: Path) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
+        problems = validation_problems(exc)
         raise SchemaError(
             f"{MANIFEST_FILE} in '{root}' does not match schema version {SCHEMA_VERSION}: {problems}.",
             path=root,

@@ -26,7 +26,7 @@ from slipstream.artifact.bundle import Bundle, Step, write_bundle
 from slipstream.artifact.hashing import sha256_json
 from slipstream.artifact.specs import graph_io_specs
 from slipstream.data.datasets import arrays_digest
-from slipstream.errors import BundleExistsError, ConfigError, PassError, SlipstreamError
+from slipstream.errors import BundleExistsError, ConfigError, PassError, SlipstreamError, validation_problems
 from slipstream.passes.cache import PassCache
 from slipstream.passes.fidelity import FIDELITY_DATA_ROWS, GENERATED, load_inputs, measure_fidelity
 
@@ -106,7 +106,7 @@ class Pass(ABC, Generic[C]):
         try:
             return self.Config.model_validate(dict(values or {}))
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors())
+            problems = validation_problems(exc)
             fields = ", ".join(sorted(self.Config.model_fields))
             raise ConfigError(
                 f"Invalid config for pass {self.step_name}: {problems}.",

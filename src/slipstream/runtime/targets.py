@@ -8,7 +8,7 @@ from typing import Literal
 import psutil
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from slipstream.errors import ConfigError
+from slipstream.errors import ConfigError, invalid_setting
 
 TargetName = Literal["cpu", "edge-cpu", "cuda", "tensorrt", "openvino"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
@@ -73,8 +73,4 @@ def target(name: str = "cpu", **settings: object) -> Target:
     try:
         return Target.model_validate({"name": name, **settings})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(
-            f"Invalid target setting {field}: {first['msg']} (got {first.get('input')!r}).", field=field
-        ) from exc
+        raise invalid_setting(exc, "target") from exc

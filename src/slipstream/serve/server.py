@@ -86,7 +86,7 @@ def settings_from_options(options: Mapping[str, object], environ: Mapping[str, s
     """Turn CLI options (flat) plus the environment into validated settings; keys are hashed here."""
     from pydantic import ValidationError
 
-    from slipstream.errors import ConfigError
+    from slipstream.errors import invalid_setting
     from slipstream.serve.guard import ADMIN_KEYS_ENV, API_KEYS_ENV, read_keys
     from slipstream.serve.settings import BatchSettings, GuardSettings
 
@@ -100,10 +100,4 @@ def settings_from_options(options: Mapping[str, object], environ: Mapping[str, s
     try:
         return ServeSettings.model_validate({**opts, "batching": batch, "guard": guard})
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(
-            f"Invalid serve setting {field}: {first['msg']} (got {first.get('input')!r}).",
-            field=field,
-            hint="See `slipstream serve --help`.",
-        ) from exc
+        raise invalid_setting(exc, "serve", hint="See `slipstream serve --help`.") from exc
