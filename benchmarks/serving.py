@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class Row:
     p99_ms: float
     errors: int
     cpu_us_per_req: float
+    helper_cpu_us_per_req: float = 0.0  # of the server's child processes (slipstream's monitor process), included above
 
 
 def free_port() -> int:
@@ -62,6 +64,19 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU of a process and its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def child_pids(pid: int) -> list[int]:
+    """The running children of a process (e.g. slipstream's monitor process)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU of a process and of its running children, apart: (own, children)."""
+    return cpu_seconds(pid), sum(cpu_seconds(c) for c in child_pids(pid))
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -186,7 +201,12 @@ def run_wrk(url: str, body: dict[str, object], concurrency: int, seconds: float,
 
 
 def bench_servers(
-    servers: dict[str, list[str]], model: str, body: dict[str, object], args: argparse.Namespace, work: Path
+    servers: dict[str, list[str]],
+    model: str,
+    body: dict[str, object],
+    args: argparse.Namespace,
+    work: Path,
+    before_stop: Callable[[str, str], None] | None = None,
 ) -> list[Row]:
     """Start every server, then for each concurrency run them in interleaved rounds and keep medians.
 
@@ -209,12 +229,13 @@ def bench_servers(
             samples: dict[str, list[Row]] = {name: [] for name in servers}
             for _ in range(args.rounds):
                 for name, (proc, url) in procs.items():
-                    before = cpu_seconds(proc.pid)
+                    own0, kids0 = tree_cpu_seconds(proc.pid)
                     result = run_wrk(url, body, c, slice_s, work)
-                    used = cpu_seconds(proc.pid) - before
+                    own1, kids1 = tree_cpu_seconds(proc.pid)
+                    per_req = 1e6 / max(result["total"], 1)
                     samples[name].append(
                         Row(model, name, c, result["rps"], result["p50"], result["p99"], int(result["errors"]),
-                            used / max(result["total"], 1) * 1e6)
+                            (own1 - own0 + kids1 - kids0) * per_req, (kids1 - kids0) * per_req)
                     )  # fmt: skip
             for name, got in samples.items():
                 r = Row(
@@ -222,6 +243,7 @@ def bench_servers(
                     float(np.median([g.rps for g in got])), float(np.median([g.p50_ms for g in got])),
                     float(np.median([g.p99_ms for g in got])), sum(g.errors for g in got),
                     float(np.median([g.cpu_us_per_req for g in got])),
+                    float(np.median([g.helper_cpu_us_per_req for g in got])),
                 )  # fmt: skip
                 rows.append(r)
                 print(
@@ -229,6 +251,9 @@ def bench_servers(
                     f"p99 {r.p99_ms:7.2f} ms  errors {r.errors}  cpu {r.cpu_us_per_req:6.0f} µs/req",
                     flush=True,
                 )
+        if before_stop is not None:  # e.g. read what a monitored server logged, while it still runs
+            for name, (_, url) in procs.items():
+                before_stop(name, url.split("/v2/")[0])
     finally:
         for proc, _ in procs.values():
             stop(proc)

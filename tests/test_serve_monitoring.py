@@ -300,11 +300,8 @@ def test_a_new_version_gets_its_own_monitor_and_the_old_one_is_closed(digits_rep
         monitors = server.app.monitors
         assert monitors is not None and set(monitors.active) == {("digits", "1")}
         assert _infer(client, "digits", digits_repo.x_live[0], "v1-req", "a").status_code == 200
-        v1 = monitors.active[("digits", "1")]
-        deadline = time.monotonic() + 10
-        while v1.ingestor.rows == 0 and time.monotonic() < deadline:  # the event loop's pump ingests it
-            time.sleep(0.01)
-        assert v1.ingestor.rows == 1 and v1.ingestor.pending == 0 and v1.latest is None  # no evaluation needed
+        first = _evaluate(client)  # in the monitor process, after everything observed so far
+        assert first["version"] == "1" and first["requests"] == 1
         shutil.copytree(repo / "digits" / "1", repo / "digits" / "2")
         load = client.post("/v2/repository/models/digits/load", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         assert load.status_code == 200
@@ -324,3 +321,41 @@ def test_a_new_version_gets_its_own_monitor_and_the_old_one_is_closed(digits_rep
     finally:
         conn.close()
     assert rows == [("v1-req", "1"), ("v2-req", "2")]
+
+
+def test_the_server_outlives_its_monitor_process_and_says_so(
+    digits_repo: DigitsRepo, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import time
+
+    row = digits_repo.x_live[0]
+    with (
+        ServerThread(digits_repo.root, _settings(tmp_path / "m.db")) as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
+    ):
+        assert _infer(client, "digits", row, "before", "a").status_code == 200
+        assert _evaluate(client)["requests"] == 1
+        monitors = server.app.monitors
+        assert monitors is not None and monitors.process is not None
+        process = monitors.process
+        assert "slipstream_monitor_process_up 1.0" in client.get("/metrics").text
+        process.process.kill()
+        deadline = time.monotonic() + 10
+        while process.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not process.alive and "exited with code -9" in str(process.exit_reason)
+
+        # Serving goes on; what the monitor can no longer take is counted, never silently gone.
+        assert [_infer(client, "digits", row, f"after-{i}", "a").status_code for i in range(5)] == [200] * 5
+        deadline = time.monotonic() + 10
+        while process.lost < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        metrics = client.get("/metrics").text
+        assert "slipstream_monitor_process_up 0.0" in metrics
+        assert "slipstream_monitor_requests_lost_total 5.0" in metrics
+        fresh = client.get("/v2/models/digits/monitoring", params={"evaluate": "true"})
+        assert fresh.status_code == 503 and "monitor process is not running" in fresh.json()["error"]
+        stale = client.get("/v2/models/digits/monitoring").json()  # the last evaluation, marked stale
+        assert stale["requests"] == 1 and "stale" in stale["notes"][-1]
+        assert client.post("/v2/models/digits/feedback", json={"id": "before", "label": 0}).status_code == 503
+    assert any("the monitor process stopped" in r.getMessage() for r in caplog.records)

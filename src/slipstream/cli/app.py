@@ -219,6 +219,9 @@ def serve(
     monitor_retention_days: Annotated[float, typer.Option(help="Delete logged predictions older than this.")] = 7.0,
     monitor_max_rows: Annotated[int, typer.Option(help="Keep at most this many logged predictions.")] = 1_000_000,
     monitor_interval: Annotated[float, typer.Option(help="Seconds between monitor evaluations.")] = 10.0,
+    monitor_nice: Annotated[
+        int, typer.Option(help="Niceness of the monitor process (0-19): it yields the CPU to serving.")
+    ] = 10,
 ) -> None:
     """Serve a bundle or a model repository over the Open Inference Protocol v2 (REST).
 
@@ -244,7 +247,7 @@ def serve(
             "accuracy_drop_threshold": accuracy_drop_alert, "fairness_max_difference": fairness_max_difference,
             "fairness_min_ratio": fairness_min_ratio, "webhook_url": webhook,
             "retention_max_age_s": monitor_retention_days * 86400, "retention_max_rows": monitor_max_rows,
-            "evaluate_interval_s": monitor_interval,
+            "evaluate_interval_s": monitor_interval, "process_nice": monitor_nice,
         },
     }  # fmt: skip
     with reporting(as_json=False):

@@ -8,18 +8,30 @@ scrape reads ``Monitor.latest`` (nothing is computed during a scrape). Needs ``p
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from slipstream.monitor.service import Monitor
+from slipstream.monitor.service import MonitorSnapshot
+
+
+class Monitored(Protocol):
+    """What the collector reads: a :class:`slipstream.monitor.Monitor`, or the server's proxy of one."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def latest(self) -> MonitorSnapshot | None: ...
 
 
 class MonitorCollector(Collector):
     """``slipstream_monitor_value{model,version,metric}``, ``slipstream_alert_firing{model,version,rule}``,
     ``slipstream_monitor_log_records_total{model,version,outcome}`` and ``slipstream_monitor_security_total``."""
 
-    def __init__(self, monitors: Callable[[], Iterable[Monitor]]) -> None:
+    def __init__(self, monitors: Callable[[], Iterable[Monitored]]) -> None:
         self._monitors = monitors
 
     def collect(self) -> Iterator[Metric]:

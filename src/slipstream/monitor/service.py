@@ -137,6 +137,48 @@ class MonitorSnapshot(_Frozen):
     metrics: dict[str, float | None] = Field(description="The flat values the alert rules read.")
 
 
+def screen_rows(
+    scorer: OODScorer | None, config: ThreatConfig, counters: SecurityCounters, inputs: Mapping[str, np.ndarray]
+) -> Screening | None:
+    """The screening :meth:`Monitor.screen` does (also used by the server, which screens in its own process);
+    None when scoring failed. Counts OOD rows and the refusal in ``counters``."""
+    if scorer is None:
+        return Screening(None, None, False)
+    try:
+        z = scorer.standardize(inputs)
+        scores = scorer.score_standardized(z)
+    except Exception:  # screening must never fail a request; the caller counts it
+        return None
+    reject = config.reject_ood_above is not None and bool(np.any(scores > config.reject_ood_above))
+    counters.ood(int(np.sum(scores > config.ood_threshold)), reject)
+    if reject:
+        counters.rejected("out_of_distribution")
+    return Screening(scores, z, reject)
+
+
+def check_feedback(items: Iterable[tuple[str, float]], now: float) -> list[Feedback]:
+    """Labels as :class:`Feedback`; raises InputError (400) naming every bad entry, so that a client's bad
+    batch is refused whole (a label must be a finite number, an id a non-empty string)."""
+    checked: list[Feedback] = []
+    problems: list[str] = []
+    for rid, label in items:
+        try:
+            value = float(label)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not isinstance(rid, str) or not rid or not np.isfinite(value):
+            problems.append(f"{rid!r}: {label!r}")
+        else:
+            checked.append(Feedback(rid, value, now))
+    if problems:
+        shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise InputError(
+            f"Feedback needs a non-empty request id and a finite numeric label each; got {shown}.",
+            hint="Send labels as numbers (class index or value), keyed by the request id the server returned.",
+        )
+    return checked
+
+
 class Monitor:
     """See the module docstring. One per served model version."""
 
@@ -185,7 +227,7 @@ class Monitor:
             self.counters,
             clock,
         )
-        self._screen_errors = 0
+        self.screen_errors = 0
         self._eval_lock = threading.Lock()  # the monitor thread and an on-demand caller take turns
         self._last_dropped = 0
         self._last: MonitorSnapshot | None = None
@@ -197,20 +239,11 @@ class Monitor:
     def screen(self, inputs: Mapping[str, np.ndarray]) -> Screening:
         """Out-of-distribution scores for a request's rows, before inference; counts OOD rows and, with
         ``reject_ood_above`` set, the refusal. Never raises (a failure gives no scores)."""
-        if self.scorer is None:
+        screening = screen_rows(self.scorer, self.config.threats, self.counters, inputs)
+        if screening is None:
+            self.screen_errors += 1
             return Screening(None, None, False)
-        try:
-            z = self.scorer.standardize(inputs)
-            scores = self.scorer.score_standardized(z)
-        except Exception:  # screening must never fail a request; counted (screen_errors)
-            self._screen_errors += 1
-            return Screening(None, None, False)
-        t = self.config.threats
-        reject = t.reject_ood_above is not None and bool(np.any(scores > t.reject_ood_above))
-        self.counters.ood(int(np.sum(scores > t.ood_threshold)), reject)
-        if reject:
-            self.counters.rejected("out_of_distribution")
-        return Screening(scores, z, reject)
+        return screening
 
     def observe(
         self,
@@ -249,24 +282,7 @@ class Monitor:
 
         Raises InputError (400) before queuing anything when a label is not a finite number or an id is
         empty, so a client's bad batch is refused whole, with every problem named."""
-        now = self._clock()
-        checked: list[Feedback] = []
-        problems: list[str] = []
-        for rid, label in items:
-            try:
-                value = float(label)
-            except (TypeError, ValueError):
-                value = float("nan")
-            if not isinstance(rid, str) or not rid or not np.isfinite(value):
-                problems.append(f"{rid!r}: {label!r}")
-            else:
-                checked.append(Feedback(rid, value, now))
-        if problems:
-            shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
-            raise InputError(
-                f"Feedback needs a non-empty request id and a finite numeric label each; got {shown}.",
-                hint="Send labels as numbers (class index or value), keyed by the request id the server returned.",
-            )
+        checked = check_feedback(items, self._clock())
         if self.store is None:
             return 0
         return self.store.put_feedback(checked)
@@ -354,7 +370,7 @@ class Monitor:
         ood, lat = window.ood, window.latency_ms
         ing = self.ingestor
         requests, rows, sampled = ing.requests, ing.rows, ing.sampled
-        errors = ing.errors + self._screen_errors
+        errors = ing.errors + self.screen_errors
         store_counts = self.store.counts() if self.store is not None else {}
         dropped = store_counts.get("dropped", 0)
         suspicious = self.extraction.suspicious_keys(now)

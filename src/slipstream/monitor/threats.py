@@ -12,6 +12,8 @@ and the integrity of the model files on disk.
 
 from __future__ import annotations
 
+import itertools
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -101,6 +103,17 @@ class KeyActivity(_Frozen):
     reason: str
 
 
+# A BLAS call this small spins up OpenBLAS threads, which on busy cores costs 50× the arithmetic (measured),
+# so einsum (this thread only) is used, unless BLAS was limited to one thread: then @ is 6× faster than
+# einsum. The server's monitor process runs that way (slipstream.serve.monitor_proxy sets the variable).
+_ONE_BLAS_THREAD = os.environ.get("OPENBLAS_NUM_THREADS") == "1"
+
+
+def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b.T``, on this thread only."""
+    return np.asarray(a @ b.T) if _ONE_BLAS_THREAD else np.einsum("ij,kj->ik", a, b)
+
+
 class ExtractionWatch:
     """Per-key volume and near-duplicate probing over a sliding window. Thread-safe; O(history) per call."""
 
@@ -140,20 +153,16 @@ class ExtractionWatch:
                 sq = (
                     np.einsum("ij,ij->i", chunk, chunk)[:, None]
                     + np.einsum("ij,ij->i", cand, cand)[None, :]
-                    # einsum, not @: a BLAS call this small spins up OpenBLAS threads, which on busy cores
-                    # costs 50× the arithmetic (measured); einsum stays on this thread.
-                    - 2 * np.einsum("ij,kj->ik", chunk, cand)
+                    - 2 * _cross(chunk, cand)
                 )
                 earlier = np.arange(h + k)[None, :] < (h + np.arange(k))[:, None]  # history + rows before it
                 best = np.where(earlier, sq, np.inf).min(axis=1)
                 near = best < (c.near_duplicate_distance**2) * max(d, 1)
-                for t, flag in zip(times[lo : lo + k], near.tolist(), strict=True):
-                    state.times.append(t)
-                    if flag:
-                        state.near.append(t)
-                for row in chunk:
-                    state.history[state.next] = row
-                    state.next = (state.next + 1) % step
+                chunk_times = times[lo : lo + k]
+                state.times.extend(chunk_times)
+                state.near.extend(itertools.compress(chunk_times, near.tolist()))
+                state.history[(state.next + np.arange(k)) % step] = chunk
+                state.next = (state.next + k) % step
                 state.filled = min(h + k, step)
             return self._judge(key_id, state, times[-1])
 
@@ -197,23 +206,48 @@ class SecurityCounters:
         with self._lock:
             self._rejected[reason] = self._rejected.get(reason, 0) + n
 
-    def auth_failed(self, reason: str = "unknown_key") -> None:
+    def auth_failed(self, reason: str = "unknown_key", n: int = 1) -> None:
         with self._lock:
-            self._auth_failed[reason] = self._auth_failed.get(reason, 0) + 1
+            self._auth_failed[reason] = self._auth_failed.get(reason, 0) + n
 
-    def ood(self, rows: int, rejected: bool) -> None:
+    def ood(self, rows: int, rejected: bool | int) -> None:
+        """``rows`` more out-of-distribution rows, ``rejected`` (a flag or a count) more refused requests."""
         with self._lock:
             self.ood_rows += rows
             self.ood_rejected += int(rejected)
 
+    def take(self) -> dict[str, dict[str, int] | int]:
+        """What was counted since the last ``take`` (as :meth:`snapshot`), and start from zero again."""
+        with self._lock:
+            out = self._snapshot()
+            self._rejected, self._auth_failed = {}, {}
+            self.ood_rows = self.ood_rejected = 0
+        return out
+
+    def add(self, counts: Mapping[str, Mapping[str, int] | int]) -> None:
+        """Add counts taken elsewhere (the server counts, its monitor process keeps the totals)."""
+        for reason, n in _reasons(counts.get("rejected")).items():
+            self.rejected(reason, n)
+        for reason, n in _reasons(counts.get("auth_failed")).items():
+            self.auth_failed(reason, n)
+        rows, refused = counts.get("ood_rows", 0), counts.get("ood_rejected", 0)
+        self.ood(rows if isinstance(rows, int) else 0, refused if isinstance(refused, int) else 0)
+
     def snapshot(self) -> dict[str, dict[str, int] | int]:
         with self._lock:
-            return {
-                "rejected": dict(self._rejected),
-                "auth_failed": dict(self._auth_failed),
-                "ood_rows": self.ood_rows,
-                "ood_rejected": self.ood_rejected,
-            }
+            return self._snapshot()
+
+    def _snapshot(self) -> dict[str, dict[str, int] | int]:
+        return {
+            "rejected": dict(self._rejected),
+            "auth_failed": dict(self._auth_failed),
+            "ood_rows": self.ood_rows,
+            "ood_rejected": self.ood_rejected,
+        }
+
+
+def _reasons(value: Mapping[str, int] | int | None) -> Mapping[str, int]:
+    return value if isinstance(value, Mapping) else {}
 
 
 class IntegrityStatus(_Frozen):

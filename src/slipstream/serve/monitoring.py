@@ -1,38 +1,31 @@
-"""The server's side of monitoring: one :class:`slipstream.monitor.Monitor` per served model version.
+"""The server's side of monitoring: one monitor process, one :class:`RemoteMonitor` per served version.
 
 Only built when ``ServeSettings.monitor.db_path`` is set; otherwise the server never imports the monitor
-and its request path pays one ``is None`` test. All versions share one SQLite prediction log (one writer
-thread); each monitor is created when its version becomes ready (in a worker thread: the profile is read
-and the bundle hashed there) and closed, without closing the shared log, when the version retires.
-Feedback, the JSON summaries and the dashboard's data are served from here; /metrics gains the monitor's
-families through collectors registered on the server's own registry (read at scrape time only).
+and its request path pays one ``is None`` test. The monitors, their shared SQLite prediction log and their
+evaluations live in a separate process (:mod:`slipstream.serve.monitor_worker`), started with the first
+monitored version; the server keeps the cheap part (:mod:`slipstream.serve.monitor_proxy`). Feedback, the
+JSON summaries and the dashboard's data are served from here; /metrics gains the monitor's families through
+collectors registered on the server's own registry (read at scrape time only).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from slipstream.errors import InputError, ModelNotFoundError, ProtocolError, SlipstreamError
-from slipstream.monitor import (
-    FairnessConfig,
-    Monitor,
-    MonitorConfig,
-    QualityConfig,
-    SQLiteStore,
-    StoreConfig,
-    ThreatConfig,
-    load_profile,
-)
-from slipstream.monitor.alerts import DEFAULT_RULES, AlertRule, AlertsConfig
+from slipstream.monitor import SQLiteStore, load_profile
 from slipstream.monitor.prometheus import MonitorCollector
+from slipstream.serve.monitor_proxy import MonitorProcess, RemoteMonitor
+from slipstream.serve.monitor_worker import Key, monitor_config, store_config
 from slipstream.serve.settings import MonitorSettings
 
 if TYPE_CHECKING:
@@ -50,133 +43,106 @@ def monitoring_off() -> ModelNotFoundError:
     )
 
 
-def _rules(s: MonitorSettings) -> tuple[AlertRule, ...]:
-    thresholds = {
-        "accuracy_drop": s.accuracy_drop_threshold,
-        "estimated_accuracy_drop": s.accuracy_drop_threshold,
-        "demographic_parity": s.fairness_max_difference,
-        "equalized_odds": s.fairness_max_difference,
-        "demographic_parity_ratio": s.fairness_min_ratio,
-    }
-    out = []
-    for rule in DEFAULT_RULES:
-        value = thresholds.get(rule.name)
-        out.append(rule if value is None else rule.model_copy(update={"threshold": value}))
-    return tuple(out)
-
-
-def monitor_config(s: MonitorSettings) -> MonitorConfig:
-    """The library's config from the server's flat settings."""
-    return MonitorConfig(
-        sample_rate=s.sample_rate,
-        log_raw_inputs=s.log_raw_inputs,
-        window_rows=s.window_rows,
-        evaluate_interval_s=s.evaluate_interval_s,
-        # The server ingests on its event loop (ServeMonitors.pump); the monitor thread only evaluates.
-        ingest_interval_s=min(1.0, s.evaluate_interval_s),
-        quality=QualityConfig(
-            window_rows=s.quality_window_rows, min_labeled=s.min_labeled, max_accuracy_drop=s.accuracy_drop_threshold
-        ),
-        fairness=FairnessConfig(
-            positive_label=s.fairness_positive_label,
-            max_difference=s.fairness_max_difference,
-            min_ratio=s.fairness_min_ratio,
-        ),
-        threats=ThreatConfig(ood_threshold=s.ood_threshold, reject_ood_above=s.ood_reject_above),
-        alerts=AlertsConfig(rules=_rules(s), webhook_url=s.webhook_url),
-    )
-
-
 class ServeMonitors:
-    """Every live monitor of one server, and the prediction log they share."""
+    """Every live monitor of one server, and the process they run in."""
 
     def __init__(self, settings: MonitorSettings) -> None:
-        if settings.db_path is None:
-            raise ValueError("ServeMonitors needs MonitorSettings.db_path")
         self.settings = settings
         self.config = monitor_config(settings)
-        self.store = SQLiteStore(
-            StoreConfig(
-                path=settings.db_path, max_age_s=settings.retention_max_age_s, max_rows=settings.retention_max_rows
-            )
-        )
-        self.active: dict[tuple[str, str], Monitor] = {}
+        SQLiteStore.prepare(store_config(settings))  # an unwritable log fails here, before anything is served
+        self.active: dict[Key, RemoteMonitor] = {}
         self.screening = settings.ood_reject_above is not None
         self.started = time.time()
+        self.process: MonitorProcess | None = None
+        self._start_lock = threading.Lock()
 
     # -- life cycle (worker threads) ---------------------------------------------------------------
-    def attach(self, entry: ModelVersion) -> Monitor:
-        """Build and start the monitor of a version that just became ready (blocking: run it in a thread)."""
+    def _process(self) -> MonitorProcess:
+        with self._start_lock:
+            if self.process is None:
+                started = time.perf_counter()
+                self.process = MonitorProcess(self.settings)
+                self.process.on_snapshot = self._on_snapshot
+                log.info("monitor process %d started in %.2f s, logging to %s", self.process.process.pid,
+                         time.perf_counter() - started, self.settings.db_path)  # fmt: skip
+            return self.process
+
+    def _on_snapshot(self, key: Key, doc: str) -> None:
+        mon = self.active.get(key)
+        if mon is not None:
+            mon.set_latest(doc)
+
+    def attach(self, entry: ModelVersion) -> RemoteMonitor:
+        """Start monitoring a version that just became ready (blocking: run it in a thread)."""
         try:
             profile = load_profile(entry.path)
         except SlipstreamError as exc:  # a broken profile must not stop serving: monitor without it, say why
             log.error("model %s version %s: unreadable profile, monitoring without it: %s", entry.name,
                       entry.version, exc, extra={"model": entry.name, "version": entry.version})  # fmt: skip
             profile = None
-        mon = Monitor(
-            model=entry.name,
-            version=entry.version,
-            profile=profile,
-            store=self.store,
-            config=self.config,
-            bundle_dir=entry.path,
-        )
-        mon.start()
-        self.active[(entry.name, entry.version)] = mon
+        process = self._process()
+        process.call("attach", (entry.name, entry.version), str(entry.path))
+        mon = RemoteMonitor(process, entry.name, entry.version, profile, self.config)
+        self.active[mon.key] = mon
         return mon
 
     def detach(self, entry: ModelVersion) -> None:
-        """Stop a retired version's monitor; what it observed is still logged (blocking)."""
+        """Stop a retired version's monitor once what it observed is shipped (blocking)."""
         mon = entry.monitor
         if mon is None:
             return
-        if self.active.get((entry.name, entry.version)) is mon:
-            del self.active[(entry.name, entry.version)]
-        mon.close(close_store=False)
+        mon.ship()
+        if self.active.get(mon.key) is mon:
+            del self.active[mon.key]
+        if mon.process.alive:
+            mon.process.call("detach", mon.key)
 
     def close(self) -> None:
+        """Ship what is left, let the process write it all and exit (blocking)."""
         for mon in list(self.active.values()):
-            mon.close(close_store=False)
+            mon.ship()
         self.active.clear()
-        self.store.close()
+        if self.process is not None:
+            counts = self.process.close()
+            if counts:
+                log.info("monitor process closed: %d prediction(s) written, %d dropped",
+                         counts.get("written_predictions", 0), counts.get("dropped", 0))  # fmt: skip
 
-    def monitors(self) -> list[Monitor]:
+    def monitors(self) -> list[RemoteMonitor]:
         return list(self.active.values())
 
     async def pump(self, interval_s: float = 0.05) -> None:
-        """Ingest what was observed, on the event loop, every ``interval_s``.
-
-        Measured: the same work on the monitor's own thread costs the server about twice as much CPU per
-        request, because that thread and the event loop then hand the GIL back and forth on every socket
-        call. Here it runs between requests, vectorized over everything observed since the last pass.
-        """
+        """Ship what was observed to the monitor process, every ``interval_s``, from the event loop
+        (a concatenation per tensor; the sender thread pickles it into the pipe)."""
         while True:
             await asyncio.sleep(interval_s)
             for mon in list(self.active.values()):
                 try:
-                    mon.ingest()
-                except Exception as exc:  # never stop serving over monitoring; the monitor counts its own losses
-                    log.exception("monitor ingestion failed: %s", exc)
+                    mon.ship()
+                except Exception as exc:  # never stop serving over monitoring
+                    log.exception("shipping to the monitor process failed: %s", exc)
 
     # -- JSON ----------------------------------------------------------------------------------------
-    def lookup(self, entry: ModelVersion) -> Monitor:
+    def lookup(self, entry: ModelVersion) -> RemoteMonitor:
         if entry.monitor is None:
             raise ModelNotFoundError(f"Model '{entry.name}' version {entry.version} has no monitor.")
         return entry.monitor
 
 
-def summary(mon: Monitor) -> dict[str, Any]:
+def summary(mon: RemoteMonitor) -> dict[str, Any]:
     """The monitor's latest snapshot as JSON, with whether a reference profile backs it."""
     snap = mon.latest
     doc: dict[str, Any] = snap.model_dump(mode="json") if snap is not None else {"model": mon.model}
     doc["version"] = mon.version
     doc["profile"] = mon.profile is not None
     doc["notes"] = [] if mon.profile is not None else [NO_PROFILE]
+    if not mon.process.alive:
+        doc["notes"].append(f"the monitor process stopped ({mon.process.exit_reason}): these numbers are stale")
     doc["evaluated"] = snap is not None
     return doc
 
 
-def server_summary(metrics: ServeMetrics, monitors: list[Monitor]) -> dict[str, Any]:
+def server_summary(metrics: ServeMetrics, monitors: list[RemoteMonitor]) -> dict[str, Any]:
     """What the dashboard polls: live request counts and mean latency per model, refusals by reason, and
     every monitored version's latest summary."""
     requests: dict[str, dict[str, int]] = {}
@@ -239,8 +205,10 @@ def parse_feedback(body: bytes) -> list[tuple[str, float]]:
     return items
 
 
-class DriftCollector(Collector):
-    """``slipstream_monitor_drift_psi{model,version,feature}`` for each monitor's top drifting features."""
+class ServerMonitorCollector(Collector):
+    """``slipstream_monitor_drift_psi{model,version,feature}`` for each monitor's top drifting features, and
+    whether the monitor process runs (``slipstream_monitor_process_up``) and what it never got
+    (``slipstream_monitor_requests_lost_total``)."""
 
     def __init__(self, monitors: ServeMonitors) -> None:
         self._monitors = monitors
@@ -257,8 +225,18 @@ class DriftCollector(Collector):
                 for f in snap.drift.top:
                     psi.add_metric([mon.model, mon.version, f.feature], f.psi)
         yield psi
+        process = self._monitors.process
+        if process is not None:
+            yield GaugeMetricFamily(
+                "slipstream_monitor_process_up", "1 while the monitor process runs.", value=float(process.alive)
+            )
+            yield CounterMetricFamily(
+                "slipstream_monitor_requests_lost",
+                "Served requests never delivered to the monitor process because it had stopped.",
+                value=float(process.lost),
+            )
 
 
 def register_collectors(monitors: ServeMonitors, registry: Any) -> None:
     registry.register(MonitorCollector(monitors.monitors))
-    registry.register(DriftCollector(monitors))
+    registry.register(ServerMonitorCollector(monitors))

@@ -101,6 +101,13 @@ class MonitorSettings(_Frozen):
     min_labeled: int = Field(
         default=50, ge=1, description="Fewer labeled rows than this: no realized accuracy verdict."
     )
+    process_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Niceness of the monitor process: it yields the CPU to serving and catches up when there "
+        "is room (what it cannot take in time is dropped and counted, never slows a request).",
+    )
 
     @property
     def enabled(self) -> bool:

@@ -1,0 +1,242 @@
+"""The monitor process: every monitor of one server, their shared prediction log and their evaluations.
+
+The server ships what it served here (:class:`slipstream.monitor.ingest.Columns`, every 50 ms) and this
+process does the rest on its own core and its own GIL: features, the drift window, out-of-distribution
+scores, the extraction watch, the prediction-log records and their SQLite writes, and an evaluation of each
+monitor every ``evaluate_interval_s`` (sent back to the server as JSON). Measured in one process, that work
+cost the server 47 µs of CPU per request at 64 connections (its own cost was 78 µs), most of it in the
+event loop and the log writer trading the GIL; see ``benchmarks/results/monitoring.md``.
+
+The protocol, over one duplex pipe, in order (the server sends from one thread, so order is kept):
+
+    server → here   ("attach", token, (model, version), bundle_dir)   build a version's Monitor
+                    ("detach", token, (model, version))               close it; the log stays open
+                    ("batch", (model, version), [Columns], counts)    served requests + counter deltas
+                    ("feedback", (model, version), [Feedback])        labels
+                    ("evaluate", token, (model, version))             evaluate now, reply with the JSON
+                    ("close", token)                                  close everything, reply, exit
+    here → server   ("ready",) or ("failed", message)                 once, at start
+                    ("reply", token, ok, payload)                     to each message with a token
+                    ("snapshot", (model, version), json)              after each periodic evaluation
+                    ("log", logger name, level, message)              this process's log records
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from slipstream.errors import SlipstreamError
+from slipstream.monitor import (
+    FairnessConfig,
+    Monitor,
+    MonitorConfig,
+    QualityConfig,
+    SQLiteStore,
+    StoreConfig,
+    ThreatConfig,
+    load_profile,
+)
+from slipstream.monitor.alerts import DEFAULT_RULES, AlertRule, AlertsConfig
+from slipstream.monitor.ingest import Columns
+from slipstream.serve.settings import MonitorSettings
+
+log = logging.getLogger("slipstream.monitor")
+
+Key = tuple[str, str]
+
+
+def _rules(s: MonitorSettings) -> tuple[AlertRule, ...]:
+    thresholds = {
+        "accuracy_drop": s.accuracy_drop_threshold,
+        "estimated_accuracy_drop": s.accuracy_drop_threshold,
+        "demographic_parity": s.fairness_max_difference,
+        "equalized_odds": s.fairness_max_difference,
+        "demographic_parity_ratio": s.fairness_min_ratio,
+    }
+    out = []
+    for rule in DEFAULT_RULES:
+        value = thresholds.get(rule.name)
+        out.append(rule if value is None else rule.model_copy(update={"threshold": value}))
+    return tuple(out)
+
+
+def monitor_config(s: MonitorSettings) -> MonitorConfig:
+    """The library's config from the server's flat settings."""
+    return MonitorConfig(
+        sample_rate=s.sample_rate,
+        log_raw_inputs=s.log_raw_inputs,
+        window_rows=s.window_rows,
+        evaluate_interval_s=s.evaluate_interval_s,
+        quality=QualityConfig(
+            window_rows=s.quality_window_rows, min_labeled=s.min_labeled, max_accuracy_drop=s.accuracy_drop_threshold
+        ),
+        fairness=FairnessConfig(
+            positive_label=s.fairness_positive_label,
+            max_difference=s.fairness_max_difference,
+            min_ratio=s.fairness_min_ratio,
+        ),
+        threats=ThreatConfig(ood_threshold=s.ood_threshold, reject_ood_above=s.ood_reject_above),
+        alerts=AlertsConfig(rules=_rules(s), webhook_url=s.webhook_url),
+    )
+
+
+def store_config(s: MonitorSettings) -> StoreConfig:
+    if s.db_path is None:
+        raise ValueError("monitoring needs MonitorSettings.db_path")
+    return StoreConfig(path=s.db_path, max_age_s=s.retention_max_age_s, max_rows=s.retention_max_rows)
+
+
+class _ToServer(logging.Handler):
+    """Sends this process's log records to the server, which logs them as its own (JSON logs included)."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(logging.INFO)
+        self._worker = worker
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._worker.send(("log", record.name, record.levelno, self.format(record)))
+        except Exception:  # the server is gone: nothing left to tell
+            self.handleError(record)
+
+
+class Worker:
+    """One per server; see the module docstring."""
+
+    def __init__(self, conn: Connection, settings: MonitorSettings) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.config = monitor_config(settings)
+        self._send_lock = threading.Lock()  # the webhook thread logs too: one message at a time on the pipe
+        self.store = SQLiteStore(store_config(settings))
+        self.monitors: dict[Key, Monitor] = {}
+        self._due: dict[Key, float] = {}
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            self.conn.send(message)
+
+    def run(self) -> None:
+        """Serve messages until the server says close (or goes away), evaluating on schedule."""
+        while True:
+            now = time.monotonic()
+            wait = max(0.0, min(self._due.values(), default=now + 1.0) - now)
+            try:
+                message = self.conn.recv() if self.conn.poll(wait) else None
+            except (EOFError, OSError):  # the server died: write what was shipped, then stop
+                log.error("the server went away; the monitor process writes what it has and exits")
+                break
+            if message is not None:
+                try:
+                    if self.handle(message):
+                        return
+                except Exception as exc:  # one bad message must not stop monitoring; logged with its traceback
+                    log.exception("monitor process: %s failed: %s", message[0], exc)
+            self._evaluate_due()
+        self._close()
+
+    def handle(self, message: tuple[Any, ...]) -> bool:
+        """Act on one message; True when it was ``close``."""
+        kind = message[0]
+        if kind == "batch":
+            _, key, batches, counts = message
+            self._ingest(key, batches, counts)
+        elif kind == "feedback":
+            self.store.put_feedback(message[2])
+        elif kind in ("attach", "detach", "evaluate", "close"):
+            token = message[1]
+            try:
+                payload = getattr(self, f"_{kind}")(*message[2:])
+            except Exception as exc:
+                log.exception("monitor process: %s failed: %s", kind, exc)
+                self.send(("reply", token, False, f"{type(exc).__name__}: {exc}"))
+            else:
+                self.send(("reply", token, True, payload))
+            return bool(kind == "close")
+        else:
+            log.error("monitor process: unknown message %r ignored", kind)
+        return False
+
+    def _ingest(self, key: Key, batches: list[Columns], counts: dict[str, Any]) -> None:
+        mon = self.monitors.get(key)
+        if mon is None:
+            lost = sum(c.requests for c in batches)
+            log.error("monitor process: %d request(s) of %s version %s arrived after its monitor closed", lost, *key)
+            return
+        mon.counters.add(counts["security"])
+        mon.screen_errors += counts["screen_errors"]
+        mon.ingestor.dropped += counts["dropped"]
+        mon.ingestor.errors += counts["errors"]
+        for cols in batches:
+            mon.ingestor.ingest(cols)
+
+    def _attach(self, key: Key, bundle_dir: str) -> bool:
+        try:
+            profile = load_profile(bundle_dir)
+        except SlipstreamError:  # the server already said why; monitor without it
+            profile = None
+        self.monitors[key] = Monitor(
+            model=key[0], version=key[1], profile=profile, store=self.store, config=self.config, bundle_dir=bundle_dir
+        )
+        self._due[key] = time.monotonic() + self.config.evaluate_interval_s
+        return profile is not None
+
+    def _detach(self, key: Key) -> None:
+        mon = self.monitors.pop(key, None)
+        self._due.pop(key, None)
+        if mon is not None:
+            mon.close(close_store=False)
+
+    def _evaluate(self, key: Key) -> str:
+        mon = self.monitors.get(key)
+        if mon is None:
+            raise KeyError(f"no monitor for {key[0]} version {key[1]}")
+        return mon.evaluate().model_dump_json()
+
+    def _evaluate_due(self) -> None:
+        now = time.monotonic()
+        for key, due in list(self._due.items()):
+            if due > now:
+                continue
+            self._due[key] = now + self.config.evaluate_interval_s
+            try:
+                self.send(("snapshot", key, self._evaluate(key)))
+            except Exception as exc:  # keep monitoring; logged with its traceback
+                log.exception("monitor evaluation of %s version %s failed: %s", *key, exc)
+
+    def _close(self) -> dict[str, int]:
+        for key in list(self.monitors):
+            self._detach(key)
+        self.store.close()
+        return self.store.counts()
+
+
+def run_worker(conn: Connection) -> None:
+    """Serve one server until it closes: the first message is its MonitorSettings as JSON."""
+    try:
+        worker = Worker(conn, MonitorSettings.model_validate_json(conn.recv()))
+    except Exception as exc:
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    os.nice(worker.settings.process_nice)  # serving first: this process catches up when a core is free
+    # Every batch allocates thousands of small acyclic objects; at the default thresholds the collector
+    # walked the monitor's long-lived state often enough to add ~14 µs per request in spikes (measured).
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+    root = logging.getLogger()
+    root.handlers[:] = [_ToServer(worker)]
+    root.setLevel(logging.INFO)
+    worker.send(("ready",))
+    worker.run()
+    conn.close()
+
+
+if __name__ == "__main__":  # started by slipstream.serve.monitor_proxy.MonitorProcess: argv[1] is its socket's fd
+    run_worker(Connection(int(sys.argv[1])))
