@@ -39,7 +39,7 @@ import onnx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.onnx_models: the trained digits MLP the tests use
 
-from serving import Row, bench_servers, free_port, start, stop  # noqa: E402
+from serving import Row, bench_servers, free_port, run_wrk, start, stop  # noqa: E402
 from tests.onnx_models import build_trained_digits_mlp  # noqa: E402
 
 from slipstream.importers import import_onnx  # noqa: E402
@@ -223,6 +223,24 @@ def stages(bundle: Path, x: np.ndarray, work: Path, n: int = 5000) -> dict[str, 
     return out
 
 
+def sustained(bundle: Path, req: dict[str, Any], seconds: float, work: Path) -> dict[str, float]:
+    """One monitored server under 64 callers for ``seconds`` without a pause: how far behind is the monitor
+    process when the load stops (the time until an evaluation that follows every served request returns)?"""
+    port = free_port()
+    proc = start(serve_cmd(bundle, port, "--monitor-db", str(work / "sustained.db")), port, "digits")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        run_wrk(f"{base}/v2/models/digits/infer", req, 8, 2, work)
+        got = run_wrk(f"{base}/v2/models/digits/infer", req, 64, seconds, work)
+        t0 = time.perf_counter()
+        acc = accounting(base)
+        acc["catch_up_s"] = time.perf_counter() - t0
+        acc["rps"], acc["seconds"] = got["rps"], seconds
+        return acc
+    finally:
+        stop(proc)
+
+
 def accounting(base: str) -> dict[str, float]:
     """What a monitored server observed, sampled, wrote and lost, from its own evaluation and /metrics."""
     doc = httpx.get(f"{base}/v2/models/digits/monitoring", params={"evaluate": "true"}, timeout=120).json()
@@ -248,8 +266,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=2000, help="Requests per phase of the scenario.")
     ap.add_argument("--concurrency", default="1,8,64", type=lambda s: [int(v) for v in s.split(",")])
-    ap.add_argument("--duration", type=float, default=9.0, help="Seconds per server and concurrency.")
-    ap.add_argument("--rounds", type=int, default=3, help="Interleaved slices the duration is split into.")
+    ap.add_argument("--duration", type=float, default=12.0, help="Seconds per server and concurrency.")
+    ap.add_argument("--rounds", type=int, default=6, help="Interleaved slices the duration is split into.")
+    ap.add_argument("--sustained", type=float, default=20.0, help="Seconds of the sustained run at 64 callers.")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "monitoring.md")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="slipstream-monitoring-"))
@@ -283,7 +302,10 @@ def main() -> None:
                 logged[name] = accounting(base)
 
         rows = bench_servers(servers, "digits", req, args, work, before_stop=account)
-        write_report(args, result, cost, rows, logged)
+        print("sustained…", flush=True)
+        held = sustained(bundle, req, args.sustained, work)
+        print(held, flush=True)
+        write_report(args, result, cost, rows, logged, held)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -294,6 +316,7 @@ def write_report(
     cost: dict[str, float],
     rows: list[Row],
     logged: dict[str, dict[str, float]],
+    held: dict[str, float],
 ) -> None:
     tl = result["timeline"]
     n = args.requests
@@ -307,7 +330,8 @@ def write_report(
         f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), Python {platform.python_version()}; shared "
         "with other jobs, so absolute numbers vary run to run.",
         f"Command: `.venv/bin/python benchmarks/monitoring.py --requests {n} --duration {args.duration:g} "
-        f"--rounds {args.rounds} --concurrency {','.join(map(str, args.concurrency))}`",
+        f"--rounds {args.rounds} --concurrency {','.join(map(str, args.concurrency))} "
+        f"--sustained {args.sustained:g}`",
         "",
         f"## Scenario: {n} in-distribution requests, then {n} shifted (pixel noise, sd 0.4)",
         "",
@@ -370,6 +394,14 @@ def write_report(
         lines.append(f"| {name} | {acc['requests']:,.0f} | {acc['sampled']:,.0f} | {acc['written']:,.0f} | "
                      f"{acc['pending']:,.0f} | {acc['dropped']:,.0f} | {acc['ingest_dropped']:,.0f} | "
                      f"{acc['lost']:,.0f} |")  # fmt: skip
+    lines += [
+        "",
+        f"Sustained: one monitored server (100 % logged) under 64 callers for {held['seconds']:.0f} s without a "
+        f"pause served {held['rps']:,.0f} req/s; when the load stopped, an evaluation that follows every served "
+        f"request returned after {held['catch_up_s']:.2f} s (how far behind the monitor process was). It had "
+        f"observed {held['requests']:,.0f} requests and written {held['written']:,.0f}, with "
+        f"{held['dropped'] + held['ingest_dropped'] + held['lost']:,.0f} dropped.",
+    ]
     lines += [
         "",
         "## Where the monitor's time goes (in-process, same model, 5,000 single-row requests in batches of 250)",

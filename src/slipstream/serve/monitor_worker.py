@@ -23,6 +23,7 @@ The protocol, over one duplex pipe, in order (the server sends from one thread, 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -101,10 +102,9 @@ class _ToServer(logging.Handler):
         self._worker = worker
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
+        # When the server is gone (this process is closing) there is no one left to tell.
+        with contextlib.suppress(Exception):
             self._worker.send(("log", record.name, record.levelno, self.format(record)))
-        except Exception:  # the server is gone: nothing left to tell
-            self.handleError(record)
 
 
 class Worker:
