@@ -324,8 +324,12 @@ def reconstruction_error(z: np.ndarray, components: np.ndarray) -> np.ndarray:
     With orthonormal components the residual is ``|z|² - |z Cᵀ|²``: one thin matrix product, no
     reconstruction.
     """
-    # Small products (a request, an ingest batch) stay off BLAS: on busy cores OpenBLAS's thread start-up costs
-    # far more than the arithmetic. Large windows (drift) are worth BLAS.
+    if z.shape[0] <= 4:  # one request (the screen): a GEMM this small runs on this thread, einsum's set-up dominates
+        proj = z @ components.T
+        resid = (z * z).sum(axis=1) - (proj * proj).sum(axis=1)
+        return np.asarray(np.maximum(resid, 0.0) / z.shape[1], dtype=np.float64)
+    # Small products (an ingest batch) stay off BLAS: on busy cores OpenBLAS's thread start-up costs far more
+    # than the arithmetic. Large windows (drift) are worth BLAS.
     proj = np.einsum("ij,kj->ik", z, components) if z.shape[0] * components.size < 2_000_000 else z @ components.T
     resid = np.einsum("ij,ij->i", z, z) - np.einsum("ij,ij->i", proj, proj)
     return np.asarray(np.maximum(resid, 0.0) / z.shape[1], dtype=np.float64)

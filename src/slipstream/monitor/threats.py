@@ -68,8 +68,8 @@ class OODScorer:
         self._q99 = max(mv.error_q99, 1e-12)
 
     def standardize(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-        x = np.concatenate([featurize(np.asarray(inputs[n])) for n in self.names], axis=1)
-        return self.standardize_features(x)
+        feats = [featurize(np.asarray(inputs[n])) for n in self.names]
+        return self.standardize_features(feats[0] if len(feats) == 1 else np.concatenate(feats, axis=1))
 
     def standardize_features(self, x: np.ndarray) -> np.ndarray:
         """Standardize already featurized rows (input tensors' features side by side, in profile order)."""
