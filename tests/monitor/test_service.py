@@ -282,3 +282,41 @@ def test_monitors_sharing_one_log_see_only_their_own_rows(
     assert noisy.feedback("n0", 1.0)  # the shared log still takes writes
     noisy.close()
     assert store.counts()["written_predictions"] == 400
+
+
+def test_each_logged_row_holds_its_stats_outputs_raw_input_and_row_id(
+    digits_profile: Profile, digits: Digits, digits_engine: Engine, tmp_path: Path
+) -> None:
+    import io
+    import json
+
+    store = SQLiteStore(StoreConfig(path=tmp_path / "rows.db"))
+    monitor = Monitor(
+        model="digits", version="3", profile=digits_profile, store=store, config=MonitorConfig(log_raw_inputs=True)
+    )
+    one, two = digits.x_live[:1], digits.x_live[1:3]
+    out_one, out_two = digits_engine.run({"pixels": one}), digits_engine.run({"pixels": two})
+    monitor.observe("single", {"pixels": one}, out_one, latency_s=0.004, group="a", key_id="k")
+    monitor.observe("pair", {"pixels": two}, out_two, latency_s=0.002, group=None, key_id=None)
+    monitor.close()  # ingests and writes everything
+    conn = sqlite3.connect(tmp_path / "rows.db")
+    try:
+        rows = conn.execute(
+            "SELECT request_id, model, version, latency_ms, input_stats, raw_input, outputs, prediction, confidence, "
+            "grp, key_id FROM predictions ORDER BY seq"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert [r[0] for r in rows] == ["single", "pair/0", "pair/1"]  # rows of a batched request: ID/ROW
+    x = np.concatenate([one, two])
+    probs = np.concatenate([out_one["probabilities"], out_two["probabilities"]])
+    for i, (rid, model, version, latency, stats, raw, outputs, pred, conf, grp, key) in enumerate(rows):
+        assert (model, version) == ("digits", "3")
+        assert latency == pytest.approx(4.0 if rid == "single" else 2.0)
+        assert json.loads(stats) == pytest.approx(
+            {"pixels.mean": x[i].mean(), "pixels.std": x[i].std(), "pixels.min": x[i].min(), "pixels.max": x[i].max()}
+        )
+        np.testing.assert_array_equal(np.load(io.BytesIO(raw))["pixels"], x[i : i + 1])
+        np.testing.assert_allclose(json.loads(outputs)["probabilities"], probs[i], rtol=1e-6)
+        assert pred == int(probs[i].argmax()) and conf == pytest.approx(float(probs[i].max()), rel=1e-6)
+        assert (grp, key) == (("a", "k") if rid == "single" else (None, None))
