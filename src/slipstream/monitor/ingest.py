@@ -11,17 +11,20 @@ extraction tracking, sampling, and the prediction-log records. :meth:`Ingestor.d
 from __future__ import annotations
 
 import io
+import itertools
+import json
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
 from slipstream.monitor.features import featurize
 from slipstream.monitor.profile import Profile, predictions
-from slipstream.monitor.store import PredictionRow, Store, dumps
+from slipstream.monitor.store import PredictionRow, Store, json_rows
 from slipstream.monitor.threats import ExtractionWatch, OODScorer, SecurityCounters
 
 log = logging.getLogger(__name__)
@@ -164,6 +167,16 @@ class WindowView:
     predicted: np.ndarray | None
     ood: np.ndarray | None
     latency_ms: np.ndarray | None
+
+
+def _objects(names: list[str], columns: list[list[str]], slot: str, rows: int) -> list[str]:
+    """Per row, the JSON object ``{name: value, ...}`` from each column's per-row JSON text (``slot`` wraps
+    the text: ``"%s"`` for a number, ``"[%s]"`` for an array)."""
+    if not names:
+        return ["{}"] * rows
+    fields = [json.dumps(n).replace("%", "%%") + ":" + slot for n in names]  # a '%' in a name is no placeholder
+    template = "{" + ",".join(fields) + "}"
+    return [template % values for values in zip(*columns, strict=True)]
 
 
 def _row_stats(x: np.ndarray) -> np.ndarray:
@@ -324,47 +337,58 @@ class Ingestor:
         conf: np.ndarray | None,
         scores: np.ndarray | None,
     ) -> None:
-        """The sampled rows as table rows, built in bulk (per row: two small JSON encodings and a tuple)."""
+        """The sampled rows as table rows, built in bulk: the JSON of every row's stats and outputs comes from
+        one encoding per column (:func:`json_rows`), the rows from one ``zip``."""
         s = self.s
         raw_in, raw_out = cols.inputs, cols.outputs
         total = int(sampled.shape[0])
         rows = np.flatnonzero(sampled)
         request = np.repeat(np.arange(cols.requests), cols.counts)[rows]
-        keys: list[str] = []
-        blocks = []
+        fields: list[str] = []
+        values: list[list[str]] = []
         for k, v in raw_in.items():
             if v.dtype.kind in "biuf":
-                keys += [f"{k}.mean", f"{k}.std", f"{k}.min", f"{k}.max"]
-                blocks.append(_row_stats(v[rows]))
-        stats = np.concatenate(blocks, axis=1).tolist() if blocks else [[] for _ in rows]
-        outs = {
-            k: v.reshape(total, -1)[rows].tolist()
-            for k, v in raw_out.items()
-            if v.dtype.kind in "biuf" and v.size // max(total, 1) <= s.max_logged_output_values
-        }
-        out_rows = [dict(zip(outs, vals, strict=True)) for vals in zip(*outs.values(), strict=True)] if outs else None
-        ids, counts, ts, lat = cols.request_ids, cols.counts.tolist(), cols.ts.tolist(), cols.latency_s.tolist()
-        first = starts.tolist()
-        pred_l = [None] * len(rows) if pred is None else pred[rows].tolist()
-        conf_l = [None] * len(rows) if conf is None else conf[rows].tolist()
-        ood_l = [None] * len(rows) if scores is None else scores[rows].tolist()
-        records: list[PredictionRow] = []
-        for n, (j, r) in enumerate(zip(rows.tolist(), request.tolist(), strict=True)):
-            raw = None
-            if s.log_raw_inputs:
+                stats = _row_stats(v[rows])
+                for i, stat in enumerate(("mean", "std", "min", "max")):
+                    fields.append(f"{k}.{stat}")
+                    values.append(json_rows(stats[:, i : i + 1]))
+        stats_json = _objects(fields, values, "%s", len(rows))
+        names: list[str] = []
+        arrays: list[list[str]] = []
+        for k, v in raw_out.items():
+            if v.dtype.kind in "biuf" and v.size // max(total, 1) <= s.max_logged_output_values:
+                names.append(k)
+                arrays.append(json_rows(v.reshape(total, -1)[rows]))
+        outputs_json = _objects(names, arrays, "[%s]", len(rows))
+        ids, counts, first = cols.request_ids, cols.counts.tolist(), starts.tolist()
+        req = request.tolist()
+        if cols.requests == total:  # one row per request: the request's own id
+            rids = [ids[r] for r in req]
+        else:  # rows of a batched request: ID/ROW
+            rows_l = rows.tolist()
+            rids = [ids[r] if counts[r] == 1 else f"{ids[r]}/{j - first[r]}" for j, r in zip(rows_l, req, strict=True)]
+        raws: list[bytes | None] | itertools.repeat[None] = itertools.repeat(None)
+        if s.log_raw_inputs:
+            raws = []
+            for j in rows.tolist():
                 buf = io.BytesIO()
                 one: dict[str, np.ndarray] = {k: v[j : j + 1] for k, v in raw_in.items()}
                 np.savez(buf, *(), **one)  # type: ignore[arg-type]  # numpy's stub types **kwds oddly
-                raw = buf.getvalue()
-            records.append(
-                (
-                    ids[r] if counts[r] == 1 else f"{ids[r]}/{j - first[r]}",
-                    ts[r], s.model, s.version, lat[r] * 1000.0,
-                    dumps(dict(zip(keys, stats[n], strict=True))), raw,
-                    dumps(out_rows[n]) if out_rows is not None else "{}",
-                    pred_l[n], conf_l[n], ood_l[n], cols.groups[r], cols.key_ids[r],
+                raws.append(buf.getvalue())
+        nothing = itertools.repeat(None)
+        records = cast(
+            list[PredictionRow],
+            list(
+                zip(
+                    rids, cols.ts[request].tolist(), itertools.repeat(s.model), itertools.repeat(s.version),
+                    (cols.latency_s[request] * 1000.0).tolist(), stats_json, raws, outputs_json,
+                    nothing if pred is None else pred[rows].tolist(),
+                    nothing if conf is None else conf[rows].tolist(),
+                    nothing if scores is None else scores[rows].tolist(),
+                    [cols.groups[r] for r in req], [cols.key_ids[r] for r in req],
                 )
-            )  # fmt: skip
+            ),
+        )  # fmt: skip
         store.put_rows(records)
 
     def window(self) -> WindowView:
