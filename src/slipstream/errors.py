@@ -72,6 +72,7 @@ __all__ = [
     "UnauthorizedError",
     "UnsupportedOpError",
     "UntrustedPickleError",
+    "first_few",
     "invalid_setting",
     "validation_problems",
 ]
@@ -267,6 +268,11 @@ class ServerBusyError(ServingError):
 
 class RequestTimeoutError(ServingError):
     status_code = 504
+
+
+def first_few(items: list[str], sep: str = ", ", limit: int = 5) -> str:
+    """Up to ``limit`` items joined, then how many more there were (for a message listing problems)."""
+    return sep.join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def validation_problems(exc: ValidationError) -> str:

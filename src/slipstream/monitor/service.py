@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from slipstream.errors import InputError
+from slipstream.errors import InputError, first_few
 from slipstream.monitor.alerts import AlertManager, AlertsConfig, AlertState
 from slipstream.monitor.drift import DriftConfig, DriftDetector, DriftReport, MultivariateDrift
 from slipstream.monitor.fairness import FairnessConfig, FairnessReport, fairness_report
@@ -171,9 +171,8 @@ def check_feedback(items: Iterable[tuple[str, float]], now: float) -> list[Feedb
         else:
             checked.append(Feedback(rid, value, now))
     if problems:
-        shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise InputError(
-            f"Feedback needs a non-empty request id and a finite numeric label each; got {shown}.",
+            f"Feedback needs a non-empty request id and a finite numeric label each; got {first_few(problems)}.",
             hint="Send labels as numbers (class index or value), keyed by the request id the server returned.",
         )
     return checked

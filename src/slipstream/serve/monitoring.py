@@ -21,7 +21,7 @@ import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from slipstream.errors import InputError, ModelNotFoundError, ProtocolError, SlipstreamError
+from slipstream.errors import InputError, ModelNotFoundError, ProtocolError, SlipstreamError, first_few
 from slipstream.monitor import SQLiteStore, load_profile
 from slipstream.monitor.prometheus import MonitorCollector
 from slipstream.serve.monitor_proxy import MonitorProcess, RemoteMonitor
@@ -197,9 +197,9 @@ def parse_feedback(body: bytes) -> list[tuple[str, float]]:
             continue
         items.append((entry["id"], float(label)))
     if bad:
-        shown = "; ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise InputError(
-            f"Every feedback entry needs an 'id' and a numeric 'label'; refused the whole batch for: {shown}.",
+            "Every feedback entry needs an 'id' and a numeric 'label'; refused the whole batch for: "
+            f"{first_few(bad, '; ')}.",
             hint="Send labels as numbers (class index or value), keyed by request id.",
         )
     return items
