@@ -359,3 +359,13 @@ def test_the_server_outlives_its_monitor_process_and_says_so(
         assert stale["requests"] == 1 and "stale" in stale["notes"][-1]
         assert client.post("/v2/models/digits/feedback", json={"id": "before", "label": 0}).status_code == 503
     assert any("the monitor process stopped" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unusable_prediction_log_stops_the_server_before_it_serves(digits_repo: DigitsRepo, tmp_path: Path) -> None:
+    from slipstream.errors import ConfigError
+    from slipstream.serve.app import create_app
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="Cannot open the prediction log") as info:
+        create_app(digits_repo.root, _settings(tmp_path / "file" / "monitor.db"))
+    assert info.value.hint is not None and "writable" in info.value.hint
