@@ -324,7 +324,10 @@ def reconstruction_error(z: np.ndarray, components: np.ndarray) -> np.ndarray:
     With orthonormal components the residual is ``|z|² - |z Cᵀ|²``: one thin matrix product, no
     reconstruction.
     """
-    if z.shape[0] <= 4:  # one request (the screen): a GEMM this small runs on this thread, einsum's set-up dominates
+    if z.shape[0] == 1:  # one request (the screen): two dot products, no reductions over axes
+        proj1 = components @ z[0]
+        return np.array([max(float(np.vdot(z, z) - np.vdot(proj1, proj1)), 0.0) / z.shape[1]])
+    if z.shape[0] <= 4:  # a few rows: a GEMM this small runs on this thread, einsum's set-up dominates
         proj = z @ components.T
         resid = (z * z).sum(axis=1) - (proj * proj).sum(axis=1)
         return np.asarray(np.maximum(resid, 0.0) / z.shape[1], dtype=np.float64)

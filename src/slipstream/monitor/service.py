@@ -149,8 +149,11 @@ def screen_rows(
         scores = scorer.score_standardized(z)
     except Exception:  # screening must never fail a request; the caller counts it
         return None
-    reject = config.reject_ood_above is not None and bool(np.any(scores > config.reject_ood_above))
-    counters.ood(int(np.sum(scores > config.ood_threshold)), reject)
+    # The worst row decides; one Python comparison instead of two array reductions (a request is one row).
+    worst = float(scores.max()) if scores.size else -np.inf
+    reject = config.reject_ood_above is not None and worst > config.reject_ood_above
+    over = int(worst > config.ood_threshold) if scores.size == 1 else int(np.sum(scores > config.ood_threshold))
+    counters.ood(over, reject)
     if reject:
         counters.rejected("out_of_distribution")
     return Screening(scores, z, reject)
