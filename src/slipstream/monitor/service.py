@@ -137,26 +137,70 @@ class MonitorSnapshot(_Frozen):
     metrics: dict[str, float | None] = Field(description="The flat values the alert rules read.")
 
 
-def screen_rows(
-    scorer: OODScorer | None, config: ThreatConfig, counters: SecurityCounters, inputs: Mapping[str, np.ndarray]
-) -> Screening | None:
-    """The screening :meth:`Monitor.screen` does (also used by the server, which screens in its own process);
-    None when scoring failed. Counts OOD rows and the refusal in ``counters``."""
-    if scorer is None:
-        return Screening(None, None, False)
-    try:
-        z = scorer.standardize(inputs)
-        scores = scorer.score_standardized(z)
-    except Exception:  # screening must never fail a request; the caller counts it
-        return None
-    # The worst row decides; one Python comparison instead of two array reductions (a request is one row).
-    worst = float(scores.max()) if scores.size else -np.inf
-    reject = config.reject_ood_above is not None and worst > config.reject_ood_above
-    over = int(worst > config.ood_threshold) if scores.size == 1 else int(np.sum(scores > config.ood_threshold))
-    counters.ood(over, reject)
-    if reject:
-        counters.rejected("out_of_distribution")
-    return Screening(scores, z, reject)
+class RequestPath:
+    """What a server calls per request: :meth:`screen` before inference, :meth:`observe` after; neither ever
+    raises. Shared by :class:`Monitor` and the server's proxy of one in its monitor process, which differ
+    only in where an observed request goes (:meth:`_submit`) and where a lost one is counted (:meth:`_lost`)."""
+
+    scorer: OODScorer | None
+    config: MonitorConfig
+    counters: SecurityCounters
+    screen_errors: int
+
+    def _now(self) -> float:
+        return time.time()
+
+    def _submit(self, item: Pending) -> bool:
+        """Queue one observed request; False when the bound was reached (counted by the implementation)."""
+        raise NotImplementedError
+
+    def _lost(self) -> None:
+        """Count one request that could not be queued."""
+        raise NotImplementedError
+
+    def screen(self, inputs: Mapping[str, np.ndarray]) -> Screening:
+        """Out-of-distribution scores for a request's rows, before inference; counts OOD rows and, with
+        ``reject_ood_above`` set, the refusal. A failure gives no scores and is counted (``screen_errors``)."""
+        if self.scorer is None:
+            return Screening(None, None, False)
+        try:
+            z = self.scorer.standardize(inputs)
+            scores = self.scorer.score_standardized(z)
+        except Exception:  # screening must never fail a request
+            self.screen_errors += 1
+            return Screening(None, None, False)
+        t = self.config.threats
+        # The worst row decides; one Python comparison instead of two array reductions (a request is one row).
+        worst = float(scores.max()) if scores.size else -np.inf
+        reject = t.reject_ood_above is not None and worst > t.reject_ood_above
+        over = int(worst > t.ood_threshold) if scores.size == 1 else int(np.sum(scores > t.ood_threshold))
+        self.counters.ood(over, reject)
+        if reject:
+            self.counters.rejected("out_of_distribution")
+        return Screening(scores, z, reject)
+
+    def observe(
+        self,
+        request_id: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+        *,
+        latency_s: float,
+        group: str | None = None,
+        key_id: str | None = None,
+        screening: Screening | None = None,
+    ) -> bool:
+        """Record one served request (after inference): about a microsecond, never blocks or raises.
+
+        The arrays are referenced, not copied: do not modify them afterwards. The work (features, window,
+        scores, log records) happens later, off the request path. Returns False when the pending buffer was
+        full (the request is then counted in ``ingest_dropped``)."""
+        try:
+            scores = screening.scores if screening is not None else None
+            return self._submit(Pending(request_id, self._now(), inputs, outputs, latency_s, group, key_id, scores))
+        except Exception:  # the monitor must never fail a request; the loss is counted
+            self._lost()
+            return False
 
 
 def check_feedback(items: Iterable[tuple[str, float]], now: float) -> list[Feedback]:
@@ -181,7 +225,7 @@ def check_feedback(items: Iterable[tuple[str, float]], now: float) -> list[Feedb
     return checked
 
 
-class Monitor:
+class Monitor(RequestPath):
     """See the module docstring. One per served model version."""
 
     def __init__(
@@ -238,38 +282,14 @@ class Monitor:
 
     # -- per request ------------------------------------------------------------------------------
 
-    def screen(self, inputs: Mapping[str, np.ndarray]) -> Screening:
-        """Out-of-distribution scores for a request's rows, before inference; counts OOD rows and, with
-        ``reject_ood_above`` set, the refusal. Never raises (a failure gives no scores)."""
-        screening = screen_rows(self.scorer, self.config.threats, self.counters, inputs)
-        if screening is None:
-            self.screen_errors += 1
-            return Screening(None, None, False)
-        return screening
+    def _now(self) -> float:
+        return self._clock()
 
-    def observe(
-        self,
-        request_id: str,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Mapping[str, np.ndarray],
-        *,
-        latency_s: float,
-        group: str | None = None,
-        key_id: str | None = None,
-        screening: Screening | None = None,
-    ) -> bool:
-        """Record one served request (after inference): about a microsecond, never blocks or raises.
+    def _submit(self, item: Pending) -> bool:
+        return self.ingestor.submit(item)
 
-        The arrays are referenced, not copied: do not modify them afterwards. The work (features, window,
-        scores, log records) happens on the monitor thread. Returns False when the pending buffer was full
-        (the request is then counted in ``ingest_dropped``)."""
-        try:
-            scores = screening.scores if screening is not None else None
-            item = Pending(request_id, self._clock(), inputs, outputs, latency_s, group, key_id, scores)
-            return self.ingestor.submit(item)
-        except Exception:  # the monitor must never fail a request; the loss is counted
-            self.ingestor.dropped += 1
-            return False
+    def _lost(self) -> None:
+        self.ingestor.dropped += 1
 
     def ingest(self) -> int:
         """Process pending requests now (the monitor thread does this every ``ingest_interval_s``)."""

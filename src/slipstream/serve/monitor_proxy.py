@@ -25,19 +25,17 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from slipstream.errors import ServerBusyError, ServingError
-from slipstream.monitor import MonitorConfig, MonitorSnapshot, OODScorer, Profile, Screening, SecurityCounters
+from slipstream.monitor import MonitorConfig, MonitorSnapshot, OODScorer, Profile, SecurityCounters
 from slipstream.monitor.ingest import Pending, columns
-from slipstream.monitor.service import check_feedback, screen_rows
+from slipstream.monitor.service import RequestPath, check_feedback
 from slipstream.serve.monitor_worker import Key
 from slipstream.serve.settings import MonitorSettings
 
@@ -226,7 +224,7 @@ class MonitorProcess:
         return counts
 
 
-class RemoteMonitor:
+class RemoteMonitor(RequestPath):
     """What the server holds per monitored version; the work happens in the monitor process."""
 
     def __init__(
@@ -241,35 +239,19 @@ class RemoteMonitor:
         self.counters = SecurityCounters()  # deltas, shipped with each batch
         self.latest: MonitorSnapshot | None = None
         self._pending: deque[Pending] = deque()
-        self._dropped = self._screen_errors = 0
+        self._dropped = self.screen_errors = 0
         self._ship_lock = threading.Lock()  # one batch at a time, in order, whoever ships
 
-    # -- per request (event loop) -----------------------------------------------------------------
-    def screen(self, inputs: Mapping[str, np.ndarray]) -> Screening:
-        screening = screen_rows(self.scorer, self.config.threats, self.counters, inputs)
-        if screening is None:
-            self._screen_errors += 1
-            return Screening(None, None, False)
-        return screening
-
-    def observe(
-        self,
-        request_id: str,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Mapping[str, np.ndarray],
-        *,
-        latency_s: float,
-        group: str | None = None,
-        key_id: str | None = None,
-        screening: Screening | None = None,
-    ) -> bool:
-        """As :meth:`slipstream.monitor.Monitor.observe`: a reference to the arrays, queued; never raises."""
+    # -- per request (event loop): screen() and observe() come from RequestPath ----------------------
+    def _submit(self, item: Pending) -> bool:
         if len(self._pending) >= self.config.max_pending_requests:
             self._dropped += 1
             return False
-        scores = screening.scores if screening is not None else None
-        self._pending.append(Pending(request_id, time.time(), inputs, outputs, latency_s, group, key_id, scores))
+        self._pending.append(item)
         return True
+
+    def _lost(self) -> None:
+        self._dropped += 1
 
     def feedback_many(self, items: Iterable[tuple[str, float]]) -> int:
         """Validate the labels here (a bad batch is a 400, refused whole) and send them to the log."""
@@ -285,7 +267,7 @@ class RemoteMonitor:
             items = [self._pending.popleft() for _ in range(len(self._pending))]
             security = self.counters.take()
             dropped, self._dropped = self._dropped, 0
-            screen_errors, self._screen_errors = self._screen_errors, 0
+            screen_errors, self.screen_errors = self.screen_errors, 0
             if not items and not dropped and not screen_errors and not _any(security):
                 return 0
             batches, bad = columns(items)
@@ -294,7 +276,7 @@ class RemoteMonitor:
                 return len(items)
             if self.process.alive:  # behind: counted as dropped, shipped with the next batch it takes
                 self._dropped += len(items) + dropped
-                self._screen_errors += screen_errors
+                self.screen_errors += screen_errors
                 self.counters.add(security)
             else:
                 self.process.count_lost(len(items))

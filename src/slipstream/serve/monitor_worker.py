@@ -9,7 +9,7 @@ event loop and the log writer trading the GIL; see ``benchmarks/results/monitori
 
 The protocol, over one duplex pipe, in order (the server sends from one thread, so order is kept):
 
-    server → here   ("attach", token, (model, version), bundle_dir)   build a version's Monitor
+    server → here   ("attach", token, (model, version), bundle_dir, profile)  build a version's Monitor
                     ("detach", token, (model, version))               close it; the log stays open
                     ("batch", (model, version), [Columns], counts)    served requests + counter deltas
                     ("feedback", (model, version), [Feedback])        labels
@@ -33,16 +33,15 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from slipstream.errors import SlipstreamError
 from slipstream.monitor import (
     FairnessConfig,
     Monitor,
     MonitorConfig,
+    Profile,
     QualityConfig,
     SQLiteStore,
     StoreConfig,
     ThreatConfig,
-    load_profile,
 )
 from slipstream.monitor.alerts import DEFAULT_RULES, AlertRule, AlertsConfig
 from slipstream.monitor.ingest import Columns
@@ -177,16 +176,12 @@ class Worker:
         for cols in batches:
             mon.ingestor.ingest(cols)
 
-    def _attach(self, key: Key, bundle_dir: str) -> bool:
-        try:
-            profile = load_profile(bundle_dir)
-        except SlipstreamError:  # the server already said why; monitor without it
-            profile = None
+    def _attach(self, key: Key, bundle_dir: str, profile: Profile | None) -> None:
+        """The server read the profile (it screens with it) and sends it: no second read, one error path."""
         self.monitors[key] = Monitor(
             model=key[0], version=key[1], profile=profile, store=self.store, config=self.config, bundle_dir=bundle_dir
         )
         self._due[key] = time.monotonic() + self.config.evaluate_interval_s
-        return profile is not None
 
     def _detach(self, key: Key) -> None:
         mon = self.monitors.pop(key, None)

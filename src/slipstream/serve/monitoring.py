@@ -81,7 +81,7 @@ class ServeMonitors:
                       entry.version, exc, extra={"model": entry.name, "version": entry.version})  # fmt: skip
             profile = None
         process = self._process()
-        process.call("attach", (entry.name, entry.version), str(entry.path))
+        process.call("attach", (entry.name, entry.version), str(entry.path), profile)
         mon = RemoteMonitor(process, entry.name, entry.version, profile, self.config)
         self.active[mon.key] = mon
         return mon
