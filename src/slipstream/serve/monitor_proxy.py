@@ -268,7 +268,7 @@ class RemoteMonitor(RequestPath):
             security = self.counters.take()
             dropped, self._dropped = self._dropped, 0
             screen_errors, self.screen_errors = self.screen_errors, 0
-            if not items and not dropped and not screen_errors and not _any(security):
+            if not items and not dropped and not screen_errors and not any(security.values()):
                 return 0
             batches, bad = columns(items)
             counts = {"security": security, "dropped": dropped, "screen_errors": screen_errors, "errors": bad}
@@ -298,7 +298,3 @@ def _wait(process: subprocess.Popen[bytes], timeout_s: float) -> int | None:
         return process.wait(timeout_s)
     except subprocess.TimeoutExpired:
         return None
-
-
-def _any(security: dict[str, dict[str, int] | int]) -> bool:
-    return any(bool(v) for v in security.values())

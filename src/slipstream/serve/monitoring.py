@@ -52,7 +52,6 @@ class ServeMonitors:
         SQLiteStore.prepare(store_config(settings))  # an unwritable log fails here, before anything is served
         self.active: dict[Key, RemoteMonitor] = {}
         self.screening = settings.ood_reject_above is not None
-        self.started = time.time()
         self.process: MonitorProcess | None = None
         self._start_lock = threading.Lock()
 
