@@ -157,7 +157,7 @@ def scenario(bundle: Path, x: np.ndarray, y: np.ndarray, n: int, work: Path) -> 
     finally:
         stop(proc)  # drains: every observed request is logged before the process exits
     conn = sqlite3.connect(db)
-    logged = conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+    logged = conn.execute("SELECT COALESCE(SUM(rows), 0) FROM prediction_log").fetchone()[0]
     labels_stored = conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
     conn.close()
     return {"timeline": timeline, "statuses": statuses, "logged": logged, "labels_stored": labels_stored,

@@ -17,6 +17,7 @@ import pytest
 
 from slipstream.importers import import_onnx
 from slipstream.monitor import profile_from_bundle, write_profiled_bundle
+from slipstream.monitor.store import read_records
 from slipstream.serve.guard import hash_key
 from slipstream.serve.server import settings_from_options
 from slipstream.serve.settings import GuardSettings, MonitorSettings, ServeSettings
@@ -181,7 +182,7 @@ def test_scenario_drift_after_the_shift_accuracy_bias_and_every_request_accounte
 
     conn = sqlite3.connect(monitored.settings.monitor.db_path or "")
     try:
-        assert conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 2 * n
+        assert conn.execute("SELECT SUM(rows) FROM prediction_log").fetchone()[0] == 2 * n
         assert conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 2 * n
     finally:
         conn.close()
@@ -315,12 +316,7 @@ def test_a_new_version_gets_its_own_monitor_and_the_old_one_is_closed(digits_rep
         assert client.post("/v2/models/digits/feedback", json={"id": "v1-req", "label": 0}).json()["accepted"] == 1
         doc = _evaluate(client)
         assert doc["version"] == "2" and doc["requests"] == 1 and doc["store"]["written_feedback"] == 1
-    conn = sqlite3.connect(tmp_path / "m.db")
-    try:
-        rows = conn.execute("SELECT request_id, version FROM predictions ORDER BY seq").fetchall()
-    finally:
-        conn.close()
-    assert rows == [("v1-req", "1"), ("v2-req", "2")]
+    assert [(r.request_id, r.version) for r in read_records(tmp_path / "m.db")] == [("v1-req", "1"), ("v2-req", "2")]
 
 
 def test_the_server_outlives_its_monitor_process_and_says_so(

@@ -61,18 +61,3 @@ def test_security_counters_are_taken_as_deltas_and_added_elsewhere() -> None:
         "ood_rows": 6,
         "ood_rejected": 1,
     }
-
-
-def test_rows_become_json_text_in_one_encoding_and_stay_valid_json() -> None:
-    import json
-
-    from slipstream.monitor.ingest import _objects
-    from slipstream.monitor.store import json_rows
-
-    m = np.array([[0.5, np.nan], [1e-7, -2.0]])
-    assert [json.loads(f"[{t}]") for t in json_rows(m)] == [[0.5, None], [1e-7, -2.0]]
-    assert json_rows(np.zeros((2, 0))) == ["", ""] and json_rows(np.zeros((0, 3))) == []
-    assert json.loads(f"[{json_rows(np.array([[1.5]], dtype=np.float16))[0]}]") == [1.5]
-    objs = _objects(['odd "50%" name', "b"], [["1", "2"], ["3,4", ""]], "[%s]", 2)
-    assert [json.loads(o) for o in objs] == [{'odd "50%" name': [1], "b": [3, 4]}, {'odd "50%" name': [2], "b": []}]
-    assert _objects([], [], "%s", 2) == ["{}", "{}"]

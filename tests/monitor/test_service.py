@@ -12,7 +12,7 @@ import pytest
 
 from slipstream.monitor.profile import Profile
 from slipstream.monitor.service import Monitor, MonitorConfig, MonitorSnapshot
-from slipstream.monitor.store import SQLiteStore, StoreConfig, read_snapshots
+from slipstream.monitor.store import SQLiteStore, StoreConfig, read_records, read_snapshots
 from slipstream.monitor.threats import ThreatConfig
 from slipstream.runtime.engine import Engine
 from tests.monitor.conftest import Digits
@@ -99,7 +99,7 @@ def test_scenario_drift_accuracy_bias_and_every_record_accounted_for(
     assert counts["dropped"] == 0 and counts["pending"] == 0
     assert counts["written_predictions"] == counts["accepted_predictions"] == labeled.sampled == 750
     conn = sqlite3.connect(db)
-    assert conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 750
+    assert conn.execute("SELECT SUM(rows) FROM prediction_log").fetchone()[0] == len(read_records(db)) == 750
     assert conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 750
     conn.close()
     stored = read_snapshots(db)
@@ -136,12 +136,8 @@ def test_batched_requests_log_one_row_each_and_sampling_is_respected(
     assert snap.rows == 400 and snap.requests == 50 and len(rows) == snap.sampled
     assert 150 < snap.sampled < 250
     assert all("/" in r.request_id for r in rows)
-    conn = sqlite3.connect(tmp_path / "m.db")
-    raw = conn.execute("SELECT raw_input FROM predictions LIMIT 1").fetchone()[0]
-    conn.close()
-    import io
-
-    assert np.load(io.BytesIO(raw))["pixels"].shape == (1, 64)
+    raw = read_records(tmp_path / "m.db")[0].raw_input
+    assert raw is not None and raw["pixels"].shape == (64,)
     monitor.close()
 
 
@@ -287,9 +283,6 @@ def test_monitors_sharing_one_log_see_only_their_own_rows(
 def test_each_logged_row_holds_its_stats_outputs_raw_input_and_row_id(
     digits_profile: Profile, digits: Digits, digits_engine: Engine, tmp_path: Path
 ) -> None:
-    import io
-    import json
-
     store = SQLiteStore(StoreConfig(path=tmp_path / "rows.db"))
     monitor = Monitor(
         model="digits", version="3", profile=digits_profile, store=store, config=MonitorConfig(log_raw_inputs=True)
@@ -299,24 +292,18 @@ def test_each_logged_row_holds_its_stats_outputs_raw_input_and_row_id(
     monitor.observe("single", {"pixels": one}, out_one, latency_s=0.004, group="a", key_id="k")
     monitor.observe("pair", {"pixels": two}, out_two, latency_s=0.002, group=None, key_id=None)
     monitor.close()  # ingests and writes everything
-    conn = sqlite3.connect(tmp_path / "rows.db")
-    try:
-        rows = conn.execute(
-            "SELECT request_id, model, version, latency_ms, input_stats, raw_input, outputs, prediction, confidence, "
-            "grp, key_id FROM predictions ORDER BY seq"
-        ).fetchall()
-    finally:
-        conn.close()
-    assert [r[0] for r in rows] == ["single", "pair/0", "pair/1"]  # rows of a batched request: ID/ROW
+    rows = read_records(tmp_path / "rows.db")
+    assert [r.request_id for r in rows] == ["single", "pair/0", "pair/1"]  # rows of a batched request: ID/ROW
     x = np.concatenate([one, two])
     probs = np.concatenate([out_one["probabilities"], out_two["probabilities"]])
-    for i, (rid, model, version, latency, stats, raw, outputs, pred, conf, grp, key) in enumerate(rows):
-        assert (model, version) == ("digits", "3")
-        assert latency == pytest.approx(4.0 if rid == "single" else 2.0)
-        assert json.loads(stats) == pytest.approx(
+    for i, r in enumerate(rows):
+        assert (r.model, r.version) == ("digits", "3")
+        assert r.latency_ms == pytest.approx(4.0 if r.request_id == "single" else 2.0)
+        assert r.input_stats == pytest.approx(
             {"pixels.mean": x[i].mean(), "pixels.std": x[i].std(), "pixels.min": x[i].min(), "pixels.max": x[i].max()}
         )
-        np.testing.assert_array_equal(np.load(io.BytesIO(raw))["pixels"], x[i : i + 1])
-        np.testing.assert_allclose(json.loads(outputs)["probabilities"], probs[i], rtol=1e-6)
-        assert pred == int(probs[i].argmax()) and conf == pytest.approx(float(probs[i].max()), rel=1e-6)
-        assert (grp, key) == (("a", "k") if rid == "single" else (None, None))
+        assert r.raw_input is not None
+        np.testing.assert_array_equal(r.raw_input["pixels"], x[i])
+        np.testing.assert_allclose(r.outputs["probabilities"], probs[i], rtol=1e-6)
+        assert r.prediction == int(probs[i].argmax()) and r.confidence == pytest.approx(float(probs[i].max()), rel=1e-6)
+        assert (r.group, r.key_id) == (("a", "k") if r.request_id == "single" else (None, None))

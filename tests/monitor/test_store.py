@@ -4,10 +4,12 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from slipstream.errors import ConfigError
-from slipstream.monitor.store import Feedback, PredictionRecord, SQLiteStore, StoreConfig
+from slipstream.monitor.records import PredictionBatch, PredictionRecord, pack, unpack
+from slipstream.monitor.store import Feedback, SQLiteStore, StoreConfig, read_records
 
 
 def _record(i: int, ts: float = 1000.0, group: str | None = None) -> PredictionRecord:
@@ -54,7 +56,7 @@ def test_close_flushes_everything_queued(tmp_path: Path) -> None:
         store.put(_record(i))
     store.close()
     conn = sqlite3.connect(tmp_path / "log.db")
-    assert conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 500
+    assert conn.execute("SELECT SUM(rows) FROM prediction_log").fetchone()[0] == 500
     conn.close()
     assert store.put(_record(999)) is False  # a closed store drops, counted, and does not raise
     assert store.counts()["dropped_closed"] == 1
@@ -120,3 +122,63 @@ def test_an_unusable_path_fails_loudly_at_start(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="Cannot open the prediction log"):
         SQLiteStore(StoreConfig(path=tmp_path / "file" / "log.db"))
+
+
+def _batch(n: int, start: int = 0, ts: float = 1000.0) -> PredictionBatch:
+    return PredictionBatch(
+        model="digits",
+        version="1",
+        request_ids=[f"r{start + i}" for i in range(n)],
+        ts=ts + np.arange(n, dtype=np.float64),
+        latency_ms=np.full(n, 2.0),
+        groups=["a"] * n,
+        key_ids=[None] * n,
+        prediction=np.arange(n, dtype=np.float64) % 2,
+        input_stats={"pixels.mean": np.linspace(0, 1, n)},
+        outputs={"probabilities": np.ones((n, 3), np.float32)},
+    )
+
+
+def test_a_batch_is_one_row_and_its_records_come_back_whole(tmp_path: Path) -> None:
+    store = SQLiteStore(StoreConfig(path=tmp_path / "log.db"))
+    assert store.put_batch(_batch(40)) == 40 and store.put(_record(99)) and store.flush()
+    store.put_feedback([Feedback("r7", 1.0, 2000.0)])
+    store.close()
+    conn = sqlite3.connect(tmp_path / "log.db")
+    assert conn.execute("SELECT COUNT(*), SUM(rows) FROM prediction_log").fetchone() == (2, 41)
+    conn.close()
+    records = read_records(tmp_path / "log.db")
+    assert [r.request_id for r in records] == [f"r{i}" for i in range(40)] + ["r99"]
+    assert records[3].prediction == 1.0 and records[3].confidence is None and records[3].group == "a"
+    assert records[3].outputs == {"probabilities": [1.0, 1.0, 1.0]} and records[-1].input_stats == {"mean": 0.5}
+    rows = store.labeled(limit=5, labeled_only=True)
+    assert [(r.request_id, r.label) for r in rows] == [("r7", 1.0)]
+
+
+def test_a_full_buffer_takes_what_fits_of_a_batch_and_counts_the_rest(tmp_path: Path) -> None:
+    store = SQLiteStore(StoreConfig(path=tmp_path / "log.db", buffer_records=50, flush_interval_s=5.0))
+    assert store.put_batch(_batch(30)) == 30
+    assert store.put_batch(_batch(30, start=30)) == 20  # the first 20 fit
+    assert store.put_batch(_batch(5, start=60)) == 0
+    store.close()
+    c = store.counts()
+    assert c["accepted_predictions"] == c["written_predictions"] == 50 and c["dropped_buffer_full"] == 15
+    assert [r.request_id for r in read_records(tmp_path / "log.db")][-1] == "r49"
+
+
+def test_retention_by_rows_deletes_whole_batches_oldest_first(tmp_path: Path) -> None:
+    store = SQLiteStore(StoreConfig(path=tmp_path / "log.db", max_rows=25, max_age_s=None))
+    for k in range(4):
+        store.put_batch(_batch(10, start=10 * k, ts=1000.0 + 100 * k))
+    store.flush()
+    store.run_retention()
+    kept = store.labeled()
+    assert [r.request_id for r in kept] == [f"r{i}" for i in range(20, 40)]  # 30 would exceed 25: 20 kept
+    store.close()
+
+
+def test_garbage_is_not_read_as_a_batch() -> None:
+    with pytest.raises(ValueError, match="not a prediction batch"):
+        unpack(b"\x05\x00\x00\x00hello")
+    blob = pack(_batch(3))
+    assert len(unpack(blob)) == 3 and unpack(blob).outputs["probabilities"].dtype == np.float32

@@ -5,26 +5,23 @@ microsecond, never blocks or raises; a full deque drops and counts). :func:`colu
 into :class:`Columns`, one per tensor signature: the rows of every request side by side, cheap to build and
 to send to another process (the server ships them to its monitor process). :meth:`Ingestor.ingest` then does
 the work, vectorized: features, out-of-distribution scores, predictions, the rolling drift window, per-key
-extraction tracking, sampling, and the prediction-log records. :meth:`Ingestor.drain` is both in one process.
+extraction tracking, sampling, and the prediction-log batch. :meth:`Ingestor.drain` is both in one process.
 """
 
 from __future__ import annotations
 
-import io
-import itertools
-import json
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import cast
 
 import numpy as np
 
 from slipstream.monitor.features import featurize
 from slipstream.monitor.profile import Profile, predictions
-from slipstream.monitor.store import PredictionRow, Store, json_rows
+from slipstream.monitor.records import PredictionBatch
+from slipstream.monitor.store import Store
 from slipstream.monitor.threats import ExtractionWatch, OODScorer, SecurityCounters
 
 log = logging.getLogger(__name__)
@@ -167,16 +164,6 @@ class WindowView:
     predicted: np.ndarray | None
     ood: np.ndarray | None
     latency_ms: np.ndarray | None
-
-
-def _objects(names: list[str], columns: list[list[str]], slot: str, rows: int) -> list[str]:
-    """Per row, the JSON object ``{name: value, ...}`` from each column's per-row JSON text (``slot`` wraps
-    the text: ``"%s"`` for a number, ``"[%s]"`` for an array)."""
-    if not names:
-        return ["{}"] * rows
-    fields = [json.dumps(n).replace("%", "%%") + ":" + slot for n in names]  # a '%' in a name is no placeholder
-    template = "{" + ",".join(fields) + "}"
-    return [template % values for values in zip(*columns, strict=True)]
 
 
 def _row_stats(x: np.ndarray) -> np.ndarray:
@@ -337,59 +324,54 @@ class Ingestor:
         conf: np.ndarray | None,
         scores: np.ndarray | None,
     ) -> None:
-        """The sampled rows as table rows, built in bulk: the JSON of every row's stats and outputs comes from
-        one encoding per column (:func:`json_rows`), the rows from one ``zip``."""
+        """The sampled rows as one :class:`PredictionBatch`: every column is a slice or a gather, no per-row
+        Python beyond the row ids of batched requests."""
         s = self.s
         raw_in, raw_out = cols.inputs, cols.outputs
         total = int(sampled.shape[0])
         rows = np.flatnonzero(sampled)
         request = np.repeat(np.arange(cols.requests), cols.counts)[rows]
-        fields: list[str] = []
-        values: list[list[str]] = []
+        stats: dict[str, np.ndarray] = {}
         for k, v in raw_in.items():
             if v.dtype.kind in "biuf":
-                stats = _row_stats(v[rows])
+                row_stats = _row_stats(v[rows])
                 for i, stat in enumerate(("mean", "std", "min", "max")):
-                    fields.append(f"{k}.{stat}")
-                    values.append(json_rows(stats[:, i : i + 1]))
-        stats_json = _objects(fields, values, "%s", len(rows))
-        names: list[str] = []
-        arrays: list[list[str]] = []
-        for k, v in raw_out.items():
-            if v.dtype.kind in "biuf" and v.size // max(total, 1) <= s.max_logged_output_values:
-                names.append(k)
-                arrays.append(json_rows(v.reshape(total, -1)[rows]))
-        outputs_json = _objects(names, arrays, "[%s]", len(rows))
+                    stats[f"{k}.{stat}"] = row_stats[:, i]
+        outputs = {
+            k: v.reshape(total, -1)[rows]
+            for k, v in raw_out.items()
+            if v.dtype.kind in "biuf" and v.size // max(total, 1) <= s.max_logged_output_values
+        }
         ids, counts, first = cols.request_ids, cols.counts.tolist(), starts.tolist()
         req = request.tolist()
         if cols.requests == total:  # one row per request: the request's own id
             rids = [ids[r] for r in req]
         else:  # rows of a batched request: ID/ROW
-            rows_l = rows.tolist()
-            rids = [ids[r] if counts[r] == 1 else f"{ids[r]}/{j - first[r]}" for j, r in zip(rows_l, req, strict=True)]
-        raws: list[bytes | None] | itertools.repeat[None] = itertools.repeat(None)
-        if s.log_raw_inputs:
-            raws = []
-            for j in rows.tolist():
-                buf = io.BytesIO()
-                one: dict[str, np.ndarray] = {k: v[j : j + 1] for k, v in raw_in.items()}
-                np.savez(buf, *(), **one)  # type: ignore[arg-type]  # numpy's stub types **kwds oddly
-                raws.append(buf.getvalue())
-        nothing = itertools.repeat(None)
-        records = cast(
-            list[PredictionRow],
-            list(
-                zip(
-                    rids, cols.ts[request].tolist(), itertools.repeat(s.model), itertools.repeat(s.version),
-                    (cols.latency_s[request] * 1000.0).tolist(), stats_json, raws, outputs_json,
-                    nothing if pred is None else pred[rows].tolist(),
-                    nothing if conf is None else conf[rows].tolist(),
-                    nothing if scores is None else scores[rows].tolist(),
-                    [cols.groups[r] for r in req], [cols.key_ids[r] for r in req],
-                )
-            ),
-        )  # fmt: skip
-        store.put_rows(records)
+            rids = [
+                ids[r] if counts[r] == 1 else f"{ids[r]}/{j - first[r]}"
+                for j, r in zip(rows.tolist(), req, strict=True)
+            ]
+
+        def pick(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else np.asarray(values, dtype=np.float64)[rows]
+
+        store.put_batch(
+            PredictionBatch(
+                model=s.model,
+                version=s.version,
+                request_ids=rids,
+                ts=cols.ts[request],
+                latency_ms=cols.latency_s[request] * 1000.0,
+                groups=[cols.groups[r] for r in req],
+                key_ids=[cols.key_ids[r] for r in req],
+                prediction=pick(pred),
+                confidence=pick(conf),
+                ood_score=pick(scores),
+                input_stats=stats,
+                outputs=outputs,
+                raw_inputs={k: v[rows] for k, v in raw_in.items()} if s.log_raw_inputs else None,
+            )
+        )
 
     def window(self) -> WindowView:
         with self._lock:

@@ -15,8 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from slipstream.errors import ConfigError
 from slipstream.monitor import svg
 from slipstream.monitor.fairness import FairnessConfig, FairnessReport, fairness_report
+from slipstream.monitor.records import concat_column
 from slipstream.monitor.service import MonitorSnapshot
-from slipstream.monitor.store import read_snapshots
+from slipstream.monitor.store import read_batches, read_snapshots
 
 
 class _Frozen(BaseModel):
@@ -67,7 +68,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         )
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
-        conn.execute("SELECT 1 FROM predictions LIMIT 1")
+        conn.execute("SELECT 1 FROM prediction_log LIMIT 1")
     except sqlite3.Error as exc:
         raise ConfigError(
             f"'{path}' is not a slipstream prediction log ({exc}).",
@@ -83,18 +84,22 @@ def summarize(
     path = Path(db)
     conn = _connect(path)
     try:
-        rows = conn.execute(
-            "SELECT p.ts, p.latency_ms, p.prediction, f.label, p.grp, p.ood_score, p.model || ':' || p.version "
-            "FROM predictions p LEFT JOIN feedback f ON f.request_id = p.request_id ORDER BY p.seq"
-        ).fetchall()
+        batches = list(read_batches(conn))
+        labels = dict(conn.execute("SELECT request_id, label FROM feedback").fetchall())
+    except ValueError as exc:
+        raise ConfigError(
+            f"'{path}' holds a logged batch this slipstream cannot read: {exc}.",
+            field="db",
+            hint="Read the log with the slipstream version that wrote it.",
+        ) from exc
     finally:
         conn.close()
-    n = len(rows)
-    ts = np.array([r[0] for r in rows], dtype=np.float64)
-    lat = np.array([r[1] for r in rows], dtype=np.float64)
-    pred = np.array([np.nan if r[2] is None else r[2] for r in rows], dtype=np.float64)
-    label = np.array([np.nan if r[3] is None else r[3] for r in rows], dtype=np.float64)
-    ood = np.array([np.nan if r[5] is None else r[5] for r in rows], dtype=np.float64)
+    ids = [rid for b in batches for rid in b.request_ids]
+    groups = [g for b in batches for g in b.groups]
+    n = len(ids)
+    ts, lat = concat_column(batches, "ts"), concat_column(batches, "latency_ms")
+    pred, ood = concat_column(batches, "prediction"), concat_column(batches, "ood_score")
+    label = np.array([labels.get(rid, np.nan) for rid in ids], dtype=np.float64)
     labeled = ~np.isnan(label) & ~np.isnan(pred)
     scored = ~np.isnan(ood)
     timeline: list[Bucket] = []
@@ -116,10 +121,13 @@ def summarize(
                     ood_share=float(np.mean(ood[sm] > ood_threshold)) if sm.any() else None,
                 )
             )
-    grouped = [i for i, r in enumerate(rows) if r[4] is not None and r[2] is not None]
+    grouped = [i for i, g in enumerate(groups) if g is not None and not np.isnan(pred[i])]
     fairness = (
         fairness_report(
-            [rows[i][4] for i in grouped], pred[grouped], label[grouped], FairnessConfig(positive_label=positive_label)
+            [str(groups[i]) for i in grouped],
+            pred[grouped],
+            label[grouped],
+            FairnessConfig(positive_label=positive_label),
         )
         if grouped
         else None
@@ -128,7 +136,7 @@ def summarize(
     parsed = [MonitorSnapshot.model_validate_json(s.body) for s in snaps]
     return DbSummary(
         path=str(path),
-        models=sorted({r[6] for r in rows}),
+        models=sorted({f"{b.model}:{b.version}" for b in batches}),
         predictions=n,
         labeled=int(labeled.sum()),
         first_ts=float(ts.min()) if n else None,

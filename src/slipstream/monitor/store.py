@@ -1,82 +1,51 @@
 """The prediction log: every sampled request and every feedback label, in SQLite (WAL) by default.
 
-One background writer thread owns the write connection and drains a bounded queue in batches, so the
-serving path pays one ``deque.append``. :meth:`SQLiteStore.put` and :meth:`SQLiteStore.put_feedback`
-never block and never raise: a full buffer, a closed store or a database error drops the record and counts
-it by reason (``dropped``), which the server exports to /metrics and the alert rules watch. Labels are kept
-in their own table and joined by request id when read, so they may arrive before or long after the
-prediction was written. Retention deletes rows older than ``max_age_s`` and beyond ``max_rows``.
+Predictions are logged in batches (:class:`~slipstream.monitor.records.PredictionBatch`, one table row per
+batch, the columns packed in one BLOB): the monitor hands over what it ingested every 50 ms at once. One
+background writer thread owns the write connection and drains a bounded queue, so the caller pays one
+``deque.append``. :meth:`SQLiteStore.put_batch` and :meth:`SQLiteStore.put_feedback` never block and never
+raise: a full buffer, a closed store or a database error drops the records and counts them by reason
+(``dropped``), which the server exports to /metrics and the alert rules watch. Labels are kept in their own
+table and joined by request id when read, so they may arrive before or long after the prediction was
+written. Retention deletes batches older than ``max_age_s`` and beyond ``max_rows`` rows.
 
 ``Store`` is the interface (a Protocol) so that a PostgreSQL store for fleets of servers can come later.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from slipstream.errors import ConfigError
+from slipstream.monitor.records import PredictionBatch, PredictionRecord, pack, unpack
 
 log = logging.getLogger(__name__)
-
-try:  # orjson (with the serve extra) encodes a record's stats ~10x faster than json: ~8 µs less per record
-    import orjson
-
-    def dumps(obj: object) -> str:
-        return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY).decode()
-
-    def _dumps_matrix(matrix: np.ndarray) -> str:
-        return orjson.dumps(np.ascontiguousarray(matrix), option=orjson.OPT_SERIALIZE_NUMPY).decode()
-
-except ImportError:  # pragma: no cover - the monitor extra alone
-    dumps = json.dumps
-
-    def _dumps_matrix(matrix: np.ndarray) -> str:
-        return json.dumps(matrix.tolist(), separators=(",", ":"))
-
-
-def json_rows(matrix: np.ndarray) -> list[str]:
-    """Each row of a 2-D numeric array as the inside of a JSON array (``"0.5,1.25"``), all rows encoded in
-    one call: ~0.1 µs a row, where a JSON encoding per row costs several times that."""
-    rows, width = matrix.shape
-    if rows == 0 or width == 0:
-        return [""] * rows
-    if matrix.dtype == np.float16:
-        matrix = matrix.astype(np.float32)
-    return _dumps_matrix(matrix)[2:-2].split("],[")
-
 
 DropReason = Literal["buffer_full", "db_error", "closed"]
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS predictions (
+CREATE TABLE IF NOT EXISTS prediction_log (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id TEXT NOT NULL UNIQUE,
-    ts REAL NOT NULL,
+    ts_first REAL NOT NULL,
+    ts_last REAL NOT NULL,
     model TEXT NOT NULL,
     version TEXT NOT NULL,
-    latency_ms REAL NOT NULL,
-    input_stats TEXT NOT NULL,
-    raw_input BLOB,
-    outputs TEXT NOT NULL,
-    prediction REAL,
-    confidence REAL,
-    ood_score REAL,
-    grp TEXT,
-    key_id TEXT
+    rows INTEGER NOT NULL,
+    body BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts);
+CREATE INDEX IF NOT EXISTS prediction_log_ts ON prediction_log (ts_last);
 CREATE TABLE IF NOT EXISTS snapshots (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     ts REAL NOT NULL,
@@ -89,51 +58,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     ts REAL NOT NULL
 );
 """
-
-
-@dataclass(slots=True)
-class PredictionRecord:
-    """One logged request. Plain slots dataclass: building one costs well under a microsecond."""
-
-    request_id: str
-    ts: float
-    model: str
-    version: str
-    latency_ms: float
-    input_stats: dict[str, float] = field(default_factory=dict)
-    outputs: dict[str, list[float]] = field(default_factory=dict)
-    prediction: float | None = None
-    confidence: float | None = None
-    ood_score: float | None = None
-    group: str | None = None
-    key_id: str | None = None
-    raw_input: bytes | None = None
-
-
-PredictionRow = tuple[
-    str,
-    float,
-    str,
-    str,
-    float,
-    str,
-    bytes | None,
-    str,
-    float | None,
-    float | None,
-    float | None,
-    str | None,
-    str | None,
-]
-"""A record in the predictions table's column order: request_id, ts, model, version, latency_ms,
-input_stats (JSON), raw_input, outputs (JSON), prediction, confidence, ood_score, grp, key_id."""
-
-
-def record_row(r: PredictionRecord) -> PredictionRow:
-    return (
-        r.request_id, r.ts, r.model, r.version, r.latency_ms, dumps(r.input_stats), r.raw_input, dumps(r.outputs),
-        r.prediction, r.confidence, r.ood_score, r.group, r.key_id,
-    )  # fmt: skip
+"""``prediction_log`` holds one row per logged batch (``body``: :func:`slipstream.monitor.records.pack`);
+read it with :func:`read_batches`. Labels are one row each, joined by request id when read."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -186,7 +112,7 @@ class Store(Protocol):
     """What the server and the monitor need from a prediction log."""
 
     def put(self, record: PredictionRecord) -> bool: ...
-    def put_rows(self, rows: Sequence[PredictionRow]) -> int: ...
+    def put_batch(self, batch: PredictionBatch) -> int: ...
     def put_feedback(self, items: Iterable[Feedback]) -> int: ...
     def labeled(
         self,
@@ -217,6 +143,7 @@ class SQLiteStore:
         self._dropped: dict[str, int] = {"buffer_full": 0, "db_error": 0, "closed": 0}
         self._written = {"predictions": 0, "feedback": 0}
         self._accepted = 0
+        self._queued = 0  # records queued (a batch counts its rows), bounded by buffer_records
         self.last_error: str | None = None
         self._closed = False
         self._idle = threading.Condition(self._lock)
@@ -250,82 +177,100 @@ class SQLiteStore:
         with self._lock:
             self._dropped[reason] += n
 
-    def _enqueue(self, item: object) -> bool:
+    def _enqueue(self, item: object, rows: int = 1) -> int:
+        """Queue ``item`` (``rows`` records); returns how many records were taken."""
         if self._closed:
-            self._drop("closed")
-            return False
-        if len(self._buf) >= self.config.buffer_records:
-            self._drop("buffer_full")
-            return False
+            self._drop("closed", rows)
+            return 0
+        with self._lock:  # uncontended: ~0.1 µs
+            room = self.config.buffer_records - self._queued
+            if room < rows:
+                self._dropped["buffer_full"] += rows
+                return 0
+            self._queued += rows
         self._buf.append(item)
-        return True
+        return rows
 
     def put(self, record: PredictionRecord) -> bool:
-        """Queue a record for writing; False (and counted) when it had to be dropped. Never blocks."""
-        return self.put_rows([record_row(record)]) == 1
+        """Queue one record; False (and counted) when it had to be dropped. Never blocks."""
+        return self.put_batch(PredictionBatch.of(record)) == 1
 
-    def put_rows(self, rows: Sequence[PredictionRow]) -> int:
-        """Queue records already in the table's column order (:func:`record_row`; the monitor builds them
-        in bulk); returns how many were accepted, the rest dropped and counted. Never blocks."""
-        if self._closed:
-            self._drop("closed", len(rows))
+    def put_batch(self, batch: PredictionBatch) -> int:
+        """Queue a batch of records; returns how many were accepted (as many as the buffer has room for),
+        the rest dropped and counted. Never blocks."""
+        n = len(batch)
+        if n == 0:
             return 0
-        room = max(0, self.config.buffer_records - len(self._buf))
-        taken = rows if len(rows) <= room else rows[:room]
-        self._buf.extend(taken)
-        with self._lock:  # uncontended: ~0.1 µs
-            self._accepted += len(taken)
-        if len(taken) < len(rows):
-            self._drop("buffer_full", len(rows) - len(taken))
-        return len(taken)
+        with self._lock:
+            room = max(0, self.config.buffer_records - self._queued)
+        if 0 < room < n:
+            self._drop("buffer_full", n - room)
+            batch, n = batch.head(room), room
+        taken = self._enqueue(batch, n)
+        if taken:
+            with self._lock:
+                self._accepted += taken
+        return taken
 
     def put_feedback(self, items: Iterable[Feedback]) -> int:
         """Queue labels (one or many); returns how many were accepted. Never blocks."""
-        return sum(1 for item in items if self._enqueue(item))
+        return sum(self._enqueue(item) for item in items)
 
     def put_snapshot(self, snapshot: Snapshot) -> bool:
         """Queue a monitor summary; never blocks (dropped and counted like a record when it must)."""
-        return self._enqueue(snapshot)
+        return self._enqueue(snapshot) == 1
 
     # -- the writer thread ------------------------------------------------------------------------
 
+    def _take(self) -> tuple[list[object], int]:
+        """Queued items holding up to ``batch_records`` records (at least one item), and their records."""
+        items: list[object] = []
+        rows = 0
+        while self._buf and (not items or rows < self.config.batch_records):
+            item = self._buf.popleft()
+            items.append(item)
+            rows += len(item) if isinstance(item, PredictionBatch) else 1
+        return items, rows
+
     def _run(self) -> None:
-        # Wake every flush interval (or when flush/close asks) and drain the queue in batches: one
-        # transaction per batch, and no thread switch per request (a get() per record would wake this
-        # thread on every put and commit one record at a time).
+        # Wake every flush interval (or when flush/close asks) and drain the queue: one transaction per
+        # ``batch_records`` records, and no thread switch per put.
         conn: sqlite3.Connection | None = None
         while True:
             self._wake.wait(self.config.flush_interval_s)
             self._wake.clear()
             stopping = self._closed
             while True:
-                with self._idle:  # taking a batch and marking it in flight is one step for flush()
-                    batch = [self._buf.popleft() for _ in range(min(len(self._buf), self.config.batch_records))]
-                    self._inflight = len(batch)
-                if not batch:
+                with self._idle:  # taking items and marking them in flight is one step for flush()
+                    items, rows = self._take()
+                    self._inflight = rows
+                    self._queued -= rows
+                if not items:
                     break
-                conn = self._write_batch(conn, batch)
+                conn = self._write_batch(conn, items, rows)
             if self._clock() - self._last_retention >= self.config.retention_interval_s:
                 self._last_retention = self._clock()
-                conn = self._write_batch(conn, [])
+                conn = self._write_batch(conn, [], 0)
             if stopping:
                 break
         if conn is not None:
             conn.close()
 
-    def _write_batch(self, conn: sqlite3.Connection | None, batch: list[object]) -> sqlite3.Connection | None:
-        """Write one batch (an empty batch runs retention); on failure drop it, count it, reconnect later."""
+    def _write_batch(
+        self, conn: sqlite3.Connection | None, items: list[object], rows: int
+    ) -> sqlite3.Connection | None:
+        """Write queued items (none: run retention); on failure drop them, count them, reconnect later."""
         try:
             if conn is None:
                 conn = self._connect()
-            if batch:
-                self._write(conn, batch)
+            if items:
+                self._write(conn, items)
             else:
                 self._retain(conn)
         except Exception as exc:  # the writer must outlive any failure; every loss is counted, never silent
             self.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("prediction log: dropped %d record(s): %s", len(batch), self.last_error)
-            self._drop("db_error", len(batch))
+            log.warning("prediction log: dropped %d record(s): %s", rows, self.last_error)
+            self._drop("db_error", rows)
             if conn is not None:
                 conn.close()
             conn = None
@@ -335,21 +280,20 @@ class SQLiteStore:
                 self._idle.notify_all()
         return conn
 
-    def _write(self, conn: sqlite3.Connection, batch: Sequence[object]) -> None:
-        preds = [r for r in batch if type(r) is tuple]
-        labels = [r for r in batch if isinstance(r, Feedback)]
-        snaps = [r for r in batch if isinstance(r, Snapshot)]
+    def _write(self, conn: sqlite3.Connection, items: list[object]) -> None:
+        batches = [b for b in items if isinstance(b, PredictionBatch)]
+        labels = [r for r in items if isinstance(r, Feedback)]
+        snaps = [r for r in items if isinstance(r, Snapshot)]
         with conn:
             if snaps:
                 conn.executemany(
                     "INSERT INTO snapshots (ts, model, body) VALUES (?, ?, ?)", [(x.ts, x.model, x.body) for x in snaps]
                 )
-            if preds:
+            if batches:
                 conn.executemany(
-                    "INSERT OR REPLACE INTO predictions (request_id, ts, model, version, latency_ms, input_stats, "
-                    "raw_input, outputs, prediction, confidence, ood_score, grp, key_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    preds,
+                    "INSERT INTO prediction_log (ts_first, ts_last, model, version, rows, body) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [(float(b.ts.min()), float(b.ts.max()), b.model, b.version, len(b), pack(b)) for b in batches],
                 )
             if labels:
                 conn.executemany(
@@ -357,24 +301,26 @@ class SQLiteStore:
                     [(f.request_id, f.label, f.ts) for f in labels],
                 )
         with self._lock:
-            self._written["predictions"] += len(preds)
+            self._written["predictions"] += sum(len(b) for b in batches)
             self._written["feedback"] += len(labels)
 
     def _retain(self, conn: sqlite3.Connection) -> None:
+        now = self._clock()
         with conn:
             if self.config.max_age_s is not None:
-                conn.execute("DELETE FROM predictions WHERE ts < ?", (self._clock() - self.config.max_age_s,))
-            if self.config.max_rows is not None:
+                conn.execute("DELETE FROM prediction_log WHERE ts_last < ?", (now - self.config.max_age_s,))
+                conn.execute("DELETE FROM snapshots WHERE ts < ?", (now - self.config.max_age_s,))
+            if self.config.max_rows is not None:  # whole batches, newest kept: at most max_rows rows remain
                 conn.execute(
-                    "DELETE FROM predictions WHERE seq <= (SELECT MAX(seq) FROM predictions) - ?",
+                    "DELETE FROM prediction_log WHERE seq <= (SELECT seq FROM (SELECT seq, SUM(rows) OVER "
+                    "(ORDER BY seq DESC) AS newer FROM prediction_log) WHERE newer > ? ORDER BY seq DESC LIMIT 1)",
                     (self.config.max_rows,),
                 )
-            if self.config.max_age_s is not None:
-                conn.execute("DELETE FROM snapshots WHERE ts < ?", (self._clock() - self.config.max_age_s,))
-            conn.execute(
-                "DELETE FROM feedback WHERE request_id NOT IN (SELECT request_id FROM predictions) AND ts < ?",
-                (self._clock() - (self.config.max_age_s or 7 * 86400),),
-            )
+            # A label outlives its prediction only while it is young: labels come after their predictions,
+            # so one older than the oldest kept prediction (or than max_age_s) has lost it.
+            oldest = conn.execute("SELECT MIN(ts_first) FROM prediction_log").fetchone()[0]
+            cutoff = now - (self.config.max_age_s or 7 * 86400)
+            conn.execute("DELETE FROM feedback WHERE ts < ?", (cutoff if oldest is None else max(cutoff, oldest),))
 
     def run_retention(self) -> None:
         """Apply retention now (the writer also runs it every ``retention_interval_s``)."""
@@ -397,35 +343,25 @@ class SQLiteStore:
     ) -> list[LabeledRow]:
         """Predictions (oldest first) joined with their labels; ``limit`` keeps the newest ``limit`` rows,
         ``labeled_only`` only those whose label has come."""
-        sql = (
-            "SELECT p.request_id, p.ts, p.prediction, p.confidence, f.label, p.grp, p.key_id, p.latency_ms, "
-            "p.ood_score FROM predictions p LEFT JOIN feedback f ON f.request_id = p.request_id"
-        )
-        params: list[object] = []
-        where = []
-        if since_ts is not None:
-            where.append("p.ts >= ?")
-            params.append(since_ts)
-        if labeled_only:
-            where.append("f.label IS NOT NULL")
-        if model is not None:
-            where.append("p.model = ?")
-            params.append(model)
-        if version is not None:
-            where.append("p.version = ?")
-            params.append(version)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY p.seq DESC"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
         conn = sqlite3.connect(self.config.path, timeout=self.config.busy_timeout_ms / 1000)
         try:
-            rows = conn.execute(sql, params).fetchall()
+            chunks: list[list[LabeledRow]] = []  # newest first
+            total = 0
+            for batch in read_batches(conn, since_ts=since_ts, model=model, version=version, newest_first=True):
+                labels = labels_for(conn, batch.request_ids)
+                keep = [
+                    r
+                    for r in _labeled_rows(batch, labels)
+                    if (since_ts is None or r.ts >= since_ts) and (not labeled_only or r.label is not None)
+                ]
+                chunks.append(keep)
+                total += len(keep)
+                if limit is not None and total >= limit:
+                    break
+            out = [r for chunk in reversed(chunks) for r in chunk]
+            return out[len(out) - limit :] if limit is not None and len(out) > limit else out
         finally:
             conn.close()
-        return [LabeledRow(*row) for row in reversed(rows)]
 
     def snapshots(self, *, limit: int | None = None) -> list[Snapshot]:
         """Stored monitor summaries, oldest first (the newest ``limit`` when given)."""
@@ -438,7 +374,7 @@ class SQLiteStore:
             out.update({f"written_{k}": v for k, v in self._written.items()})
             out["accepted_predictions"] = self._accepted
             out["dropped"] = sum(self._dropped.values())
-            out["pending"] = len(self._buf) + self._inflight
+            out["pending"] = self._queued + self._inflight
         return out
 
     def flush(self, timeout_s: float = 5.0) -> bool:
@@ -464,8 +400,8 @@ class SQLiteStore:
         # A put that raced with close may have queued after the writer's last drain: count it, never lose it.
         late = 0
         while self._buf:
-            self._buf.popleft()
-            late += 1
+            item = self._buf.popleft()
+            late += len(item) if isinstance(item, PredictionBatch) else 1
         if late:
             self._drop("closed", late)
 
@@ -476,6 +412,62 @@ def _connect(config: StoreConfig) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(f"PRAGMA busy_timeout={config.busy_timeout_ms}")
     return conn
+
+
+def read_batches(
+    conn: sqlite3.Connection,
+    *,
+    since_ts: float | None = None,
+    model: str | None = None,
+    version: str | None = None,
+    newest_first: bool = False,
+) -> Iterator[PredictionBatch]:
+    """The logged batches (oldest first unless ``newest_first``), read one at a time; ``since_ts`` skips
+    batches that end before it (a batch that straddles it comes whole)."""
+    sql = "SELECT body FROM prediction_log"
+    where, params = [], []
+    for clause, value in (("ts_last >= ?", since_ts), ("model = ?", model), ("version = ?", version)):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY seq DESC" if newest_first else " ORDER BY seq"
+    for (body,) in conn.execute(sql, params):
+        yield unpack(body)
+
+
+def read_records(path: Path, *, timeout_s: float = 1.0) -> list[PredictionRecord]:
+    """Every logged prediction in a log file, one record per row, oldest first (for exports and tests)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout_s)
+    try:
+        return [record for batch in read_batches(conn) for record in batch.records()]
+    finally:
+        conn.close()
+
+
+def labels_for(conn: sqlite3.Connection, request_ids: list[str]) -> dict[str, float]:
+    """The labels that have come for these request ids (one indexed query)."""
+    rows = conn.execute(
+        "SELECT request_id, label FROM feedback WHERE request_id IN (SELECT value FROM json_each(?))",
+        (orjson.dumps(request_ids).decode(),),
+    )
+    return dict(rows.fetchall())
+
+
+def _labeled_rows(batch: PredictionBatch, labels: dict[str, float]) -> list[LabeledRow]:
+    def col(values: np.ndarray | None) -> list[float | None]:
+        if values is None:
+            return [None] * len(batch)
+        return [None if v != v else v for v in values.tolist()]  # NaN: none
+
+    return [
+        LabeledRow(rid, ts, pred, conf, labels.get(rid), grp, key, lat, ood)
+        for rid, ts, pred, conf, grp, key, lat, ood in zip(
+            batch.request_ids, batch.ts.tolist(), col(batch.prediction), col(batch.confidence), batch.groups,
+            batch.key_ids, batch.latency_ms.tolist(), col(batch.ood_score), strict=True,
+        )
+    ]  # fmt: skip
 
 
 def read_snapshots(path: Path, *, limit: int | None = None, timeout_s: float = 1.0) -> list[Snapshot]:
