@@ -248,7 +248,18 @@ def accounting(base: str) -> dict[str, float]:
     store = doc["store"]
     return {"requests": doc["requests"], "sampled": doc["sampled"], "written": store["written_predictions"],
             "pending": store["pending"], "dropped": store["dropped"], "ingest_dropped": doc["ingest_dropped"],
-            "lost": float(lost.group(1)) if lost else 0.0}  # fmt: skip
+            "lost": float(lost.group(1)) if lost else 0.0,
+            **{k: store[k] for k in ("dropped_buffer_full", "dropped_db_error", "dropped_closed")}}  # fmt: skip
+
+
+def dropped(acc: dict[str, float]) -> str:
+    """The log's drops, with their reasons when there are any."""
+    why = [
+        f"{k.removeprefix('dropped_').replace('_', ' ')} {v:,.0f}"
+        for k, v in acc.items()
+        if k.startswith("dropped_") and v
+    ]
+    return f"{acc['dropped']:,.0f}" + (f" ({', '.join(why)})" if why else "")
 
 
 def first(timeline: list[dict[str, Any]], rule: str) -> str:
@@ -392,7 +403,7 @@ def write_report(
     ]
     for name, acc in logged.items():
         lines.append(f"| {name} | {acc['requests']:,.0f} | {acc['sampled']:,.0f} | {acc['written']:,.0f} | "
-                     f"{acc['pending']:,.0f} | {acc['dropped']:,.0f} | {acc['ingest_dropped']:,.0f} | "
+                     f"{acc['pending']:,.0f} | {dropped(acc)} | {acc['ingest_dropped']:,.0f} | "
                      f"{acc['lost']:,.0f} |")  # fmt: skip
     lines += [
         "",

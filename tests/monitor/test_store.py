@@ -182,3 +182,20 @@ def test_garbage_is_not_read_as_a_batch() -> None:
         unpack(b"\x05\x00\x00\x00hello")
     blob = pack(_batch(3))
     assert len(unpack(blob)) == 3 and unpack(blob).outputs["probabilities"].dtype == np.float32
+
+
+def test_text_inputs_are_logged_as_text() -> None:
+    batch = _batch(2)
+    batch.raw_inputs = {"text": np.array([b"h\xc3\xa9llo", "plain"], dtype=object), "x": np.eye(2, dtype=np.float16)}
+    raw = unpack(pack(batch)).raw_inputs
+    assert raw is not None and raw["text"].tolist() == ["héllo", "plain"] and raw["x"].dtype == np.float16
+
+
+def test_the_buffer_is_bounded_in_bytes_too(tmp_path: Path) -> None:
+    store = SQLiteStore(StoreConfig(path=tmp_path / "log.db", buffer_mb=0.05, flush_interval_s=5.0))
+    batch = _batch(20)
+    batch.raw_inputs = {"image": np.zeros((20, 3, 32, 32), np.float32)}  # ~12 KB a row
+    taken = store.put_batch(batch)
+    assert 0 < taken < 5 and store.counts()["dropped_buffer_full"] == 20 - taken
+    store.close()
+    assert len(read_records(tmp_path / "log.db")) == taken

@@ -99,7 +99,12 @@ class StoreConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     path: Path = Field(description="SQLite database file (created with its directory).")
-    buffer_records: int = Field(default=10_000, ge=1, description="Bounded queue between requests and the writer.")
+    buffer_records: int = Field(
+        default=100_000, ge=1, description="Records the queue between the monitor and the writer holds at most."
+    )
+    buffer_mb: float = Field(
+        default=256.0, gt=0, description="Megabytes the queue holds at most (logged raw inputs make records big)."
+    )
     batch_records: int = Field(default=500, ge=1, description="Records written per transaction at most.")
     flush_interval_s: float = Field(default=0.2, gt=0, description="Longest a record waits before it is written.")
     busy_timeout_ms: int = Field(default=1000, ge=0, description="How long a write waits for a lock.")
@@ -144,6 +149,8 @@ class SQLiteStore:
         self._written = {"predictions": 0, "feedback": 0}
         self._accepted = 0
         self._queued = 0  # records queued (a batch counts its rows), bounded by buffer_records
+        self._queued_bytes = 0  # the queued batches' arrays, bounded by buffer_mb
+        self._max_bytes = int(config.buffer_mb * 1e6)
         self.last_error: str | None = None
         self._closed = False
         self._idle = threading.Condition(self._lock)
@@ -177,18 +184,21 @@ class SQLiteStore:
         with self._lock:
             self._dropped[reason] += n
 
-    def _enqueue(self, item: object, rows: int = 1) -> int:
-        """Queue ``item`` (``rows`` records); returns how many records were taken."""
+    def _enqueue(self, item: object, rows: int = 1, size: int = 0) -> int:
+        """Queue ``item`` (``rows`` records, ``size`` bytes); returns how many records were taken."""
         if self._closed:
             self._drop("closed", rows)
             return 0
         with self._lock:  # uncontended: ~0.1 µs
-            room = self.config.buffer_records - self._queued
-            if room < rows:
+            if self._queued + rows > self.config.buffer_records or self._queued_bytes + size > self._max_bytes:
                 self._dropped["buffer_full"] += rows
                 return 0
             self._queued += rows
+            self._queued_bytes += size
+            busy = self._queued * 4 >= self.config.buffer_records or self._queued_bytes * 4 >= self._max_bytes
         self._buf.append(item)
+        if busy:  # a quarter full: write now rather than at the next flush interval
+            self._wake.set()
         return rows
 
     def put(self, record: PredictionRecord) -> bool:
@@ -198,15 +208,18 @@ class SQLiteStore:
     def put_batch(self, batch: PredictionBatch) -> int:
         """Queue a batch of records; returns how many were accepted (as many as the buffer has room for),
         the rest dropped and counted. Never blocks."""
-        n = len(batch)
+        n, size = len(batch), batch.nbytes
         if n == 0:
             return 0
         with self._lock:
-            room = max(0, self.config.buffer_records - self._queued)
+            room = min(
+                self.config.buffer_records - self._queued, int((self._max_bytes - self._queued_bytes) * n // size)
+            )
         if 0 < room < n:
             self._drop("buffer_full", n - room)
-            batch, n = batch.head(room), room
-        taken = self._enqueue(batch, n)
+            batch = batch.head(room)
+            n, size = room, batch.nbytes
+        taken = self._enqueue(batch, n, size)
         if taken:
             with self._lock:
                 self._accepted += taken
@@ -222,15 +235,19 @@ class SQLiteStore:
 
     # -- the writer thread ------------------------------------------------------------------------
 
-    def _take(self) -> tuple[list[object], int]:
-        """Queued items holding up to ``batch_records`` records (at least one item), and their records."""
+    def _take(self) -> tuple[list[object], int, int]:
+        """Queued items holding up to ``batch_records`` records (at least one item), their records and bytes."""
         items: list[object] = []
-        rows = 0
+        rows = size = 0
         while self._buf and (not items or rows < self.config.batch_records):
             item = self._buf.popleft()
             items.append(item)
-            rows += len(item) if isinstance(item, PredictionBatch) else 1
-        return items, rows
+            if isinstance(item, PredictionBatch):
+                rows += len(item)
+                size += item.nbytes
+            else:
+                rows += 1
+        return items, rows, size
 
     def _run(self) -> None:
         # Wake every flush interval (or when flush/close asks) and drain the queue: one transaction per
@@ -242,9 +259,10 @@ class SQLiteStore:
             stopping = self._closed
             while True:
                 with self._idle:  # taking items and marking them in flight is one step for flush()
-                    items, rows = self._take()
+                    items, rows, size = self._take()
                     self._inflight = rows
                     self._queued -= rows
+                    self._queued_bytes -= size
                 if not items:
                     break
                 conn = self._write_batch(conn, items, rows)
