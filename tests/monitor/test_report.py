@@ -74,6 +74,17 @@ def test_cli_status_and_report(log_db: Path, tmp_path: Path) -> None:
     assert html.read_text(encoding="utf-8").startswith("<!doctype html>")
 
 
+def test_cli_exports_every_row_with_its_label(log_db: Path, tmp_path: Path, digits: Digits) -> None:
+    out = tmp_path / "rows.jsonl"
+    done = runner.invoke(app, ["monitor", "export", "--db", str(log_db), "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 600 and "600 rows" in done.output and not list(tmp_path.glob(".*.tmp"))
+    first = rows[0]
+    assert first["request_id"] == "c0" and first["label"] == float(digits.y_live[0]) and first["model"] == "digits"
+    assert len(first["outputs"]["probabilities"]) == 10 and set(first["input_stats"]) >= {"pixels.mean"}
+
+
 def test_cli_refuses_a_missing_or_foreign_db(tmp_path: Path) -> None:
     missing = runner.invoke(app, ["monitor", "status", "--db", str(tmp_path / "nope.db")])
     assert missing.exit_code == 1 and "No prediction log" in missing.output

@@ -1,4 +1,4 @@
-"""`slipstream monitor status|report`: read a prediction log offline."""
+"""`slipstream monitor status|report|export|profile`: read a prediction log offline, profile a bundle."""
 
 from __future__ import annotations
 
@@ -89,6 +89,21 @@ def report(
         html = render_html(summarize(db, positive_label=positive_label))
     output.write_text(html, encoding="utf-8")
     console.print(f"wrote {output} ({len(html) // 1024} KiB)")
+
+
+@monitor_app.command()
+def export(
+    db: DbOpt,
+    output: Annotated[Path, typer.Option("-o", "--output", help="The JSON-lines file to write.")] = Path(
+        "predictions.jsonl"
+    ),
+) -> None:
+    """Write every logged prediction, with its label once it came, as one JSON object per line."""
+    from slipstream.monitor.report import export_rows
+
+    with reporting(as_json=False):
+        rows = export_rows(db, output)
+    console.print(f"wrote {output} ({rows} rows)")
 
 
 @monitor_app.command()

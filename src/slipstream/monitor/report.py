@@ -5,11 +5,13 @@ realized and estimated, per-group metrics, security events and alerts. Reads the
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from html import escape
 from pathlib import Path
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from slipstream.errors import ConfigError
@@ -17,7 +19,7 @@ from slipstream.monitor import svg
 from slipstream.monitor.fairness import FairnessConfig, FairnessReport, fairness_report
 from slipstream.monitor.records import concat_column
 from slipstream.monitor.service import MonitorSnapshot
-from slipstream.monitor.store import read_batches, read_snapshots
+from slipstream.monitor.store import labels_for, read_batches, read_snapshots
 
 
 class _Frozen(BaseModel):
@@ -76,6 +78,35 @@ def _connect(path: Path) -> sqlite3.Connection:
             hint="Pass the SQLite file the server logs to.",
         ) from exc
     return conn
+
+
+def export_rows(db: str | Path, output: Path) -> int:
+    """Every logged prediction with its label (null until it comes) as JSON lines, batch by batch (the log
+    is never held in memory whole); written to a temporary file and renamed, so a failure leaves no half
+    file. Returns the number of rows."""
+    path = Path(db)
+    conn = _connect(path)
+    tmp = output.with_name(f".{output.name}.tmp")
+    rows = 0
+    try:
+        with tmp.open("wb") as f:
+            for batch in read_batches(conn):
+                labels = labels_for(conn, batch.request_ids)
+                for record in batch.records():
+                    doc = {**dataclasses.asdict(record), "label": labels.get(record.request_id)}
+                    f.write(orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE))
+                    rows += 1
+        tmp.replace(output)
+    except ValueError as exc:
+        raise ConfigError(
+            f"'{path}' holds a logged batch this slipstream cannot read: {exc}.",
+            field="db",
+            hint="Read the log with the slipstream version that wrote it.",
+        ) from exc
+    finally:
+        conn.close()
+        tmp.unlink(missing_ok=True)
+    return rows
 
 
 def summarize(
