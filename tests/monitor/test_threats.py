@@ -23,6 +23,17 @@ def test_ood_score_separates_real_digits_from_shifted_ones(digits_profile: Profi
     assert scorer.score({"pixels": broken})[0] == np.inf and np.isfinite(scorer.score({"pixels": broken})[1])
 
 
+def test_one_row_scores_the_same_on_the_fast_path(digits_profile: Profile, digits: Digits) -> None:
+    scorer = OODScorer(digits_profile)
+    rows = np.concatenate([digits.x_live[:20], Digits.inverted(digits.x_live[:20])])
+    one = [scorer.score_one({"pixels": rows[i : i + 1]}) for i in range(len(rows))]
+    np.testing.assert_allclose(np.array(one, dtype=np.float64), scorer.score({"pixels": rows}), rtol=1e-4, atol=1e-4)
+    assert scorer.score_one({"pixels": rows[:2]}) is None  # several rows: the batch path
+    broken = rows[:1].copy()
+    broken[0, 3] = np.nan
+    assert scorer.score_one({"pixels": broken}) == np.inf == scorer.score({"pixels": broken})[0]
+
+
 def test_probing_by_small_steps_flags_a_key_and_ordinary_traffic_does_not(digits: Digits) -> None:
     watch = ExtractionWatch(ThreatConfig(extraction_min_requests=30))
     rng = np.random.default_rng(0)

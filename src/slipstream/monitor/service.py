@@ -84,7 +84,6 @@ class Screening:
     """The out-of-distribution verdict on one request's rows."""
 
     scores: np.ndarray | None
-    z: np.ndarray | None
     reject: bool
 
     @property
@@ -162,22 +161,25 @@ class RequestPath:
         """Out-of-distribution scores for a request's rows, before inference; counts OOD rows and, with
         ``reject_ood_above`` set, the refusal. A failure gives no scores and is counted (``screen_errors``)."""
         if self.scorer is None:
-            return Screening(None, None, False)
+            return Screening(None, False)
+        t = self.config.threats
         try:
-            z = self.scorer.standardize(inputs)
-            scores = self.scorer.score_standardized(z)
+            one = self.scorer.score_one(inputs)  # one row, the usual request: Python floats, no reductions
+            if one is not None:
+                worst, scores = one, np.array([one])
+                over = int(worst > t.ood_threshold)
+            else:
+                scores = self.scorer.score(inputs)
+                worst = float(scores.max()) if scores.size else -np.inf  # the worst row decides
+                over = int(np.sum(scores > t.ood_threshold))
         except Exception:  # screening must never fail a request
             self.screen_errors += 1
-            return Screening(None, None, False)
-        t = self.config.threats
-        # The worst row decides; one Python comparison instead of two array reductions (a request is one row).
-        worst = float(scores.max()) if scores.size else -np.inf
+            return Screening(None, False)
         reject = t.reject_ood_above is not None and worst > t.reject_ood_above
-        over = int(worst > t.ood_threshold) if scores.size == 1 else int(np.sum(scores > t.ood_threshold))
         self.counters.ood(over, reject)
         if reject:
             self.counters.rejected("out_of_distribution")
-        return Screening(scores, z, reject)
+        return Screening(scores, reject)
 
     def observe(
         self,
