@@ -199,3 +199,16 @@ def test_the_buffer_is_bounded_in_bytes_too(tmp_path: Path) -> None:
     assert 0 < taken < 5 and store.counts()["dropped_buffer_full"] == 20 - taken
     store.close()
     assert len(read_records(tmp_path / "log.db")) == taken
+
+
+def test_a_windowed_read_looks_back_only_so_far_for_labels(tmp_path: Path) -> None:
+    store = SQLiteStore(StoreConfig(path=tmp_path / "log.db", max_scan_rows=50))
+    assert store.labeled(limit=5, labeled_only=True) == []  # no label at all
+    for k in range(10):
+        store.put_batch(_batch(10, start=10 * k, ts=1000.0 + 10 * k))
+    store.put_feedback([Feedback("r0", 1.0, 2000.0), Feedback("r95", 0.0, 2000.0)])
+    store.flush()
+    assert [r.request_id for r in store.labeled(limit=5, labeled_only=True)] == ["r95"]  # r0 is 100 rows back
+    assert [r.request_id for r in store.labeled(labeled_only=True)] == ["r0", "r95"]  # no window: all of it
+    assert [r.request_id for r in store.labeled(since_ts=1097.5)] == ["r98", "r99"]  # inside a batch too
+    store.close()

@@ -141,6 +141,13 @@ def _psi(p: np.ndarray, q: np.ndarray, eps: float) -> np.ndarray:
     return np.asarray(np.sum((qs - ps) * np.log(qs / ps), axis=1))
 
 
+def load_statistics() -> None:
+    """Import the scipy functions the drift tests use now (~1 s of CPU once), not at the first evaluation: a
+    server's monitor process calls this before it reports ready, so the import never lands under load."""
+    from scipy.spatial.distance import jensenshannon  # noqa: F401
+    from scipy.stats import chi2, false_discovery_control, kstwo  # noqa: F401
+
+
 def _js(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     from scipy.spatial.distance import jensenshannon
 

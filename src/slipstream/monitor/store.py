@@ -111,6 +111,9 @@ class StoreConfig(BaseModel):
     max_age_s: float | None = Field(default=7 * 86400, gt=0, description="Delete predictions older than this.")
     max_rows: int | None = Field(default=1_000_000, ge=1, description="Keep at most this many predictions.")
     retention_interval_s: float = Field(default=60.0, gt=0, description="How often retention runs.")
+    max_scan_rows: int = Field(
+        default=200_000, ge=1, description="Rows a windowed read (the monitor's quality window) looks back through."
+    )
 
 
 class Store(Protocol):
@@ -360,21 +363,23 @@ class SQLiteStore:
         version: str | None = None,
     ) -> list[LabeledRow]:
         """Predictions (oldest first) joined with their labels; ``limit`` keeps the newest ``limit`` rows,
-        ``labeled_only`` only those whose label has come."""
+        ``labeled_only`` only those whose label has come. With a ``limit``, the read looks back through at
+        most ``max_scan_rows`` rows (labels for older predictions are not looked for)."""
         conn = sqlite3.connect(self.config.path, timeout=self.config.busy_timeout_ms / 1000)
         try:
+            if labeled_only and conn.execute("SELECT 1 FROM feedback LIMIT 1").fetchone() is None:
+                return []  # no label at all: nothing to look for
             chunks: list[list[LabeledRow]] = []  # newest first
-            total = 0
+            total = scanned = 0
+            budget = None if limit is None else max(limit, self.config.max_scan_rows)
             for batch in read_batches(conn, since_ts=since_ts, model=model, version=version, newest_first=True):
                 labels = labels_for(conn, batch.request_ids)
-                keep = [
-                    r
-                    for r in _labeled_rows(batch, labels)
-                    if (since_ts is None or r.ts >= since_ts) and (not labeled_only or r.label is not None)
-                ]
-                chunks.append(keep)
-                total += len(keep)
-                if limit is not None and total >= limit:
+                if labels or not labeled_only:
+                    keep = _labeled_rows(batch, labels, since_ts=since_ts, labeled_only=labeled_only)
+                    chunks.append(keep)
+                    total += len(keep)
+                scanned += len(batch)
+                if limit is not None and (total >= limit or (budget is not None and scanned >= budget)):
                     break
             out = [r for chunk in reversed(chunks) for r in chunk]
             return out[len(out) - limit :] if limit is not None and len(out) > limit else out
@@ -473,17 +478,29 @@ def labels_for(conn: sqlite3.Connection, request_ids: list[str]) -> dict[str, fl
     return dict(rows.fetchall())
 
 
-def _labeled_rows(batch: PredictionBatch, labels: dict[str, float]) -> list[LabeledRow]:
+def _labeled_rows(
+    batch: PredictionBatch, labels: dict[str, float], *, since_ts: float | None, labeled_only: bool
+) -> list[LabeledRow]:
+    """The batch's rows at or after ``since_ts`` (those with a label only, when asked) as LabeledRows."""
+    keep = np.ones(len(batch), dtype=bool)
+    if since_ts is not None:
+        keep &= batch.ts >= since_ts
+    if labeled_only:
+        keep &= np.fromiter((rid in labels for rid in batch.request_ids), dtype=bool, count=len(batch))
+    idx = np.flatnonzero(keep).tolist()
+
     def col(values: np.ndarray | None) -> list[float | None]:
         if values is None:
-            return [None] * len(batch)
-        return [None if v != v else v for v in values.tolist()]  # NaN: none
+            return [None] * len(idx)
+        return [None if v != v else v for v in values[idx].tolist()]  # NaN: none
 
+    ids = [batch.request_ids[i] for i in idx]
     return [
         LabeledRow(rid, ts, pred, conf, labels.get(rid), grp, key, lat, ood)
         for rid, ts, pred, conf, grp, key, lat, ood in zip(
-            batch.request_ids, batch.ts.tolist(), col(batch.prediction), col(batch.confidence), batch.groups,
-            batch.key_ids, batch.latency_ms.tolist(), col(batch.ood_score), strict=True,
+            ids, batch.ts[idx].tolist(), col(batch.prediction), col(batch.confidence),
+            [batch.groups[i] for i in idx], [batch.key_ids[i] for i in idx], batch.latency_ms[idx].tolist(),
+            col(batch.ood_score), strict=True,
         )
     ]  # fmt: skip
 
