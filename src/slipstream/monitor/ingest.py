@@ -167,9 +167,16 @@ class WindowView:
 
 
 def _row_stats(x: np.ndarray) -> np.ndarray:
-    """Mean, std, min and max of each row: ``[rows, 4]``."""
-    flat = x.reshape(x.shape[0], -1).astype(np.float64, copy=False)
-    return np.stack([flat.mean(axis=1), flat.std(axis=1), flat.min(axis=1), flat.max(axis=1)], axis=1)
+    """Mean, std, min and max of each row: ``[rows, 4]``, sums in float64 over the rows' own dtype (no copy),
+    the std from the sums of values and of squares (two passes fewer than ``np.std``)."""
+    flat = x.reshape(x.shape[0], -1)
+    if flat.dtype.kind not in "f":
+        flat = flat.astype(np.float64)
+    n = max(flat.shape[1], 1)
+    mean = np.add.reduce(flat, axis=1, dtype=np.float64) / n
+    square = np.einsum("ij,ij->i", flat, flat, dtype=np.float64) / n
+    std = np.sqrt(np.maximum(square - mean * mean, 0.0))
+    return np.stack([mean, std, flat.min(axis=1), flat.max(axis=1)], axis=1)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slipstream.errors import ConfigError, DataError, SchemaError
 from slipstream.monitor import binning
+from slipstream.monitor._blas import cross
 from slipstream.monitor.features import TensorKind, channel_pixels, feature_names, featurize, tensor_kind
 
 if TYPE_CHECKING:
@@ -331,9 +332,8 @@ def reconstruction_error(z: np.ndarray, components: np.ndarray) -> np.ndarray:
         proj = z @ components.T
         resid = (z * z).sum(axis=1) - (proj * proj).sum(axis=1)
         return np.asarray(np.maximum(resid, 0.0) / z.shape[1], dtype=np.float64)
-    # Small products (an ingest batch) stay off BLAS: on busy cores OpenBLAS's thread start-up costs far more
-    # than the arithmetic. Large windows (drift) are worth BLAS.
-    proj = np.einsum("ij,kj->ik", z, components) if z.shape[0] * components.size < 2_000_000 else z @ components.T
+    # Small products (an ingest batch) stay off BLAS's threads (_blas.cross); large windows (drift) are worth them.
+    proj = cross(z, components) if z.shape[0] * components.size < 2_000_000 else z @ components.T
     resid = np.einsum("ij,ij->i", z, z) - np.einsum("ij,ij->i", proj, proj)
     return np.asarray(np.maximum(resid, 0.0) / z.shape[1], dtype=np.float64)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -26,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from slipstream.errors import ConfigError, SlipstreamError
+from slipstream.monitor._blas import cross
 from slipstream.monitor.features import featurize
 from slipstream.monitor.profile import Profile, reconstruction_error
 
@@ -128,17 +128,6 @@ class KeyActivity(_Frozen):
     reason: str
 
 
-# A BLAS call this small spins up OpenBLAS threads, which on busy cores costs 50× the arithmetic (measured),
-# so einsum (this thread only) is used, unless BLAS was limited to one thread: then @ is 6× faster than
-# einsum. The server's monitor process runs that way (slipstream.serve.monitor_proxy sets the variable).
-_ONE_BLAS_THREAD = os.environ.get("OPENBLAS_NUM_THREADS") == "1"
-
-
-def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b.T``, on this thread only."""
-    return np.asarray(a @ b.T) if _ONE_BLAS_THREAD else np.einsum("ij,kj->ik", a, b)
-
-
 class ExtractionWatch:
     """Per-key volume and near-duplicate probing over a sliding window. Thread-safe; O(history) per call."""
 
@@ -178,7 +167,7 @@ class ExtractionWatch:
                 sq = (
                     np.einsum("ij,ij->i", chunk, chunk)[:, None]
                     + np.einsum("ij,ij->i", cand, cand)[None, :]
-                    - 2 * _cross(chunk, cand)
+                    - 2 * cross(chunk, cand)
                 )
                 earlier = np.arange(h + k)[None, :] < (h + np.arange(k))[:, None]  # history + rows before it
                 best = np.where(earlier, sq, np.inf).min(axis=1)
