@@ -52,6 +52,7 @@ class Row:
     errors: int
     cpu_us_per_req: float
     helper_cpu_us_per_req: float = 0.0  # of the server's child processes (slipstream's monitor process), included above
+    paired: float = 1.0  # median over rounds of this server's req/s over the first server's in the same round
 
 
 def free_port() -> int:
@@ -227,8 +228,12 @@ def bench_servers(
         slice_s = max(1, int(args.duration / args.rounds))
         for c in args.concurrency:
             samples: dict[str, list[Row]] = {name: [] for name in servers}
-            for _ in range(args.rounds):
-                for name, (proc, url) in procs.items():
+            names = list(procs)
+            for r in range(args.rounds):
+                # Each round starts one server later, so that no server always runs right after the same other
+                # one (whose leftover work, e.g. a monitor catching up, would land on it).
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    proc, url = procs[name]
                     own0, kids0 = tree_cpu_seconds(proc.pid)
                     result = run_wrk(url, body, c, slice_s, work)
                     own1, kids1 = tree_cpu_seconds(proc.pid)
@@ -237,6 +242,7 @@ def bench_servers(
                         Row(model, name, c, result["rps"], result["p50"], result["p99"], int(result["errors"]),
                             (own1 - own0 + kids1 - kids0) * per_req, (kids1 - kids0) * per_req)
                     )  # fmt: skip
+            first = samples[names[0]]
             for name, got in samples.items():
                 r = Row(
                     model, name, c,
@@ -244,6 +250,7 @@ def bench_servers(
                     float(np.median([g.p99_ms for g in got])), sum(g.errors for g in got),
                     float(np.median([g.cpu_us_per_req for g in got])),
                     float(np.median([g.helper_cpu_us_per_req for g in got])),
+                    float(np.median([g.rps / max(f.rps, 1e-9) for g, f in zip(got, first, strict=True)])),
                 )  # fmt: skip
                 rows.append(r)
                 print(
