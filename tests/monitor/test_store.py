@@ -212,3 +212,24 @@ def test_a_windowed_read_looks_back_only_so_far_for_labels(tmp_path: Path) -> No
     assert [r.request_id for r in store.labeled(labeled_only=True)] == ["r0", "r95"]  # no window: all of it
     assert [r.request_id for r in store.labeled(since_ts=1097.5)] == ["r98", "r99"]  # inside a batch too
     store.close()
+
+
+def test_a_log_from_an_earlier_version_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from slipstream.cli import app
+
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old)
+    conn.execute("CREATE TABLE predictions (seq INTEGER PRIMARY KEY, request_id TEXT)")
+    conn.executemany("INSERT INTO predictions (request_id) VALUES (?)", [("a",), ("b",)])
+    conn.commit()
+    conn.close()
+    with pytest.raises(ConfigError, match=r"earlier slipstream \(2 rows, one per request\)") as info:
+        SQLiteStore(StoreConfig(path=old))
+    assert "new file" in (info.value.hint or "")
+    conn = sqlite3.connect(old)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"  # the refused file is untouched
+    conn.close()
+    out = CliRunner().invoke(app, ["monitor", "status", "--db", str(old)])
+    assert out.exit_code == 1 and "earlier slipstream" in out.output

@@ -19,7 +19,7 @@ from slipstream.monitor import svg
 from slipstream.monitor.fairness import FairnessConfig, FairnessReport, fairness_report
 from slipstream.monitor.records import concat_column
 from slipstream.monitor.service import MonitorSnapshot
-from slipstream.monitor.store import labels_for, read_batches, read_snapshots
+from slipstream.monitor.store import labels_for, read_batches, read_snapshots, refuse_legacy
 
 
 class _Frozen(BaseModel):
@@ -70,6 +70,7 @@ def _connect(path: Path) -> sqlite3.Connection:
         )
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
+        refuse_legacy(conn, path, field="db")
         conn.execute("SELECT 1 FROM prediction_log LIMIT 1")
     except sqlite3.Error as exc:
         raise ConfigError(

@@ -168,6 +168,11 @@ class SQLiteStore:
         """Create the log's directory, file and tables; ConfigError when the place is not writable."""
         try:
             config.path.parent.mkdir(parents=True, exist_ok=True)
+            plain = sqlite3.connect(config.path)  # looked at before WAL mode is set: a refused file stays as it was
+            try:
+                refuse_legacy(plain, config.path, field="store.path")
+            finally:
+                plain.close()
             conn = _connect(config)
             conn.executescript(SCHEMA)
             conn.close()
@@ -435,6 +440,20 @@ def _connect(config: StoreConfig) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(f"PRAGMA busy_timeout={config.busy_timeout_ms}")
     return conn
+
+
+def refuse_legacy(conn: sqlite3.Connection, path: Path, *, field: str) -> None:
+    """ConfigError when the file is a log an earlier slipstream wrote (one ``predictions`` row per request):
+    this version neither reads nor extends it, and must not mix the two."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "predictions" in tables and "prediction_log" not in tables:
+        rows = conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+        raise ConfigError(
+            f"'{path}' is a prediction log written by an earlier slipstream ({rows} rows, one per request); "
+            "this version logs one row per batch of requests and does not read that format.",
+            field=field,
+            hint="Log to a new file; the old log stays readable with the slipstream version that wrote it.",
+        )
 
 
 def read_batches(
