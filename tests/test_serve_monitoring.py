@@ -17,7 +17,7 @@ import pytest
 
 from slipstream.importers import import_onnx
 from slipstream.monitor import profile_from_bundle, write_profiled_bundle
-from slipstream.monitor.store import read_records
+from slipstream.monitor.logfile import read_records
 from slipstream.serve.guard import hash_key
 from slipstream.serve.server import settings_from_options
 from slipstream.serve.settings import GuardSettings, MonitorSettings, ServeSettings

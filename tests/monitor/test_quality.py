@@ -5,7 +5,7 @@ import pytest
 
 from slipstream.monitor.profile import Profile, build_profile
 from slipstream.monitor.quality import QualityConfig, QualityMonitor, calibrated
-from slipstream.monitor.store import LabeledRow
+from slipstream.monitor.records import LabeledRow
 from slipstream.runtime.engine import Engine
 from tests.monitor.conftest import Digits
 

@@ -96,6 +96,25 @@ def test_cli_refuses_a_missing_or_foreign_db(tmp_path: Path) -> None:
     assert foreign.exit_code == 1 and "not a slipstream prediction log" in foreign.output
 
 
+def test_an_unreadable_batch_is_a_clear_error_and_export_leaves_no_file(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "log.db"
+    SQLiteStore(StoreConfig(path=db)).close()
+    conn = sqlite3.connect(db)
+    conn.execute(
+        "INSERT INTO prediction_log (ts_first, ts_last, model, version, rows, body) VALUES (1, 2, 'm', '1', 3, ?)",
+        (b"\x00\x01garbage",),
+    )
+    conn.commit()
+    conn.close()
+    status = runner.invoke(app, ["monitor", "status", "--db", str(db)])
+    assert status.exit_code == 1 and "cannot read" in status.output
+    out = tmp_path / "rows.jsonl"
+    export = runner.invoke(app, ["monitor", "export", "--db", str(db), "-o", str(out)])
+    assert export.exit_code == 1 and not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
 @pytest.mark.slow
 def test_report_renders_in_headless_chromium(log_db: Path, tmp_path: Path) -> None:
     from tests.browser import screenshot

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from slipstream.monitor.logfile import read_records, read_snapshots
 from slipstream.monitor.profile import Profile
 from slipstream.monitor.service import Monitor, MonitorConfig, MonitorSnapshot
-from slipstream.monitor.store import SQLiteStore, StoreConfig, read_records, read_snapshots
+from slipstream.monitor.store import SQLiteStore, StoreConfig
 from slipstream.monitor.threats import ThreatConfig
 from slipstream.runtime.engine import Engine
 from tests.monitor.conftest import Digits

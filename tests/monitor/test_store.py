@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from slipstream.errors import ConfigError
-from slipstream.monitor.records import PredictionBatch, PredictionRecord, pack, unpack
-from slipstream.monitor.store import Feedback, SQLiteStore, StoreConfig, read_records
+from slipstream.monitor.logfile import read_records
+from slipstream.monitor.records import Feedback, PredictionBatch, PredictionRecord, pack, unpack
+from slipstream.monitor.store import SQLiteStore, StoreConfig
 
 
 def _record(i: int, ts: float = 1000.0, group: str | None = None) -> PredictionRecord:

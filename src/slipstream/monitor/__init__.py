@@ -17,9 +17,9 @@ from slipstream.monitor.profile import (
     write_profiled_bundle,
 )
 from slipstream.monitor.quality import QualityConfig, QualityMonitor, QualityReport
-from slipstream.monitor.records import PredictionBatch, PredictionRecord
+from slipstream.monitor.records import Feedback, PredictionBatch, PredictionRecord
 from slipstream.monitor.service import Monitor, MonitorConfig, MonitorSnapshot, Screening
-from slipstream.monitor.store import Feedback, SQLiteStore, Store, StoreConfig
+from slipstream.monitor.store import SQLiteStore, Store, StoreConfig
 from slipstream.monitor.threats import ExtractionWatch, IntegrityWatch, OODScorer, SecurityCounters, ThreatConfig
 
 __all__ = [

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from slipstream.evaluate.metrics import f1_macro
 from slipstream.monitor.profile import Calibration, Profile
-from slipstream.monitor.store import LabeledRow
+from slipstream.monitor.records import LabeledRow
 
 
 class _Frozen(BaseModel):

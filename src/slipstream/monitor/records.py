@@ -216,3 +216,34 @@ def concat_column(batches: Sequence[PredictionBatch], name: str) -> np.ndarray:
         value = getattr(b, name)
         parts.append(np.full(len(b), np.nan) if value is None else np.asarray(value, dtype=np.float64))
     return np.concatenate(parts) if parts else np.zeros(0)
+
+
+@dataclass(slots=True, frozen=True)
+class Feedback:
+    request_id: str
+    label: float
+    ts: float
+
+
+@dataclass(slots=True, frozen=True)
+class Snapshot:
+    """A monitor summary (JSON text) at a point in time, for reports over time."""
+
+    ts: float
+    model: str
+    body: str
+
+
+@dataclass(frozen=True)
+class LabeledRow:
+    """A prediction joined with its label (``label`` is None while no feedback has come)."""
+
+    request_id: str
+    ts: float
+    prediction: float | None
+    confidence: float | None
+    label: float | None
+    group: str | None
+    key_id: str | None
+    latency_ms: float
+    ood_score: float | None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+from collections.abc import Iterator
 from html import escape
 from pathlib import Path
 
@@ -17,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from slipstream.errors import ConfigError
 from slipstream.monitor import svg
 from slipstream.monitor.fairness import FairnessConfig, FairnessReport, fairness_report
-from slipstream.monitor.records import concat_column
+from slipstream.monitor.logfile import labels_for, read_batches, read_snapshots, refuse_legacy
+from slipstream.monitor.records import PredictionBatch, concat_column
 from slipstream.monitor.service import MonitorSnapshot
-from slipstream.monitor.store import labels_for, read_batches, read_snapshots, refuse_legacy
 
 
 class _Frozen(BaseModel):
@@ -81,6 +82,18 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _batches(conn: sqlite3.Connection, path: Path) -> Iterator[PredictionBatch]:
+    """The log's batches; one that cannot be read is a ConfigError naming the file."""
+    try:
+        yield from read_batches(conn)
+    except ValueError as exc:
+        raise ConfigError(
+            f"'{path}' holds a logged batch this slipstream cannot read: {exc}.",
+            field="db",
+            hint="Read the log with the slipstream version that wrote it.",
+        ) from exc
+
+
 def export_rows(db: str | Path, output: Path) -> int:
     """Every logged prediction with its label (null until it comes) as JSON lines, batch by batch (the log
     is never held in memory whole); written to a temporary file and renamed, so a failure leaves no half
@@ -91,19 +104,13 @@ def export_rows(db: str | Path, output: Path) -> int:
     rows = 0
     try:
         with tmp.open("wb") as f:
-            for batch in read_batches(conn):
+            for batch in _batches(conn, path):
                 labels = labels_for(conn, batch.request_ids)
                 for record in batch.records():
                     doc = {**dataclasses.asdict(record), "label": labels.get(record.request_id)}
                     f.write(orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE))
                     rows += 1
         tmp.replace(output)
-    except ValueError as exc:
-        raise ConfigError(
-            f"'{path}' holds a logged batch this slipstream cannot read: {exc}.",
-            field="db",
-            hint="Read the log with the slipstream version that wrote it.",
-        ) from exc
     finally:
         conn.close()
         tmp.unlink(missing_ok=True)
@@ -116,14 +123,8 @@ def summarize(
     path = Path(db)
     conn = _connect(path)
     try:
-        batches = list(read_batches(conn))
+        batches = list(_batches(conn, path))
         labels = dict(conn.execute("SELECT request_id, label FROM feedback").fetchall())
-    except ValueError as exc:
-        raise ConfigError(
-            f"'{path}' holds a logged batch this slipstream cannot read: {exc}.",
-            field="db",
-            hint="Read the log with the slipstream version that wrote it.",
-        ) from exc
     finally:
         conn.close()
     ids = [rid for b in batches for rid in b.request_ids]

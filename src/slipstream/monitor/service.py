@@ -6,13 +6,12 @@ bundle_dir=)``), call :meth:`Monitor.start` (its thread ingests every ``ingest_i
 
 Per request, after inference, the server calls :meth:`Monitor.observe`: it appends a reference to the
 request's arrays to a bounded queue (about a microsecond; never blocks, never raises). Everything else
-(features, rolling drift window, out-of-distribution score, per-key extraction tracking, sampling, the
-prediction-log record) happens on the monitor thread, vectorized over whatever arrived since the last pass.
-Optionally, before inference, :meth:`Monitor.screen` scores the inputs synchronously (tens of µs) and says
-whether to refuse them. Labels arrive through :meth:`Monitor.feedback` / :meth:`Monitor.feedback_many`.
-Drift, quality, fairness, alert rules and the integrity re-hash run in :meth:`Monitor.evaluate`;
-:meth:`Monitor.snapshot` returns the latest summary for JSON endpoints, :meth:`Monitor.metric_values` flat
-numbers (and :class:`slipstream.monitor.prometheus.MonitorCollector` a Prometheus collector).
+(features, drift window, out-of-distribution score, per-key extraction tracking, sampling, the log batch)
+happens on the monitor thread, vectorized over whatever arrived since the last pass. Optionally, before
+inference, :meth:`Monitor.screen` scores the inputs (~5 µs for one row) and says whether to refuse them.
+Labels arrive through :meth:`Monitor.feedback_many`. Drift, quality, fairness, alert rules and the integrity
+re-hash run in :meth:`Monitor.evaluate`; :meth:`Monitor.snapshot` returns the latest summary for JSON
+endpoints, :meth:`Monitor.metric_values` flat numbers (and :class:`~.prometheus.MonitorCollector` Prometheus).
 """
 
 from __future__ import annotations
@@ -34,7 +33,8 @@ from slipstream.monitor.fairness import FairnessConfig, FairnessReport, fairness
 from slipstream.monitor.ingest import Ingestor, IngestSettings, Pending, WindowView
 from slipstream.monitor.profile import Profile
 from slipstream.monitor.quality import QualityConfig, QualityMonitor, QualityReport
-from slipstream.monitor.store import Feedback, Snapshot, Store
+from slipstream.monitor.records import Feedback, Snapshot
+from slipstream.monitor.store import Store
 from slipstream.monitor.threats import (
     ExtractionWatch,
     IntegrityStatus,
@@ -165,13 +165,9 @@ class RequestPath:
         t = self.config.threats
         try:
             one = self.scorer.score_one(inputs)  # one row, the usual request: Python floats, no reductions
-            if one is not None:
-                worst, scores = one, np.array([one])
-                over = int(worst > t.ood_threshold)
-            else:
-                scores = self.scorer.score(inputs)
-                worst = float(scores.max()) if scores.size else -np.inf  # the worst row decides
-                over = int(np.sum(scores > t.ood_threshold))
+            scores = np.array([one]) if one is not None else self.scorer.score(inputs)
+            worst = one if one is not None else float(scores.max()) if scores.size else -np.inf  # the worst row
+            over = int(worst > t.ood_threshold) if one is not None else int(np.sum(scores > t.ood_threshold))
         except Exception:  # screening must never fail a request
             self.screen_errors += 1
             return Screening(None, False)

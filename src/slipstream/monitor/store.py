@@ -19,17 +19,15 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal, Protocol
 
-import numpy as np
-import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from slipstream.errors import ConfigError
-from slipstream.monitor.records import PredictionBatch, PredictionRecord, pack, unpack
+from slipstream.monitor.logfile import labeled_rows, labels_for, read_batches, read_snapshots, refuse_legacy
+from slipstream.monitor.records import Feedback, LabeledRow, PredictionBatch, PredictionRecord, Snapshot, pack
 
 log = logging.getLogger(__name__)
 
@@ -59,38 +57,7 @@ CREATE TABLE IF NOT EXISTS feedback (
 );
 """
 """``prediction_log`` holds one row per logged batch (``body``: :func:`slipstream.monitor.records.pack`);
-read it with :func:`read_batches`. Labels are one row each, joined by request id when read."""
-
-
-@dataclass(slots=True, frozen=True)
-class Feedback:
-    request_id: str
-    label: float
-    ts: float
-
-
-@dataclass(slots=True, frozen=True)
-class Snapshot:
-    """A monitor summary (JSON text) at a point in time, for reports over time."""
-
-    ts: float
-    model: str
-    body: str
-
-
-@dataclass(frozen=True)
-class LabeledRow:
-    """A prediction joined with its label (``label`` is None while no feedback has come)."""
-
-    request_id: str
-    ts: float
-    prediction: float | None
-    confidence: float | None
-    label: float | None
-    group: str | None
-    key_id: str | None
-    latency_ms: float
-    ood_score: float | None
+read it with :mod:`slipstream.monitor.logfile`. Labels are one row each, joined by request id when read."""
 
 
 class StoreConfig(BaseModel):
@@ -380,7 +347,7 @@ class SQLiteStore:
             for batch in read_batches(conn, since_ts=since_ts, model=model, version=version, newest_first=True):
                 labels = labels_for(conn, batch.request_ids)
                 if labels or not labeled_only:
-                    keep = _labeled_rows(batch, labels, since_ts=since_ts, labeled_only=labeled_only)
+                    keep = labeled_rows(batch, labels, since_ts=since_ts, labeled_only=labeled_only)
                     chunks.append(keep)
                     total += len(keep)
                 scanned += len(batch)
@@ -440,100 +407,6 @@ def _connect(config: StoreConfig) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(f"PRAGMA busy_timeout={config.busy_timeout_ms}")
     return conn
-
-
-def refuse_legacy(conn: sqlite3.Connection, path: Path, *, field: str) -> None:
-    """ConfigError when the file is a log an earlier slipstream wrote (one ``predictions`` row per request):
-    this version neither reads nor extends it, and must not mix the two."""
-    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if "predictions" in tables and "prediction_log" not in tables:
-        rows = conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
-        raise ConfigError(
-            f"'{path}' is a prediction log written by an earlier slipstream ({rows} rows, one per request); "
-            "this version logs one row per batch of requests and does not read that format.",
-            field=field,
-            hint="Log to a new file; the old log stays readable with the slipstream version that wrote it.",
-        )
-
-
-def read_batches(
-    conn: sqlite3.Connection,
-    *,
-    since_ts: float | None = None,
-    model: str | None = None,
-    version: str | None = None,
-    newest_first: bool = False,
-) -> Iterator[PredictionBatch]:
-    """The logged batches (oldest first unless ``newest_first``), read one at a time; ``since_ts`` skips
-    batches that end before it (a batch that straddles it comes whole)."""
-    sql = "SELECT body FROM prediction_log"
-    where, params = [], []
-    for clause, value in (("ts_last >= ?", since_ts), ("model = ?", model), ("version = ?", version)):
-        if value is not None:
-            where.append(clause)
-            params.append(value)
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY seq DESC" if newest_first else " ORDER BY seq"
-    for (body,) in conn.execute(sql, params):
-        yield unpack(body)
-
-
-def read_records(path: Path, *, timeout_s: float = 1.0) -> list[PredictionRecord]:
-    """Every logged prediction in a log file, one record per row, oldest first (for exports and tests)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout_s)
-    try:
-        return [record for batch in read_batches(conn) for record in batch.records()]
-    finally:
-        conn.close()
-
-
-def labels_for(conn: sqlite3.Connection, request_ids: list[str]) -> dict[str, float]:
-    """The labels that have come for these request ids (one indexed query)."""
-    rows = conn.execute(
-        "SELECT request_id, label FROM feedback WHERE request_id IN (SELECT value FROM json_each(?))",
-        (orjson.dumps(request_ids).decode(),),
-    )
-    return dict(rows.fetchall())
-
-
-def _labeled_rows(
-    batch: PredictionBatch, labels: dict[str, float], *, since_ts: float | None, labeled_only: bool
-) -> list[LabeledRow]:
-    """The batch's rows at or after ``since_ts`` (those with a label only, when asked) as LabeledRows."""
-    keep = np.ones(len(batch), dtype=bool)
-    if since_ts is not None:
-        keep &= batch.ts >= since_ts
-    if labeled_only:
-        keep &= np.fromiter((rid in labels for rid in batch.request_ids), dtype=bool, count=len(batch))
-    idx = np.flatnonzero(keep).tolist()
-
-    def col(values: np.ndarray | None) -> list[float | None]:
-        if values is None:
-            return [None] * len(idx)
-        return [None if v != v else v for v in values[idx].tolist()]  # NaN: none
-
-    ids = [batch.request_ids[i] for i in idx]
-    return [
-        LabeledRow(rid, ts, pred, conf, labels.get(rid), grp, key, lat, ood)
-        for rid, ts, pred, conf, grp, key, lat, ood in zip(
-            ids, batch.ts[idx].tolist(), col(batch.prediction), col(batch.confidence),
-            [batch.groups[i] for i in idx], [batch.key_ids[i] for i in idx], batch.latency_ms[idx].tolist(),
-            col(batch.ood_score), strict=True,
-        )
-    ]  # fmt: skip
-
-
-def read_snapshots(path: Path, *, limit: int | None = None, timeout_s: float = 1.0) -> list[Snapshot]:
-    """Monitor summaries from a prediction log file (also usable offline, by the report)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout_s)
-    try:
-        sql = "SELECT ts, model, body FROM snapshots ORDER BY seq DESC"
-        params: tuple[int, ...] = (limit,) if limit is not None else ()
-        rows = conn.execute(sql + (" LIMIT ?" if limit is not None else ""), params).fetchall()
-    finally:
-        conn.close()
-    return [Snapshot(*row) for row in reversed(rows)]
 
 
 def _conforms(store: SQLiteStore) -> Store:
