@@ -112,7 +112,7 @@ class SQLiteStore:
         self.config = config
         self._clock = clock
         # deque.append / popleft are atomic: puts take no lock (a queue.Queue costs several µs per put).
-        self._buf: deque[object] = deque()
+        self._buf: deque[tuple[object, int, int]] = deque()  # (item, its records, its bytes), counted once
         self._inflight = 0  # records the writer has taken and not yet finished
         self._lock = threading.Lock()
         self._dropped: dict[str, int] = {"buffer_full": 0, "db_error": 0, "closed": 0}
@@ -171,7 +171,7 @@ class SQLiteStore:
             self._queued += rows
             self._queued_bytes += size
             busy = self._queued * 4 >= self.config.buffer_records or self._queued_bytes * 4 >= self._max_bytes
-        self._buf.append(item)
+        self._buf.append((item, rows, size))
         if busy:  # a quarter full: write now rather than at the next flush interval
             self._wake.set()
         return rows
@@ -215,13 +215,10 @@ class SQLiteStore:
         items: list[object] = []
         rows = size = 0
         while self._buf and (not items or rows < self.config.batch_records):
-            item = self._buf.popleft()
+            item, n, nbytes = self._buf.popleft()
             items.append(item)
-            if isinstance(item, PredictionBatch):
-                rows += len(item)
-                size += item.nbytes
-            else:
-                rows += 1
+            rows += n
+            size += nbytes
         return items, rows, size
 
     def _run(self) -> None:
@@ -395,8 +392,7 @@ class SQLiteStore:
         # A put that raced with close may have queued after the writer's last drain: count it, never lose it.
         late = 0
         while self._buf:
-            item = self._buf.popleft()
-            late += len(item) if isinstance(item, PredictionBatch) else 1
+            late += self._buf.popleft()[1]
         if late:
             self._drop("closed", late)
 

@@ -74,9 +74,13 @@ class OODScorer:
         self._width = len(self._mean)
         self._sign = np.concatenate([np.ones(self._width), -np.ones(len(self._comps))]).astype(np.float32)
 
-    def standardize(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    def _features(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The input tensors' features side by side, in profile order."""
         feats = [featurize(np.asarray(inputs[n])) for n in self.names]
-        return self.standardize_features(feats[0] if len(feats) == 1 else np.concatenate(feats, axis=1))
+        return feats[0] if len(feats) == 1 else np.concatenate(feats, axis=1)
+
+    def standardize(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        return self.standardize_features(self._features(inputs))
 
     def standardize_features(self, x: np.ndarray) -> np.ndarray:
         """Standardize already featurized rows (input tensors' features side by side, in profile order)."""
@@ -91,10 +95,7 @@ class OODScorer:
         Standardizing and projecting are one matrix-vector product with a matrix prepared once
         (``[diag(1/scale); components · diag(1/scale)]``), so a request costs four small numpy calls
         instead of a dozen. inf when the row is not finite, as :meth:`score_standardized` gives it."""
-        if len(self.names) == 1:
-            x = featurize(np.asarray(inputs[self.names[0]]))
-        else:
-            x = np.concatenate([featurize(np.asarray(inputs[n])) for n in self.names], axis=1)
+        x = self._features(inputs)
         if x.shape[0] != 1:
             return None
         y = np.dot(self._stacked, x[0]) - self._offset  # [z; C z]
