@@ -319,6 +319,21 @@ def test_a_new_version_gets_its_own_monitor_and_the_old_one_is_closed(digits_rep
     assert [(r.request_id, r.version) for r in read_records(tmp_path / "m.db")] == [("v1-req", "1"), ("v2-req", "2")]
 
 
+def test_the_monitor_process_and_its_log_writer_yield_to_serving(monitored: ServerThread) -> None:
+    """Linux keeps a niceness per thread: the log's writer thread must be as nice as the process."""
+    monitors = monitored.app.monitors
+    assert monitors is not None and monitors.process is not None
+    pid = monitors.process.process.pid
+    nice = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        nice[int(stat.parent.name)] = int(fields[16])  # field 19 of proc(5), counted after the name
+    wanted = monitors.settings.process_nice
+    assert wanted > 0 and nice[pid] == wanted
+    # The main thread and the log's writer; an idle thread that an import starts may stay at 0.
+    assert sum(v == wanted for v in nice.values()) >= 2, nice
+
+
 def test_the_server_outlives_its_monitor_process_and_says_so(
     digits_repo: DigitsRepo, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

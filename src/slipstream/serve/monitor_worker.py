@@ -217,11 +217,15 @@ class Worker:
 def run_worker(conn: Connection) -> None:
     """Serve one server until it closes: the first message is its MonitorSettings as JSON."""
     try:
-        worker = Worker(conn, MonitorSettings.model_validate_json(conn.recv()))
+        settings = MonitorSettings.model_validate_json(conn.recv())
+        # Serving first: this process catches up when a core is free. Linux keeps a niceness per thread and a
+        # thread inherits its creator's, so this comes before any thread starts (the log's writer, the
+        # webhook's sender); before, the log's writer thread ran at the server's priority.
+        os.nice(settings.process_nice)
+        worker = Worker(conn, settings)
     except Exception as exc:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    os.nice(worker.settings.process_nice)  # serving first: this process catches up when a core is free
     load_statistics()  # measured: importing scipy at the first evaluation took ~1 s of CPU under load
     # Every batch allocates thousands of small acyclic objects; at the default thresholds the collector
     # walked the monitor's long-lived state often enough to add ~14 µs per request in spikes (measured).
