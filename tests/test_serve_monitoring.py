@@ -4,6 +4,7 @@ feedback and monitoring endpoints, /metrics, and the live dashboard in headless 
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -332,6 +333,22 @@ def test_the_monitor_process_and_its_log_writer_yield_to_serving(monitored: Serv
     assert wanted > 0 and nice[pid] == wanted
     # The main thread and the log's writer; an idle thread that an import starts may stay at 0.
     assert sum(v == wanted for v in nice.values()) >= 2, nice
+
+
+def test_the_monitor_process_runs_on_a_cpu_the_event_loop_does_not_use(monitored: ServerThread) -> None:
+    monitors = monitored.app.monitors
+    assert monitors is not None and monitors.process is not None
+    placed = monitors.placement
+    allowed = frozenset(os.sched_getaffinity(0))
+    monitor_cpus = frozenset(os.sched_getaffinity(monitors.process.process.pid))
+    loop_cpus = frozenset(os.sched_getaffinity(monitored.thread.native_id or 0))  # the server's event loop
+    if len(allowed) < 2:
+        assert placed.monitor is None and monitor_cpus == loop_cpus == allowed
+    else:
+        assert (
+            monitor_cpus == placed.monitor == frozenset({max(allowed)})
+            and loop_cpus == placed.loop == allowed - monitor_cpus
+        )
 
 
 def test_the_server_outlives_its_monitor_process_and_says_so(

@@ -222,6 +222,13 @@ def serve(
     monitor_nice: Annotated[
         int, typer.Option(help="Niceness of the monitor process (0-19): it yields the CPU to serving.")
     ] = 10,
+    monitor_placement: Annotated[
+        str,
+        typer.Option(
+            help="auto: the monitor process gets a CPU of its own and the event loop the others; none: "
+            "the kernel places both."
+        ),
+    ] = "auto",
 ) -> None:
     """Serve a bundle or a model repository over the Open Inference Protocol v2 (REST).
 
@@ -248,6 +255,7 @@ def serve(
             "fairness_min_ratio": fairness_min_ratio, "webhook_url": webhook,
             "retention_max_age_s": monitor_retention_days * 86400, "retention_max_rows": monitor_max_rows,
             "evaluate_interval_s": monitor_interval, "process_nice": monitor_nice,
+            "placement": monitor_placement,
         },
     }  # fmt: skip
     with reporting(as_json=False):

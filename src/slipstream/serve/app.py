@@ -134,6 +134,7 @@ class SlipstreamApp:
             self._poller = asyncio.get_running_loop().create_task(self._poll())
         if self.monitors is not None:
             self._pump = asyncio.get_running_loop().create_task(self.monitors.pump())
+            self.monitors.place_event_loop()
 
     async def shutdown(self) -> None:
         self.draining = True

@@ -47,7 +47,14 @@ _STOP = ("stop",)
 class MonitorProcess:
     """Starts the monitor process and talks to it: sends in order from one thread, reads on another."""
 
-    def __init__(self, settings: MonitorSettings, *, start_timeout_s: float = 120.0, max_backlog: int = 200) -> None:
+    def __init__(
+        self,
+        settings: MonitorSettings,
+        *,
+        cpus: frozenset[int] | None = None,
+        start_timeout_s: float = 120.0,
+        max_backlog: int = 200,
+    ) -> None:
         # A fresh interpreter (never a fork of a process running onnxruntime threads, and unlike
         # multiprocessing's spawn, no re-import of the caller's __main__), on one end of a socket pair.
         mine, theirs = socket.socketpair()
@@ -61,7 +68,7 @@ class MonitorProcess:
             "MKL_NUM_THREADS": "1",
         }
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "slipstream.serve.monitor_worker", str(theirs.fileno())],
+            [sys.executable, "-m", "slipstream.serve.monitor_worker", str(theirs.fileno()), *_cpu_arg(cpus)],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             env=env,
@@ -290,6 +297,10 @@ class RemoteMonitor(RequestPath):
     def set_latest(self, doc: str) -> MonitorSnapshot:
         self.latest = snap = MonitorSnapshot.model_validate_json(doc)
         return snap
+
+
+def _cpu_arg(cpus: frozenset[int] | None) -> list[str]:
+    return [",".join(str(c) for c in sorted(cpus))] if cpus else []
 
 
 def _wait(process: subprocess.Popen[bytes], timeout_s: float) -> int | None:

@@ -46,6 +46,7 @@ from slipstream.monitor import (
 from slipstream.monitor.alerts import DEFAULT_RULES, AlertRule, AlertsConfig
 from slipstream.monitor.drift import load_statistics
 from slipstream.monitor.ingest import Columns
+from slipstream.serve.placement import pin_thread
 from slipstream.serve.settings import MonitorSettings
 
 log = logging.getLogger("slipstream.monitor")
@@ -214,14 +215,16 @@ class Worker:
         return self.store.counts()
 
 
-def run_worker(conn: Connection) -> None:
-    """Serve one server until it closes: the first message is its MonitorSettings as JSON."""
+def run_worker(conn: Connection, cpus: frozenset[int] | None = None) -> None:
+    """Serve one server until it closes: the first message is its MonitorSettings as JSON. ``cpus``: where to
+    run (slipstream.serve.placement), set with the niceness before any thread starts."""
     try:
         settings = MonitorSettings.model_validate_json(conn.recv())
-        # Serving first: this process catches up when a core is free. Linux keeps a niceness per thread and a
-        # thread inherits its creator's, so this comes before any thread starts (the log's writer, the
-        # webhook's sender); before, the log's writer thread ran at the server's priority.
+        # Serving first: this process catches up when a core is free. Linux keeps a niceness and a CPU
+        # affinity per thread and a thread inherits its creator's, so both come before any thread starts (the
+        # log's writer, the webhook's sender); before, the log's writer thread ran at the server's priority.
         os.nice(settings.process_nice)
+        pin_thread(cpus)
         worker = Worker(conn, settings)
     except Exception as exc:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
@@ -239,5 +242,7 @@ def run_worker(conn: Connection) -> None:
     conn.close()
 
 
-if __name__ == "__main__":  # started by slipstream.serve.monitor_proxy.MonitorProcess: argv[1] is its socket's fd
-    run_worker(Connection(int(sys.argv[1])))
+if __name__ == "__main__":  # started by slipstream.serve.monitor_proxy.MonitorProcess: argv[1] is its socket's fd,
+    # argv[2] (optional) the CPUs it runs on, comma-separated
+    cpus = frozenset(int(c) for c in sys.argv[2].split(",")) if sys.argv[2:] else None
+    run_worker(Connection(int(sys.argv[1])), cpus)

@@ -26,6 +26,7 @@ from slipstream.monitor import SQLiteStore, load_profile
 from slipstream.monitor.prometheus import MonitorCollector
 from slipstream.serve.monitor_proxy import MonitorProcess, RemoteMonitor
 from slipstream.serve.monitor_worker import Key, monitor_config, store_config
+from slipstream.serve.placement import pin_event_loop, plan
 from slipstream.serve.settings import MonitorSettings
 
 if TYPE_CHECKING:
@@ -54,13 +55,19 @@ class ServeMonitors:
         self.screening = settings.ood_reject_above is not None
         self.process: MonitorProcess | None = None
         self._start_lock = threading.Lock()
+        self.placement = plan(settings.placement)
+
+    def place_event_loop(self) -> None:
+        """Called on the event loop's thread once the models are loaded (see slipstream.serve.placement)."""
+        pin_event_loop(self.placement)
+        log.info("monitoring placement: %s", self.placement.describe())
 
     # -- life cycle (worker threads) ---------------------------------------------------------------
     def _process(self) -> MonitorProcess:
         with self._start_lock:
             if self.process is None:
                 started = time.perf_counter()
-                self.process = MonitorProcess(self.settings)
+                self.process = MonitorProcess(self.settings, cpus=self.placement.monitor)
                 self.process.on_snapshot = self._on_snapshot
                 log.info("monitor process %d started in %.2f s, logging to %s", self.process.process.pid,
                          time.perf_counter() - started, self.settings.db_path)  # fmt: skip

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from slipstream.serve.placement import PlacementMode
+
 VersionPolicy = Literal["latest", "all", "specific"]
 NonFinitePolicy = Literal["reject", "allow"]
 ComputeMode = Literal["auto", "inline", "thread"]
@@ -107,6 +109,11 @@ class MonitorSettings(_Frozen):
         le=19,
         description="Niceness of the monitor process: it yields the CPU to serving and catches up when there "
         "is room (what it cannot take in time is dropped and counted, never slows a request).",
+    )
+    placement: PlacementMode = Field(
+        default="auto",
+        description="'auto': with two or more CPUs, the monitor process gets the last one and the event loop the "
+        "others (see slipstream.serve.placement); 'none': the kernel places both.",
     )
 
     @property

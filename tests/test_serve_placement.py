@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from slipstream.serve.placement import Placement, pin_thread, plan
+
+CPUS = frozenset(os.sched_getaffinity(0))
+
+
+def test_auto_gives_the_monitor_the_last_cpu_and_the_event_loop_the_others() -> None:
+    placed = plan("auto")
+    assert placed.allowed == CPUS
+    if len(CPUS) < 2:  # nothing to separate: the kernel places both
+        assert placed == Placement(CPUS)
+    else:
+        assert placed.monitor == frozenset({max(CPUS)}) and placed.loop == CPUS - {max(CPUS)}
+        assert "monitor process on CPU" in placed.describe()
+    assert plan("none") == Placement(CPUS) and "placed by the kernel" in plan("none").describe()
+
+
+def test_one_cpu_is_left_to_the_kernel() -> None:
+    """In a process allowed a single CPU (taskset), auto does not pin anything."""
+    code = "from slipstream.serve.placement import plan; p = plan('auto'); print(p.loop, p.monitor, len(p.allowed))"
+    out = subprocess.run(
+        ["taskset", "-c", str(min(CPUS)), sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["None", "None", "1"]
+
+
+def test_pinning_is_per_thread_and_inherited_by_the_threads_it_starts() -> None:
+    seen: dict[str, frozenset[int]] = {}
+
+    def child() -> None:
+        seen["child"] = frozenset(os.sched_getaffinity(0))
+
+    def pinned() -> None:
+        assert pin_thread(frozenset({min(CPUS)}))
+        seen["pinned"] = frozenset(os.sched_getaffinity(0))
+        t = threading.Thread(target=child)
+        t.start()
+        t.join()
+
+    t = threading.Thread(target=pinned)
+    t.start()
+    t.join()
+    assert seen == {"pinned": {min(CPUS)}, "child": {min(CPUS)}}
+    assert frozenset(os.sched_getaffinity(0)) == CPUS  # the calling thread kept every CPU
+    assert not pin_thread(None) and not pin_thread(frozenset())
+
+
+def test_a_cpu_that_does_not_exist_is_a_warning_not_a_failure(caplog: pytest.LogCaptureFixture) -> None:
+    result: list[bool] = []
+    t = threading.Thread(target=lambda: result.append(pin_thread(frozenset({4096}))))
+    t.start()
+    t.join()
+    assert result == [False] and "could not place this thread on CPU 4096" in caplog.text
