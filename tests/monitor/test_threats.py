@@ -93,3 +93,28 @@ def test_integrity_watch_notices_a_changed_file(digits_bundle: Path, tmp_path: P
     assert watch.due()
     status = watch.check()
     assert not status.ok and status.checks == 2 and status.error is not None and "model.onnx" in status.error
+
+
+def test_few_rows_of_a_key_row_by_row_and_many_at_once_find_the_same_repeats() -> None:
+    """Keys with a few requests in a batch take the row-by-row path, keys with many the vectorized one."""
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(3, 16))
+    for n in (1, 2, 3, 9, 30):  # around the switch (2) and past it
+        watch = ExtractionWatch(ThreatConfig(extraction_min_requests=1))
+        watch.record_many("k", base, [0.0, 1.0, 2.0])  # the key's history: three inputs
+        fresh = rng.normal(size=(n, 16))
+        fresh[::2] = base[0] + 1e-4  # every other row nearly repeats the first input
+        got = watch.observe_many("k", fresh, [10.0 + i for i in range(n)])
+        assert got.requests_in_window == 3 + n and got.near_duplicates_in_window == (n + 1) // 2, n
+
+
+def test_many_keys_with_one_request_each_are_each_compared_with_their_own_history() -> None:
+    watch = ExtractionWatch(ThreatConfig(extraction_min_requests=2))
+    rng = np.random.default_rng(3)
+    first = {f"key{i}": rng.normal(size=(1, 8)) for i in range(50)}
+    for key, row in first.items():
+        watch.record_many(key, row, [0.0])
+    for i, (key, row) in enumerate(first.items()):  # even keys repeat their own input, odd keys send new ones
+        watch.record_many(key, row if i % 2 == 0 else rng.normal(size=(1, 8)), [1.0])
+    flagged = {a.key_id for a in watch.suspicious_keys(now=2.0)}
+    assert flagged == {f"key{i}" for i in range(0, 50, 2)}

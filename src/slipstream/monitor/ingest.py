@@ -289,7 +289,7 @@ class Ingestor:
                 if key is not None:
                     by_key.setdefault(key, []).append(idx)
             for key, idxs in by_key.items():  # one vectorized comparison per key and batch
-                self.extraction.observe_many(key, z[starts[idxs]], cols.ts[idxs].tolist())
+                self.extraction.record_many(key, z[starts[idxs]], cols.ts[idxs].tolist())
         sampled = self._rng.random(total) < self.s.sample_rate
         with self._lock:
             self.requests += cols.requests

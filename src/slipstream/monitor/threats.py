@@ -121,6 +121,39 @@ class _KeyState:
     next: int = 0
 
 
+def _compare_rows(state: _KeyState, rows: np.ndarray, times: list[float], limit: float) -> None:
+    """Each row against the key's ring of recent inputs (which then takes the row): three numpy calls a row."""
+    assert state.history is not None
+    size = state.history.shape[0]
+    for row, t in zip(rows, times, strict=True):
+        diff = state.history[: state.filled] - row
+        state.times.append(t)
+        if state.filled and float(np.einsum("ij,ij->i", diff, diff).min()) < limit:
+            state.near.append(t)
+        state.history[state.next] = row
+        state.next = (state.next + 1) % size
+        state.filled = min(state.filled + 1, size)
+
+
+def _compare_chunk(state: _KeyState, chunk: np.ndarray, times: list[float], limit: float) -> None:
+    """Every row of ``chunk`` (at most the ring's size) against the ring and the rows before it, at once."""
+    assert state.history is not None
+    size, h, k = state.history.shape[0], state.filled, chunk.shape[0]
+    cand = np.concatenate([state.history[:h], chunk])
+    sq = (
+        np.einsum("ij,ij->i", chunk, chunk)[:, None]
+        + np.einsum("ij,ij->i", cand, cand)[None, :]
+        - 2 * cross(chunk, cand)
+    )
+    earlier = np.arange(h + k)[None, :] < (h + np.arange(k))[:, None]  # history + rows before it
+    near = np.where(earlier, sq, np.inf).min(axis=1) < limit
+    state.times.extend(times)
+    state.near.extend(itertools.compress(times, near.tolist()))
+    state.history[(state.next + np.arange(k)) % size] = chunk
+    state.next = (state.next + k) % size
+    state.filled = min(h + k, size)
+
+
 class KeyActivity(_Frozen):
     key_id: str
     requests_in_window: int
@@ -144,42 +177,38 @@ class ExtractionWatch:
         return self.observe_many(key_id, np.asarray(z_row, dtype=np.float64).reshape(1, -1), [t])
 
     def observe_many(self, key_id: str, rows: np.ndarray, times: list[float]) -> KeyActivity:
-        """Record several requests of one key at once (rows ``[m, features]``, in arrival order).
+        """Record several requests of one key at once (rows ``[m, features]``, in arrival order), and judge it.
 
         Each row is compared with the key's recent history and with the rows before it in this call, in one
         vectorized distance computation."""
+        with self._lock:
+            return self._judge(key_id, self._record(key_id, rows, times), times[-1])
+
+    def record_many(self, key_id: str, rows: np.ndarray, times: list[float]) -> None:
+        """:meth:`observe_many` without the judgement (the monitor's ingest: keys are judged when evaluated)."""
+        with self._lock:
+            self._record(key_id, rows, times)
+
+    def _record(self, key_id: str, rows: np.ndarray, times: list[float]) -> _KeyState:
         c = self.config
         z = np.asarray(rows, dtype=np.float32)  # float32 halves the distance arithmetic; near is far above its error
         m, d = z.shape
-        with self._lock:
-            state = self._keys.pop(key_id, None) or _KeyState()
-            self._keys[key_id] = state
-            while len(self._keys) > c.max_keys:
-                self._keys.popitem(last=False)
-            if state.history is None or state.history.shape[1] != d:
-                state.history = np.empty((c.history_per_key, d), dtype=np.float32)
-                state.filled = state.next = 0
-            step = c.history_per_key
-            for lo in range(0, m, step):  # chunks: each row meets at most 2 × history_per_key candidates
-                chunk = z[lo : lo + step]
-                k = chunk.shape[0]
-                h = state.filled
-                cand = np.concatenate([state.history[:h], chunk])
-                sq = (
-                    np.einsum("ij,ij->i", chunk, chunk)[:, None]
-                    + np.einsum("ij,ij->i", cand, cand)[None, :]
-                    - 2 * cross(chunk, cand)
-                )
-                earlier = np.arange(h + k)[None, :] < (h + np.arange(k))[:, None]  # history + rows before it
-                best = np.where(earlier, sq, np.inf).min(axis=1)
-                near = best < (c.near_duplicate_distance**2) * max(d, 1)
-                chunk_times = times[lo : lo + k]
-                state.times.extend(chunk_times)
-                state.near.extend(itertools.compress(chunk_times, near.tolist()))
-                state.history[(state.next + np.arange(k)) % step] = chunk
-                state.next = (state.next + k) % step
-                state.filled = min(h + k, step)
-            return self._judge(key_id, state, times[-1])
+        state = self._keys.pop(key_id, None) or _KeyState()
+        self._keys[key_id] = state
+        while len(self._keys) > c.max_keys:
+            self._keys.popitem(last=False)
+        if state.history is None or state.history.shape[1] != d:
+            state.history = np.empty((c.history_per_key, d), dtype=np.float32)
+            state.filled = state.next = 0
+        limit = (c.near_duplicate_distance**2) * max(d, 1)
+        step = c.history_per_key
+        for lo in range(0, m, step):  # chunks: each row meets at most 2 × history_per_key candidates
+            chunk, chunk_times = z[lo : lo + step], times[lo : lo + step]
+            if chunk.shape[0] <= 2:  # a few requests of this key (many keys, few each): row by row is cheaper
+                _compare_rows(state, chunk, chunk_times, limit)
+            else:
+                _compare_chunk(state, chunk, chunk_times, limit)
+        return state
 
     def _judge(self, key_id: str, state: _KeyState, now: float) -> KeyActivity:
         c = self.config
