@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,9 +159,16 @@ def test_a_batch_is_one_row_and_its_records_come_back_whole(tmp_path: Path) -> N
 
 def test_a_full_buffer_takes_what_fits_of_a_batch_and_counts_the_rest(tmp_path: Path) -> None:
     store = SQLiteStore(StoreConfig(path=tmp_path / "log.db", buffer_records=50, flush_interval_s=5.0))
+    # The writer, woken at a quarter full, would otherwise empty the buffer between two puts: once it waits on
+    # its wake-up event, the puts are given another one to set, and the writer's is set only by close().
+    wake = store._wake
+    while not wake._cond._waiters:  # type: ignore[attr-defined]
+        time.sleep(0.001)
+    store._wake = threading.Event()
     assert store.put_batch(_batch(30)) == 30
     assert store.put_batch(_batch(30, start=30)) == 20  # the first 20 fit
     assert store.put_batch(_batch(5, start=60)) == 0
+    store._wake = wake
     store.close()
     c = store.counts()
     assert c["accepted_predictions"] == c["written_predictions"] == 50 and c["dropped_buffer_full"] == 15

@@ -15,6 +15,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 
@@ -68,26 +69,31 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def _columns_of(items: list[Pending]) -> Columns:
-    first = items[0]
-    inputs = {k: _stack([it.inputs[k] for it in items]) for k in first.inputs}
-    outputs = {k: _stack([it.outputs[k] for it in items]) for k in first.outputs}
-    counts = np.fromiter((len(next(iter(it.inputs.values()))) for it in items), dtype=np.int64, count=len(items))
+    n = len(items)
+    per_input = {k: [it.inputs[k] for it in items] for k in items[0].inputs}
+    if not per_input:
+        raise ValueError("a request with no input tensors")
+    counts = np.fromiter(map(len, next(iter(per_input.values()))), dtype=np.int64, count=n)
     scores = None
     if any(it.scores is not None for it in items):
         scores = np.concatenate(
-            [it.scores if it.scores is not None else np.full(n, np.nan) for it, n in zip(items, counts, strict=True)]
+            [it.scores if it.scores is not None else np.full(r, np.nan) for it, r in zip(items, counts, strict=True)]
         )
     return Columns(
-        request_ids=[it.request_id for it in items],
-        ts=np.fromiter((it.ts for it in items), dtype=np.float64, count=len(items)),
-        latency_s=np.fromiter((it.latency_s for it in items), dtype=np.float64, count=len(items)),
-        groups=[it.group for it in items],
-        key_ids=[it.key_id for it in items],
+        request_ids=list(map(_request_id, items)),
+        ts=np.fromiter(map(_ts, items), dtype=np.float64, count=n),
+        latency_s=np.fromiter(map(_latency, items), dtype=np.float64, count=n),
+        groups=list(map(_group, items)),
+        key_ids=list(map(_key_id, items)),
         counts=counts,
-        inputs=inputs,
-        outputs=outputs,
+        inputs={k: _stack(v) for k, v in per_input.items()},
+        outputs={k: _stack([it.outputs[k] for it in items]) for k in items[0].outputs},
         scores=scores,
     )
+
+
+_request_id, _ts, _latency = attrgetter("request_id"), attrgetter("ts"), attrgetter("latency_s")
+_group, _key_id = attrgetter("group"), attrgetter("key_id")
 
 
 def _signature(item: Pending) -> tuple[object, ...]:
@@ -104,9 +110,9 @@ def columns(items: list[Pending]) -> tuple[list[Columns], int]:
     microsecond per request); only when that fails are the requests grouped by signature."""
     if not items:
         return [], 0
-    names = (tuple(items[0].inputs), tuple(items[0].outputs))
+    ins, outs = items[0].inputs.keys(), items[0].outputs.keys()
     try:
-        if all((tuple(it.inputs), tuple(it.outputs)) == names for it in items):
+        if all(it.inputs.keys() == ins and it.outputs.keys() == outs for it in items):
             cols = _columns_of(items)
             if all(v.ndim >= 1 for v in (*cols.inputs.values(), *cols.outputs.values())):
                 return [cols], 0
