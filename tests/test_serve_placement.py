@@ -4,10 +4,11 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
-from slipstream.serve.placement import Placement, pin_thread, plan
+from slipstream.serve.placement import Placement, pin_thread, plan, unpinned
 
 CPUS = frozenset(os.sched_getaffinity(0))
 
@@ -59,3 +60,44 @@ def test_a_cpu_that_does_not_exist_is_a_warning_not_a_failure(caplog: pytest.Log
     t.start()
     t.join()
     assert result == [False] and "could not place this thread on CPU 4096" in caplog.text
+
+
+def _threads_cpus() -> dict[int, str]:
+    """Every thread of this process and its CPU list, from /proc."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        lines = (task / "status").read_text().splitlines()
+        out[int(task.name)] = next(line.split()[1] for line in lines if line.startswith("Cpus_allowed_list"))
+    return out
+
+
+def test_a_model_loaded_from_a_pinned_thread_gets_every_cpu_for_its_inference_pool() -> None:
+    """A version found after startup is loaded from a thread the pinned event loop started: its onnxruntime
+    pool must not inherit the event loop's CPUs (and the loading thread goes back where it was)."""
+    import onnxruntime as ort
+
+    from tests.onnx_models import build_trained_digits_mlp
+
+    model = build_trained_digits_mlp(hidden=8)[0].SerializeToString()
+    placement = Placement(CPUS, loop=frozenset({min(CPUS)}), monitor=frozenset({max(CPUS)}))
+    seen: dict[str, object] = {}
+
+    def loader() -> None:
+        assert pin_thread(placement.loop)
+        before = _threads_cpus()
+        with unpinned(placement):
+            seen["inside"] = frozenset(os.sched_getaffinity(0))
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 3
+            seen["session"] = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        seen["after"] = frozenset(os.sched_getaffinity(0))
+        seen["pool"] = {cpus for tid, cpus in _threads_cpus().items() if tid not in before}
+
+    t = threading.Thread(target=loader)
+    t.start()
+    t.join()
+    assert seen["inside"] == CPUS and seen["after"] == {min(CPUS)}
+    every = _threads_cpus()[threading.get_native_id()]  # this thread was never pinned
+    assert seen["pool"] == {every}  # the session's pool threads (2 of them) run on every CPU
+    with unpinned(None):  # nothing planned: nothing moves
+        assert frozenset(os.sched_getaffinity(0)) == CPUS

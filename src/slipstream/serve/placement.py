@@ -6,7 +6,8 @@ on the event loop's CPU, whose time it then takes while another CPU idles.
 
 ``auto`` (the default): when the server may use at least two CPUs, the monitor process gets the last of them,
 and the event-loop thread, with the threads it starts from then on (the models' inference threads), all the
-others. Threads started before (onnxruntime's own pools among them) keep every CPU. On a 2-CPU machine the
+others. Threads started before (onnxruntime's own pools among them) keep every CPU, and so does the pool of a
+version loaded later (:func:`unpinned`). On a 2-CPU machine the
 server's Python then runs on one CPU and the monitor process on the other. Measured there
 (``benchmarks/monitoring.py``, side by side, paired): the digits MLP at 64 connections kept 0.90-1.05 of the
 unmonitored throughput over six runs with the monitor process on a CPU of its own, 0.78-0.94 (median 0.86) over
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,7 +52,7 @@ def _cpus(cpus: frozenset[int]) -> str:
     return ",".join(str(c) for c in sorted(cpus)) or "-"
 
 
-def _affinity() -> frozenset[int]:
+def _affinity() -> frozenset[int]:  # the calling thread's CPUs (Linux keeps them per thread)
     get = getattr(os, "sched_getaffinity", None)
     return frozenset(get(0)) if get is not None else frozenset()
 
@@ -79,3 +82,20 @@ def pin_thread(cpus: frozenset[int] | None) -> bool:
 def pin_event_loop(placement: Placement) -> None:
     """Pin the calling (event-loop) thread, and so the threads it starts from now on, per ``placement``."""
     pin_thread(placement.loop)
+
+
+@contextmanager
+def unpinned(placement: Placement | None) -> Iterator[None]:
+    """Run the block on every CPU the process may use, then put the calling thread back where it was.
+
+    For loading a model: onnxruntime's inference pool takes the CPUs of the thread that creates the session, so
+    a version loaded after startup (from a thread the pinned event loop started) would otherwise run on the
+    event loop's CPUs only, unlike the versions loaded before the loop was pinned."""
+    before = _affinity()
+    wanted = placement.allowed if placement is not None and placement.loop is not None else None
+    moved = wanted is not None and bool(before) and before != wanted and pin_thread(wanted)
+    try:
+        yield
+    finally:
+        if moved:
+            pin_thread(before)

@@ -26,6 +26,7 @@ from slipstream.errors import ConfigError, IntegrityError, ModelNotFoundError, S
 from slipstream.runtime import Engine, Target
 from slipstream.serve.batching import Batcher, InlinePolicy
 from slipstream.serve.metrics import ServeMetrics
+from slipstream.serve.placement import unpinned
 from slipstream.serve.settings import ServeSettings
 
 if TYPE_CHECKING:
@@ -208,9 +209,15 @@ class Repository:
             return wanted
         return sorted(versions, key=version_key, reverse=True)
 
+    def _load(self, entry: ModelVersion) -> None:
+        # On every CPU the process may use, wherever this worker thread was placed: a version found after
+        # startup gets the same inference pool as one loaded at startup (slipstream.serve.placement).
+        with unpinned(self.monitors.placement if self.monitors is not None else None):
+            load_version(entry, self.settings)
+
     async def _load_one(self, current: dict[str, ModelVersion], entry: ModelVersion) -> None:
         try:
-            await asyncio.to_thread(load_version, entry, self.settings)
+            await asyncio.to_thread(self._load, entry)
         except SlipstreamError as exc:
             entry.state, entry.reason = "UNAVAILABLE", str(exc).replace("\n", " ")
             previous = current.get(entry.version)
