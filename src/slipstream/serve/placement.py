@@ -7,13 +7,13 @@ on the event loop's CPU, whose time it then takes while another CPU idles.
 ``auto`` (the default): when the server may use at least two CPUs, the monitor process gets the last of them,
 and the event-loop thread, with the threads it starts from then on (the models' inference threads), all the
 others. Threads started before (onnxruntime's own pools among them) keep every CPU, and so does the pool of a
-version loaded later (:func:`unpinned`). On a 2-CPU machine the
-server's Python then runs on one CPU and the monitor process on the other. Measured there
-(``benchmarks/monitoring.py``, side by side, paired): the digits MLP at 64 connections kept 0.90-1.05 of the
-unmonitored throughput over six runs with the monitor process on a CPU of its own, 0.78-0.94 (median 0.86) over
-ten when the kernel placed both; at 8 connections placement made no measurable difference; MiniLM int8 (4 ms a
-request) lost nothing measurable from sharing a CPU between event loop and inference (0.98 vs 0.96 at 8
-callers). ``none``: the kernel decides. Nothing is pinned where the platform has no CPU affinity (Linux only).
+version loaded later (:func:`unpinned`). On a 2-CPU machine the server's Python then runs on one CPU and the
+monitor process on the other. Measured there (``benchmarks/monitoring.py``, side by side, paired): the digits
+MLP at 64 connections kept 0.90-1.05 of the unmonitored throughput over six runs with the monitor process on a
+CPU of its own, 0.78-0.94 (median 0.86) over ten when the kernel placed both; at 8 connections placement made no
+measurable difference; MiniLM int8 (4 ms a request) lost nothing measurable from sharing a CPU between event
+loop and inference (0.98 vs 0.96 at 8 callers). ``none``: the kernel decides. Nothing is pinned where the
+platform has no CPU affinity (Linux only).
 
 The plan starts from the CPUs this process may use, so several servers on one machine are spread by starting
 each under its own CPU set (``taskset -c 0-3 slipstream serve ...``); otherwise their monitor processes all
