@@ -53,6 +53,7 @@ class Row:
     cpu_us_per_req: float
     helper_cpu_us_per_req: float = 0.0  # of the server's child processes (slipstream's monitor process), included above
     paired: float = 1.0  # median over rounds of this server's req/s over the first server's in the same round
+    pooled: float = 1.0  # the same over the mean of the baseline servers' (bench_servers' ``baselines``)
 
 
 def free_port() -> int:
@@ -208,11 +209,14 @@ def bench_servers(
     args: argparse.Namespace,
     work: Path,
     before_stop: Callable[[str, str], None] | None = None,
+    baselines: tuple[str, ...] = (),
 ) -> list[Row]:
     """Start every server, then for each concurrency run them in interleaved rounds and keep medians.
 
     Interleaving puts each server through the same stretches of neighbour load, which a shared
-    machine otherwise hands out unevenly between back-to-back runs.
+    machine otherwise hands out unevenly between back-to-back runs. ``baselines``: identical servers whose
+    mean req/s in a round is what ``Row.pooled`` divides by (two equal servers can land 10 % apart here, so
+    one alone is a noisy yardstick); the first server when not given.
     """
     procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     rows = []
@@ -243,6 +247,7 @@ def bench_servers(
                             (own1 - own0 + kids1 - kids0) * per_req, (kids1 - kids0) * per_req)
                     )  # fmt: skip
             first = samples[names[0]]
+            pool = [float(np.mean([samples[b][i].rps for b in baselines or names[:1]])) for i in range(args.rounds)]
             for name, got in samples.items():
                 r = Row(
                     model, name, c,
@@ -251,6 +256,7 @@ def bench_servers(
                     float(np.median([g.cpu_us_per_req for g in got])),
                     float(np.median([g.helper_cpu_us_per_req for g in got])),
                     float(np.median([g.rps / max(f.rps, 1e-9) for g, f in zip(got, first, strict=True)])),
+                    float(np.median([g.rps / max(m, 1e-9) for g, m in zip(got, pool, strict=True)])),
                 )  # fmt: skip
                 rows.append(r)
                 print(
