@@ -37,6 +37,7 @@ from slipstream.monitor import MonitorConfig, MonitorSnapshot, OODScorer, Profil
 from slipstream.monitor.ingest import Pending, columns
 from slipstream.monitor.service import RequestPath, check_feedback
 from slipstream.serve.monitor_worker import Key
+from slipstream.serve.placement import cpu_list
 from slipstream.serve.settings import MonitorSettings
 
 log = logging.getLogger("slipstream.serve")
@@ -300,7 +301,7 @@ class RemoteMonitor(RequestPath):
 
 
 def _cpu_arg(cpus: frozenset[int] | None) -> list[str]:
-    return [",".join(str(c) for c in sorted(cpus))] if cpus else []
+    return [cpu_list(cpus)] if cpus else []
 
 
 def _wait(process: subprocess.Popen[bytes], timeout_s: float) -> int | None:

@@ -46,7 +46,7 @@ from slipstream.monitor import (
 from slipstream.monitor.alerts import DEFAULT_RULES, AlertRule, AlertsConfig
 from slipstream.monitor.drift import load_statistics
 from slipstream.monitor.ingest import Columns
-from slipstream.serve.placement import pin_thread
+from slipstream.serve.placement import parse_cpu_list, pin_thread
 from slipstream.serve.settings import MonitorSettings
 
 log = logging.getLogger("slipstream.monitor")
@@ -244,5 +244,5 @@ def run_worker(conn: Connection, cpus: frozenset[int] | None = None) -> None:
 
 if __name__ == "__main__":  # started by slipstream.serve.monitor_proxy.MonitorProcess: argv[1] is its socket's fd,
     # argv[2] (optional) the CPUs it runs on, comma-separated
-    cpus = frozenset(int(c) for c in sys.argv[2].split(",")) if sys.argv[2:] else None
+    cpus = parse_cpu_list(sys.argv[2]) if sys.argv[2:] else None
     run_worker(Connection(int(sys.argv[1])), cpus)

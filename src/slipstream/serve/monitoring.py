@@ -26,7 +26,7 @@ from slipstream.monitor import SQLiteStore, load_profile
 from slipstream.monitor.prometheus import MonitorCollector
 from slipstream.serve.monitor_proxy import MonitorProcess, RemoteMonitor
 from slipstream.serve.monitor_worker import Key, monitor_config, store_config
-from slipstream.serve.placement import pin_event_loop, plan
+from slipstream.serve.placement import pin_thread, plan
 from slipstream.serve.settings import MonitorSettings
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class ServeMonitors:
 
     def place_event_loop(self) -> None:
         """Called on the event loop's thread once the models are loaded (see slipstream.serve.placement)."""
-        pin_event_loop(self.placement)
+        pin_thread(self.placement.loop)  # and so the threads the loop starts from now on
         log.info("monitoring placement: %s", self.placement.describe())
 
     # -- life cycle (worker threads) ---------------------------------------------------------------

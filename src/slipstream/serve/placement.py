@@ -44,12 +44,18 @@ class Placement:
 
     def describe(self) -> str:
         if self.loop is None or self.monitor is None:
-            return f"CPUs {_cpus(self.allowed)} shared, placed by the kernel"
-        return f"monitor process on CPU {_cpus(self.monitor)}, event loop on CPU {_cpus(self.loop)}"
+            return f"CPUs {cpu_list(self.allowed)} shared, placed by the kernel"
+        return f"monitor process on CPU {cpu_list(self.monitor)}, event loop on CPU {cpu_list(self.loop)}"
 
 
-def _cpus(cpus: frozenset[int]) -> str:
+def cpu_list(cpus: frozenset[int]) -> str:
+    """``cpus`` as text, e.g. ``0,2,3`` (how the monitor process is told its CPUs); ``-`` for none."""
     return ",".join(str(c) for c in sorted(cpus)) or "-"
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """The inverse of :func:`cpu_list`."""
+    return frozenset() if text == "-" else frozenset(int(c) for c in text.split(","))
 
 
 def _affinity() -> frozenset[int]:  # the calling thread's CPUs (Linux keeps them per thread)
@@ -74,14 +80,9 @@ def pin_thread(cpus: frozenset[int] | None) -> bool:
     try:
         setter(0, cpus)  # pid 0: the calling thread (Linux keeps an affinity per thread)
     except OSError as exc:  # e.g. a container whose CPU set changed since: serve on, unplaced
-        log.warning("could not place this thread on CPU %s: %s", _cpus(cpus), exc)
+        log.warning("could not place this thread on CPU %s: %s", cpu_list(cpus), exc)
         return False
     return True
-
-
-def pin_event_loop(placement: Placement) -> None:
-    """Pin the calling (event-loop) thread, and so the threads it starts from now on, per ``placement``."""
-    pin_thread(placement.loop)
 
 
 @contextmanager
