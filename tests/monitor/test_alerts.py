@@ -38,6 +38,24 @@ def test_a_blip_shorter_than_for_s_never_fires_and_below_rules_work() -> None:
     assert {s.rule: s.state for s in alerts.states()} == {"acc": "inactive", "ratio": "firing"}
 
 
+def test_an_interval_rule_fires_only_when_the_whole_interval_is_past_the_threshold() -> None:
+    rule = AlertRule(name="dpr", metric="f.ratio", threshold=0.8, direction="below", decide_on="interval")
+    assert rule.bound_metric == "f.ratio.high"
+    alerts = AlertManager(AlertsConfig(rules=(rule,)))
+    # The point estimate is past the threshold, but the interval reaches over it: undecided, no alert.
+    assert alerts.update({"f.ratio": 0.7, "f.ratio.low": 0.5, "f.ratio.high": 0.95}, now=0) == []
+    state = alerts.states()[0]
+    assert state.state == "inactive" and "contains 0.8" in state.reason and (state.low, state.high) == (0.5, 0.95)
+    assert alerts.update({"f.ratio": 0.7}, now=1) == []  # no interval: not judged, the state stays
+    (fired,) = alerts.update({"f.ratio": 0.6, "f.ratio.low": 0.5, "f.ratio.high": 0.75}, now=2)
+    assert fired.state == "firing" and (fired.low, fired.high) == (0.5, 0.75) and "all of it < 0.8" in fired.reason
+    # Still past the threshold at the point, interval now straddling: stays firing.
+    assert alerts.update({"f.ratio": 0.75, "f.ratio.low": 0.6, "f.ratio.high": 0.9}, now=3) == []
+    assert alerts.firing() == ["dpr"]
+    (resolved,) = alerts.update({"f.ratio": 0.9, "f.ratio.low": 0.7, "f.ratio.high": 1.0}, now=4)
+    assert resolved.state == "resolved"
+
+
 def test_duplicate_rule_names_are_refused() -> None:
     with pytest.raises(ConfigError, match="unique"):
         AlertManager(AlertsConfig(rules=(RULE, RULE)))

@@ -2,9 +2,16 @@
 
 A rule watches one named metric (e.g. ``quality.accuracy_drop``) against a threshold in a direction; the
 condition must hold for ``for_s`` seconds before the alert fires (pending meanwhile), and the alert resolves
-when the condition stops holding. Every transition is logged and returned as an :class:`AlertEvent`; a
-:class:`Webhook` posts events as JSON from its own thread through a bounded queue, so neither evaluating
-rules nor a slow receiver ever blocks a caller. A metric with no value (``None``) leaves the state as it is.
+when the condition stops holding. A rule that decides on the interval (``decide_on="interval"``) reads the
+metric's confidence bounds, published beside it as ``<metric>.low`` and ``<metric>.high``: it holds only when
+the whole interval lies beyond the threshold (the lower bound above it, or the upper bound below it), so a
+gap that sampling noise alone could explain never fires. A firing interval rule resolves when the point
+estimate is back on the good side of the threshold; while only the interval still reaches past it, the rule is
+undecided and stays as it is, and the reason says so.
+
+Every transition is logged and returned as an :class:`AlertEvent`; a :class:`Webhook` posts events as JSON
+from its own thread through a bounded queue, so neither evaluating rules nor a slow receiver ever blocks a
+caller. A metric with no value (``None``) leaves the state as it is.
 """
 
 from __future__ import annotations
@@ -34,6 +41,18 @@ class AlertRule(_Frozen):
     direction: Literal["above", "below"] = Field(description="Fire when the metric is above / below it.")
     for_s: float = Field(default=0.0, ge=0, description="How long the condition must hold before firing.")
     severity: Literal["info", "warning", "critical"] = Field(default="warning", description="For the receiver.")
+    decide_on: Literal["value", "interval"] = Field(
+        default="value",
+        description="'value': compare the metric itself; 'interval': compare its confidence bound "
+        "('<metric>.low' for 'above', '<metric>.high' for 'below'), so only a gap beyond noise fires.",
+    )
+
+    @property
+    def bound_metric(self) -> str:
+        """The metric this rule compares: the metric itself, or the bound of its interval."""
+        if self.decide_on == "value":
+            return self.metric
+        return f"{self.metric}.low" if self.direction == "above" else f"{self.metric}.high"
 
 
 DEFAULT_RULES: tuple[AlertRule, ...] = (
@@ -45,12 +64,26 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
     ),
     AlertRule(name="estimated_accuracy_drop", metric="quality.estimated_drop", threshold=0.05, direction="above"),
     AlertRule(
-        name="demographic_parity", metric="fairness.demographic_parity_difference", threshold=0.1, direction="above"
+        name="demographic_parity",
+        metric="fairness.demographic_parity_difference",
+        threshold=0.1,
+        direction="above",
+        decide_on="interval",
     ),
     AlertRule(
-        name="demographic_parity_ratio", metric="fairness.demographic_parity_ratio", threshold=0.8, direction="below"
+        name="demographic_parity_ratio",
+        metric="fairness.demographic_parity_ratio",
+        threshold=0.8,
+        direction="below",
+        decide_on="interval",
     ),
-    AlertRule(name="equalized_odds", metric="fairness.equalized_odds_difference", threshold=0.1, direction="above"),
+    AlertRule(
+        name="equalized_odds",
+        metric="fairness.equalized_odds_difference",
+        threshold=0.1,
+        direction="above",
+        decide_on="interval",
+    ),
     AlertRule(name="prediction_log_drops", metric="store.dropped", threshold=0, direction="above"),
     AlertRule(name="out_of_distribution", metric="threats.ood_share", threshold=0.05, direction="above"),
     AlertRule(name="model_extraction", metric="threats.suspicious_keys", threshold=0, direction="above"),
@@ -76,6 +109,8 @@ class AlertState(_Frozen):
     state: AlertStateName
     since: float | None = Field(description="When the current state began.")
     value: float | None = Field(description="The metric's last value.")
+    low: float | None = Field(default=None, description="Interval rules: the lower confidence bound.")
+    high: float | None = Field(default=None, description="Interval rules: the upper confidence bound.")
     reason: str
 
 
@@ -84,16 +119,35 @@ class AlertEvent(_Frozen):
     state: Literal["firing", "resolved"]
     at: float
     value: float | None
+    low: float | None = None
+    high: float | None = None
     severity: str
     reason: str
 
 
-def _describe(rule: AlertRule, value: float | None) -> str:
+def _holds(rule: AlertRule, value: float) -> bool:
+    return value > rule.threshold if rule.direction == "above" else value < rule.threshold
+
+
+def _describe(rule: AlertRule, value: float | None, low: float | None = None, high: float | None = None) -> str:
     if value is None:
         return f"{rule.metric} has no value yet"
     sign = ">" if rule.direction == "above" else "<"
-    holds = value > rule.threshold if rule.direction == "above" else value < rule.threshold
-    return f"{rule.metric} = {value:.4g} {'' if holds else 'not '}{sign} {rule.threshold:g}"
+    if rule.decide_on == "value":
+        return f"{rule.metric} = {value:.4g} {'' if _holds(rule, value) else 'not '}{sign} {rule.threshold:g}"
+    if low is None or high is None:
+        return f"{rule.metric} = {value:.4g}, no interval yet: not judged"
+    bound = low if rule.direction == "above" else high
+    interval = f"{rule.metric} = {value:.4g} (interval {low:.4g} to {high:.4g})"
+    if _holds(rule, bound):
+        return f"{interval}: all of it {sign} {rule.threshold:g}"
+    if _holds(rule, value) or (low <= rule.threshold <= high):
+        return f"{interval} contains {rule.threshold:g}: not enough evidence either way"
+    return f"{interval}: not {sign} {rule.threshold:g}"
+
+
+def _number(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 class AlertManager:
@@ -121,12 +175,18 @@ class AlertManager:
         events: list[AlertEvent] = []
         with self._lock:
             for rule in self.config.rules:
-                if rule.metric not in metrics or metrics[rule.metric] is None:
+                raw, bound = metrics.get(rule.metric), metrics.get(rule.bound_metric)
+                if raw is None or bound is None:
                     continue
-                value = float(metrics[rule.metric])  # type: ignore[arg-type]
+                value = float(raw)
+                low, high = (
+                    (None, None)
+                    if rule.decide_on == "value"
+                    else (_number(metrics.get(f"{rule.metric}.low")), _number(metrics.get(f"{rule.metric}.high")))
+                )
                 old = self._states[rule.name]
-                holds = value > rule.threshold if rule.direction == "above" else value < rule.threshold
-                reason = _describe(rule, value)
+                holds = _holds(rule, float(bound))
+                reason = _describe(rule, value, low, high)
                 state, since = old.state, old.since
                 if holds:
                     if old.state in ("inactive", "resolved"):
@@ -135,20 +195,42 @@ class AlertManager:
                         state, since = "firing", t
                         events.append(
                             AlertEvent(
-                                rule=rule.name, state="firing", at=t, value=value, severity=rule.severity, reason=reason
+                                rule=rule.name,
+                                state="firing",
+                                at=t,
+                                value=value,
+                                low=low,
+                                high=high,
+                                severity=rule.severity,
+                                reason=reason,
                             )
                         )
-                elif old.state == "firing":
+                elif old.state == "firing" and not _holds(rule, value):
                     state, since = "resolved", t
                     events.append(
                         AlertEvent(
-                            rule=rule.name, state="resolved", at=t, value=value, severity=rule.severity, reason=reason
+                            rule=rule.name,
+                            state="resolved",
+                            at=t,
+                            value=value,
+                            low=low,
+                            high=high,
+                            severity=rule.severity,
+                            reason=reason,
                         )
                     )
                 elif old.state == "pending":
                     state, since = "inactive", t
+                # else: firing with the point estimate still past the threshold (interval rules): undecided
                 self._states[rule.name] = AlertState(
-                    rule=rule.name, metric=rule.metric, state=state, since=since, value=value, reason=reason
+                    rule=rule.name,
+                    metric=rule.metric,
+                    state=state,
+                    since=since,
+                    value=value,
+                    low=low,
+                    high=high,
+                    reason=reason,
                 )
         for e in events:
             log.log(
