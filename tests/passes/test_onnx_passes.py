@@ -14,6 +14,7 @@ from slipstream.passes.binarize import binarize
 from slipstream.passes.fidelity import session
 from slipstream.passes.precision import CPU_NOTE
 from slipstream.passes.quantize_static import GENERATED_NOTE
+from slipstream.runtime.targets import cpu_flags, has_int8_dot_product
 from tests.passes.helpers import accuracy, run_pass
 
 Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -40,8 +41,18 @@ def test_static_int8_on_real_calibration_data_keeps_accuracy(
     assert resolved["calibration_data"] == f"file {calibration_npz}"
     assert resolved["format"] == "qdq" and resolved["calibration"] == "minmax"
     assert "calibration_note" not in resolved
+    # 'auto' took 7-bit weights exactly where this CPU lacks an int8 dot product, and said why.
+    assert resolved["reduce_range"] is (not has_int8_dot_product())
+    assert str(resolved["reduce_range_why"]).startswith("auto: this CPU has")
     assert _ops(run.bundle)["QuantizeLinear"] >= 3
     assert run.bundle.size_bytes < cnn_bundle.size_bytes / 3
+
+
+def test_int8_dot_product_is_read_from_the_cpu_flags() -> None:
+    assert has_int8_dot_product(cpu_flags("processor : 0\nflags : fpu avx2 fma avx512_vnni\n"))
+    assert has_int8_dot_product(frozenset({"avx2", "amx_int8"}))
+    assert not has_int8_dot_product(cpu_flags("flags\t\t: fpu sse4_2 avx2 fma\n"))
+    assert cpu_flags("no flags here") == frozenset()
 
 
 @pytest.mark.parametrize(("calibration", "fmt"), [("entropy", "qdq"), ("percentile", "qoperator")])

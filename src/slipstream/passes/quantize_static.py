@@ -22,6 +22,7 @@ from slipstream.passes._onnx import load, op_histogram
 from slipstream.passes._quant import fused_warning, preprocess
 from slipstream.passes.base import OnnxPass, PassConfig, PassContext, PassOutput
 from slipstream.passes.fidelity import load_inputs, measure_fidelity
+from slipstream.runtime.targets import has_int8_dot_product
 
 GENERATED_NOTE = (
     "calibrated on GENERATED data (random values shaped like the inputs), not real data: activation "
@@ -42,7 +43,11 @@ class QuantizeStaticConfig(PassConfig):
     num_samples: int = Field(default=128, ge=1, description="Samples to calibrate on (generated or from data).")
     batch_size: int = Field(default=32, ge=1, description="Calibration batch size.")
     per_channel: bool = Field(default=True, description="One weight scale per output channel.")
-    reduce_range: bool = Field(default=False, description="7-bit weights (only for CPUs without VNNI).")
+    reduce_range: bool | Literal["auto"] = Field(
+        default="auto",
+        description="7-bit weights: 'auto' takes them on a CPU without VNNI/AMX, whose int8 kernels saturate "
+        "with 8-bit weights (the choice is recorded).",
+    )
     activation_type: Literal["quint8", "qint8"] = Field(default="quint8", description="Activation element type.")
     weight_type: Literal["qint8", "quint8"] = Field(default="qint8", description="Weight element type.")
     op_types: tuple[str, ...] = Field(default=(), description="Operator types to quantize; empty = default set.")
@@ -62,20 +67,26 @@ class _Reader:
         return next(self._batches, None)
 
 
+def _reduce_range(config: QuantizeStaticConfig) -> bool:
+    return not has_int8_dot_product() if config.reduce_range == "auto" else config.reduce_range
+
+
 class QuantizeStatic(OnnxPass[QuantizeStaticConfig]):
     name = "quantize.static"
     version = 1
     Config = QuantizeStaticConfig
 
     def fingerprint_inputs(self, config: QuantizeStaticConfig) -> dict[str, JsonValue]:
+        # 'auto' resolves per CPU, so a cache shared by two machines keeps one result for each choice.
+        keyed: dict[str, JsonValue] = {"reduce_range": _reduce_range(config)}
         if config.data is None:
-            return {}
+            return keyed
         path = Path(config.data)
         if path.is_file():
-            return {"data_sha256": sha256_file(path)}
+            return {**keyed, "data_sha256": sha256_file(path)}
         # A 'file.py:fn' callable: key on the reference and the code that produces the data.
         code = Path(config.data.rpartition(":")[0])
-        return {"data_ref": config.data, "data_sha256": sha256_file(code) if code.is_file() else None}
+        return {**keyed, "data_ref": config.data, "data_sha256": sha256_file(code) if code.is_file() else None}
 
     def apply(self, model: onnx.ModelProto, config: QuantizeStaticConfig, ctx: PassContext) -> PassOutput:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -105,7 +116,7 @@ class QuantizeStatic(OnnxPass[QuantizeStaticConfig]):
             quant_format=QuantFormat.QDQ if config.format == "qdq" else QuantFormat.QOperator,
             op_types_to_quantize=list(config.op_types) or None,
             per_channel=config.per_channel,
-            reduce_range=config.reduce_range,
+            reduce_range=_reduce_range(config),
             activation_type=qtype[config.activation_type],
             weight_type=qtype[config.weight_type],
             nodes_to_exclude=list(config.nodes_to_exclude) or None,
@@ -126,6 +137,14 @@ class QuantizeStatic(OnnxPass[QuantizeStaticConfig]):
             "calibration_data": source,
             "calibration_samples": samples,
             "per_channel": config.per_channel,
+            "reduce_range": _reduce_range(config),
+            "reduce_range_why": (
+                "set in the config"
+                if config.reduce_range != "auto"
+                else "auto: this CPU has an int8 dot product (VNNI/AMX)"
+                if has_int8_dot_product()
+                else "auto: this CPU has no VNNI/AMX, so 8-bit weights would saturate its int8 kernels"
+            ),
             "activation_type": config.activation_type,
             "weight_type": config.weight_type,
             "preprocess": pre,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
 import psutil
@@ -33,6 +34,30 @@ PROVIDER_PACKAGES: dict[str, str] = {
 
 def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def has_int8_dot_product(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU has an int8 dot-product instruction (VNNI or AMX). Without one, onnxruntime's u8·s8
+    kernels add pairs of products in 16 bits, which saturate on 8-bit weights: measured here on an AVX2-only
+    AMD EPYC, static int8 of the digits CNN lost 1.8 points of accuracy, and none with 7-bit weights."""
+    return any(f in (cpu_flags() if flags is None else flags) for f in INT8_DOT_FLAGS)
 
 
 class Target(BaseModel):
