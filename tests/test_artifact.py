@@ -1,16 +1,22 @@
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+from onnx.external_data_helper import set_external_data
 from pydantic import ValidationError
 
 from slipstream.artifact import SCHEMA_VERSION, Bundle, Manifest, Source, Step, TensorSpec, write_bundle
 from slipstream.artifact.bundle import EXTERNAL_DATA_FILE, MANIFEST_FILE, MODEL_FILE
+from slipstream.artifact.publish import publish_bundle
 from slipstream.errors import BundleError, BundleExistsError, BundleNotFoundError, IntegrityError, SchemaError
+from slipstream.runtime import Engine
 from tests.onnx_models import build_mlp
 
 
@@ -179,3 +185,131 @@ def test_the_writer_does_not_modify_the_model(tmp_path: Path) -> None:
     write_bundle(tmp_path / "b", model, _manifest(), external_data_threshold_bytes=1)
     assert model.SerializeToString() == before
     shutil.rmtree(tmp_path / "b")
+
+
+# -- containment: a bundle holds its own regular files and nothing else -----------------------------------
+
+
+def _list_in_manifest(bundle: Path, name: str, content: bytes) -> None:
+    """Record ``name`` in the manifest with the right digest, as an attacker editing the bundle would."""
+    raw = json.loads((bundle / MANIFEST_FILE).read_text())
+    raw["files"][name] = {"sha256": hashlib.sha256(content).hexdigest(), "size_bytes": len(content)}
+    (bundle / MANIFEST_FILE).write_text(json.dumps(raw))
+
+
+def test_model_symlinked_to_an_outside_file_is_refused(bundle_copy: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.onnx"
+    shutil.move(bundle_copy / MODEL_FILE, outside)  # same bytes, same digest: only the place is wrong
+    (bundle_copy / MODEL_FILE).symlink_to(outside)
+    with pytest.raises(IntegrityError) as info:
+        Bundle.load(bundle_copy)
+    assert info.value.file == MODEL_FILE
+    assert "'model.onnx' is a symbolic link" in str(info.value)
+    assert "replace symlinks" in str(info.value)
+
+
+def test_extra_file_symlinked_to_etc_passwd_is_refused(bundle_copy: Path) -> None:
+    _list_in_manifest(bundle_copy, "labels.txt", Path("/etc/passwd").read_bytes())
+    (bundle_copy / "labels.txt").symlink_to("/etc/passwd")
+    with pytest.raises(IntegrityError) as info:
+        Bundle.load(bundle_copy)
+    assert info.value.file == "labels.txt"
+    assert "'labels.txt' is a symbolic link" in str(info.value)
+
+
+def test_unlisted_symlink_is_refused_with_its_target(bundle_copy: Path) -> None:
+    (bundle_copy / "signature").symlink_to("/etc/passwd")  # a name the manifest may leave out
+    with pytest.raises(IntegrityError, match=r"'signature' is a symbolic link \(to '/etc/passwd'\)"):
+        Bundle.load(bundle_copy)
+
+
+@pytest.mark.parametrize("entry", ["../../../../../etc/passwd", "/etc/passwd", "..", "sub/file"])
+def test_manifest_entry_outside_the_bundle_is_refused(bundle_copy: Path, entry: str) -> None:
+    content = Path("/etc/passwd").read_bytes() if "passwd" in entry else b""
+    _list_in_manifest(bundle_copy, entry, content)
+    with pytest.raises(IntegrityError) as info:
+        Bundle.load(bundle_copy)
+    assert info.value.file == entry
+    assert entry in str(info.value)
+
+
+def test_symlinked_manifest_is_refused(bundle_copy: Path, tmp_path: Path) -> None:
+    shutil.move(bundle_copy / MANIFEST_FILE, tmp_path / "manifest.json")
+    (bundle_copy / MANIFEST_FILE).symlink_to(tmp_path / "manifest.json")
+    with pytest.raises(IntegrityError, match=r"'manifest\.json' is a symbolic link"):
+        Bundle.load(bundle_copy, verify=False)
+
+
+def test_a_fifo_is_refused_without_blocking(bundle_copy: Path) -> None:
+    _list_in_manifest(bundle_copy, "pipe", b"")
+    os.mkfifo(bundle_copy / "pipe")
+    with pytest.raises(IntegrityError, match="'pipe' is not a regular file"):
+        Bundle.load(bundle_copy)
+
+
+def test_external_data_symlink_is_refused(tmp_path: Path) -> None:
+    write_bundle(tmp_path / "b", build_mlp((8, 256, 4)), _manifest(), external_data_threshold_bytes=1)
+    shutil.move(tmp_path / "b" / EXTERNAL_DATA_FILE, tmp_path / "weights")
+    (tmp_path / "b" / EXTERNAL_DATA_FILE).symlink_to(tmp_path / "weights")
+    with pytest.raises(IntegrityError) as info:
+        Bundle.load(tmp_path / "b")
+    assert info.value.file == EXTERNAL_DATA_FILE
+
+
+def test_external_data_pointing_outside_the_bundle_is_refused(bundle_copy: Path) -> None:
+    model = onnx.load(str(bundle_copy / MODEL_FILE))
+    weight = model.graph.initializer[0]
+    set_external_data(weight, location="../weights.bin", offset=0, length=len(weight.raw_data))
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    (bundle_copy / MODEL_FILE).write_bytes(model.SerializeToString())
+    _list_in_manifest(bundle_copy, MODEL_FILE, (bundle_copy / MODEL_FILE).read_bytes())
+    bundle = Bundle.load(bundle_copy)  # every listed file matches; only what model.onnx points at is wrong
+    for load in (bundle.read_model_bytes, bundle.load_model, lambda: Engine(bundle)):
+        with pytest.raises(IntegrityError) as info:
+            load()
+        assert info.value.file == "../weights.bin"
+        assert "external data only in its own listed model.onnx.data" in str(info.value)
+
+
+def test_what_is_checked_is_what_is_loaded(bundle_copy: Path, tmp_path: Path) -> None:
+    bundle = Bundle.load(bundle_copy)  # verified now ...
+    swapped = tmp_path / "swapped.onnx"
+    shutil.copy(bundle_copy / MODEL_FILE, swapped)
+    _flip_byte(swapped)  # a different model of the same size ...
+    swapped.replace(bundle_copy / MODEL_FILE)  # ... put in place after the check
+    with pytest.raises(IntegrityError, match="sha256"):
+        Engine(bundle)
+    with pytest.raises(IntegrityError, match="sha256"):
+        bundle.load_model()
+
+
+def test_a_bundle_with_external_data_loads_and_runs_from_memory(tmp_path: Path) -> None:
+    model = build_mlp((8, 256, 4))
+    external = Bundle.load(write_bundle(tmp_path / "ext", model, _manifest(), external_data_threshold_bytes=1).path)
+    inline = Bundle.load(write_bundle(tmp_path / "inline", model, _manifest()).path)
+    assert external.manifest.files.keys() == {MODEL_FILE, EXTERNAL_DATA_FILE}
+    x = np.random.default_rng(0).random((3, 8), dtype=np.float32)
+    np.testing.assert_array_equal(
+        Engine(external).run({"pixels": x})["probabilities"], Engine(inline).run({"pixels": x})["probabilities"]
+    )
+    loaded = external.load_model()
+    assert loaded.SerializeToString() == inline.load_model().SerializeToString()
+
+
+def test_publish_copies_a_verified_bundle_into_place_in_one_rename(bundle_copy: Path, tmp_path: Path) -> None:
+    (bundle_copy / "signature").write_bytes(b"sig")  # an unlisted signature travels with the manifest
+    published = publish_bundle(bundle_copy, tmp_path / "repo" / "mlp" / "3")
+    assert sorted(p.name for p in published.path.iterdir()) == sorted(p.name for p in bundle_copy.iterdir())
+    assert (published.path / MANIFEST_FILE).read_bytes() == (bundle_copy / MANIFEST_FILE).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "repo" / "mlp").iterdir()) == ["3"]  # no temporary left behind
+    with pytest.raises(BundleExistsError, match="already exists"):
+        publish_bundle(bundle_copy, published.path)
+
+
+def test_publish_refuses_a_source_changed_after_it_was_checked(bundle_copy: Path, tmp_path: Path) -> None:
+    source = Bundle.load(bundle_copy)
+    _flip_byte(bundle_copy / MODEL_FILE)
+    with pytest.raises(IntegrityError, match="sha256"):
+        publish_bundle(source, tmp_path / "repo" / "mlp" / "3")
+    assert list((tmp_path / "repo" / "mlp").iterdir()) == []

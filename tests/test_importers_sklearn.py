@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import os
+import pickle
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -9,19 +14,27 @@ import joblib
 import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer
-from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
+from sklearn.decomposition import PCA
+from sklearn.ensemble import GradientBoostingClassifier, HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.model_selection import train_test_split
+from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
+from sklearn.svm import SVC
+from sklearn.tree import DecisionTreeClassifier
+from threadpoolctl import threadpool_limits
+from typer.testing import CliRunner
 
 import slipstream
 from slipstream.artifact import Bundle
+from slipstream.cli import app
 from slipstream.errors import InvalidModelError, ParityError, UntrustedPickleError
-from slipstream.importers.sklearn import import_sklearn
+from slipstream.importers.sklearn import import_sklearn, load_estimator
 from slipstream.runtime import Engine
 
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+runner = CliRunner()
 
 
 @pytest.fixture(scope="session")
@@ -126,3 +139,128 @@ def test_sample_data_with_labels_is_accepted(fitted: dict[str, Any], cancer: Dat
     np.savez(tmp_path / "eval.npz", input=x_test, labels=y_test)
     bundle = slipstream.convert(fitted["logistic"], tmp_path / "b", sample=tmp_path / "eval.npz")
     assert bundle.manifest.parity is not None and bundle.manifest.parity.data == "sample"
+
+
+# -- pickles are scanned even when trusted ----------------------------------------------------------------
+
+
+class Evil:
+    """What an attacker ships: unpickling it calls os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+SYSTEM = f"{os.system.__module__}.system"  # posix.system on Linux
+
+
+def _dump(obj: Any, path: Path, how: str) -> Path:
+    if how == "joblib":
+        joblib.dump(obj, path)
+    elif how == "joblib-compressed":
+        joblib.dump(obj, path, compress=3)
+    else:
+        with path.open("wb") as f:
+            pickle.dump(obj, f, protocol=int(how.removeprefix("pickle-")))
+    return path
+
+
+@pytest.mark.parametrize("how", ["joblib", "joblib-compressed", "pickle-0", "pickle-2", "pickle-5"])
+def test_a_malicious_pickle_is_refused_even_when_trusted(how: str, tmp_path: Path) -> None:
+    marker = tmp_path / "MARKER"
+    path = _dump(Evil(marker), tmp_path / "evil.joblib", how)
+    with pytest.raises(UntrustedPickleError) as info:
+        slipstream.convert(path, tmp_path / "b", trust_pickle=True)
+    assert SYSTEM in info.value.message and str(path) in info.value.message
+    assert "nothing off the allow-list was imported or run" in info.value.message
+    assert "do not load this file" in (info.value.hint or "")  # and no invitation to allow os.system
+    assert not marker.exists() and not (tmp_path / "b").exists()
+
+
+def test_a_malicious_pickle_is_refused_through_the_cli(tmp_path: Path) -> None:
+    marker = tmp_path / "MARKER"
+    path = _dump(Evil(marker), tmp_path / "evil.joblib", "joblib")
+    result = runner.invoke(app, ["convert", str(path), "-o", str(tmp_path / "b"), "--trust-pickle"])
+    assert result.exit_code == 1
+    assert SYSTEM in result.stderr and "evil.joblib" in result.stderr
+    assert not marker.exists() and not (tmp_path / "b").exists()
+
+
+def test_a_payload_hidden_inside_a_real_pipeline_is_refused(fitted: dict[str, Any], tmp_path: Path) -> None:
+    marker = tmp_path / "MARKER"
+    model = copy.deepcopy(fitted["logistic"])
+    model.steps[0][1].note = Evil(marker)  # an attribute of a fitted StandardScaler
+    objects = np.array([Evil(marker)], dtype=object)  # joblib pickles an object array as a nested stream
+    for name, obj in (("in-pipeline.joblib", model), ("in-array.joblib", {"model": fitted["logistic"], "x": objects})):
+        with pytest.raises(UntrustedPickleError, match=re.escape(SYSTEM)):
+            load_estimator(_dump(obj, tmp_path / name, "joblib"), trust_pickle=True)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("stream", "named"),
+    [
+        (b"cbuiltins\neval\n(S'1'\ntR.", "builtins.eval"),  # protocol 0: GLOBAL + REDUCE
+        (b"(c__builtin__\neval\nS'1'\ni.", "builtins.eval"),  # INST, with the Python 2 module name mapped
+        (b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x05numpy\x8c\x04load\x93.", "numpy.load"),  # a function
+        (b"cnumpy\nmemmap\n.", "numpy.memmap"),  # an ndarray subclass that opens files
+        (b"csklearn.datasets\nfetch_openml\n.", "sklearn.datasets.fetch_openml"),  # not a model part
+        (b"csklearn.base\nos.system\n.", "sklearn.base.os.system"),  # a dotted path to a re-export
+    ],
+)
+def test_each_way_to_name_a_global_is_checked(stream: bytes, named: str, tmp_path: Path) -> None:
+    path = tmp_path / "crafted.pkl"
+    path.write_bytes(stream)
+    with pytest.raises(UntrustedPickleError, match=re.escape(named)):
+        load_estimator(path, trust_pickle=True)
+
+
+def test_a_module_off_the_list_is_never_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "IMPORTED"
+    (tmp_path / "side_effect_mod.py").write_text(f"open({str(marker)!r}, 'w').close()\nthing = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "crafted.pkl").write_bytes(b"cside_effect_mod\nthing\n.")
+    with pytest.raises(UntrustedPickleError, match=r"side_effect_mod\.thing"):
+        load_estimator(tmp_path / "crafted.pkl", trust_pickle=True)
+    assert not marker.exists() and "side_effect_mod" not in sys.modules
+
+
+@pytest.mark.parametrize("how", ["joblib", "joblib-compressed", "pickle-2", "pickle-5"])
+@pytest.mark.parametrize("name", ["logistic", "forest", "boosting"])
+def test_real_models_load_through_the_allow_list(
+    name: str, how: str, fitted: dict[str, Any], cancer: Data, tmp_path: Path
+) -> None:
+    model = fitted[name]
+    loaded = load_estimator(_dump(model, tmp_path / "model.joblib", how), trust_pickle=True)
+    np.testing.assert_array_equal(loaded.predict_proba(cancer[1]), model.predict_proba(cancer[1]))
+
+
+def test_more_estimator_kinds_load_through_the_allow_list(cancer: Data, tmp_path: Path) -> None:
+    x_train, x_test, y_train, _ = cancer
+    models = [
+        make_pipeline(FunctionTransformer(np.log1p), PCA(5), KNeighborsClassifier()),  # a ufunc, a KD-tree
+        HistGradientBoostingClassifier(max_iter=3, early_stopping=False, random_state=np.random.RandomState(0)),
+        make_pipeline(StandardScaler(), SVC(kernel="linear")),
+        DecisionTreeClassifier(max_depth=3),
+    ]
+    for i, model in enumerate(models):  # the boosting model brings Cython losses and a RandomState
+        with threadpool_limits(1):  # OpenMP threads on a busy machine take seconds for this tiny fit
+            model.fit(np.abs(x_train), y_train)
+        loaded = load_estimator(_dump(model, tmp_path / f"{i}.joblib", "joblib"), trust_pickle=True)
+        np.testing.assert_array_equal(loaded.predict(np.abs(x_test)), model.predict(np.abs(x_test)))
+
+
+def test_a_name_the_caller_vouches_for_is_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "own_pkg.py").write_text("class Scaler:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "own.pkl"
+    path.write_bytes(b"cown_pkg\nScaler\n)\x81.")  # protocol 0 GLOBAL, then NEWOBJ with no arguments
+    with pytest.raises(UntrustedPickleError) as info:
+        load_estimator(path, trust_pickle=True)
+    assert "allow_pickle_globals=['own_pkg.Scaler']" in (info.value.hint or "")
+    loaded = load_estimator(path, trust_pickle=True, allow_pickle_globals=["own_pkg.Scaler"])
+    assert type(loaded).__name__ == "Scaler"
+    monkeypatch.delitem(sys.modules, "own_pkg")

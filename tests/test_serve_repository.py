@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -14,11 +15,12 @@ import onnx
 import pytest
 
 from slipstream.artifact import Bundle, write_bundle
+from slipstream.artifact.bundle import MANIFEST_FILE, MODEL_FILE
 from slipstream.artifact.manifest import ParityRecord, Source
 from slipstream.errors import IntegrityError
 from slipstream.serve.guard import hash_key
 from slipstream.serve.repository import ModelVersion, has_parity_record, load_version
-from slipstream.serve.settings import BatchSettings, GuardSettings, ServeSettings
+from slipstream.serve.settings import BatchSettings, GuardSettings, ReloadSettings, ServeSettings
 from tests.serve_support import ADMIN_KEY, Reference, ServerThread, add_version, corrupt_copy
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -73,12 +75,60 @@ def test_hot_reload_takes_a_good_version_and_refuses_a_corrupted_one(tmp_path: P
         assert _infer(url, x)["model_version"] == "2"  # the good version keeps serving
         unavailable = httpx.post(f"{url}/v2/models/mlp/versions/3/infer", json={"inputs": []})
         assert unavailable.status_code == 503 and "integrity" in unavailable.json()["error"]
-        metrics = httpx.get(f"{url}/metrics").text
-        assert 'slipstream_model_load_failures_total{model="mlp",version="3"} 1.0' in metrics
+        assert _load_failures(url, "3") >= 1  # and the poller retries it with backoff while it stays broken
 
         shutil.rmtree(repo / "mlp" / "3")
         add_version(repo, "mlp", "3", tmp_path)  # a fixed version 3 replaces the refused one
         _wait_for(lambda: _infer(url, x)["model_version"] == "3")
+
+
+def _load_failures(url: str, version: str) -> int:
+    prefix = f'slipstream_model_load_failures_total{{model="mlp",version="{version}"}} '
+    lines = [line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith(prefix)]
+    return int(float(lines[0].removeprefix(prefix))) if lines else 0
+
+
+def test_a_version_copied_in_slowly_is_served_once_complete(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    repo = tmp_path / "repo"
+    add_version(repo, "mlp", "1", tmp_path)
+    finished = add_version(tmp_path / "elsewhere", "mlp", "2", tmp_path)  # what the slow copy will produce
+    settings = ServeSettings(
+        poll_interval_s=0.05,
+        reload=ReloadSettings(retry_initial_s=0.05, retry_max_s=0.2),
+        guard=GuardSettings(admin_key_hashes=frozenset({hash_key(ADMIN_KEY)})),
+    )
+    x = np.random.default_rng(5).standard_normal((2, 8)).astype(np.float32)
+    caplog.set_level(logging.INFO, logger="slipstream.serve")
+    with ServerThread(repo, settings) as server:
+        url = server.url
+        assert _infer(url, x)["model_version"] == "1"
+        target = repo / "mlp" / "2"
+        target.mkdir()
+        shutil.copy(finished / MANIFEST_FILE, target / MANIFEST_FILE)  # the manifest lands first ...
+        model = (finished / MODEL_FILE).read_bytes()
+        with (target / MODEL_FILE).open("wb") as half_written:
+            half_written.write(model[: len(model) // 2])  # ... then half of model.onnx
+            half_written.flush()
+            _wait_for(lambda: _load_failures(url, "2") >= 3)  # refused, then retried on later scans
+            state, reason = _index(url)["2"]
+            assert state == "UNAVAILABLE" and f"has {len(model) // 2} bytes" in reason
+            assert _infer(url, x)["model_version"] == "1"  # the good version serves meanwhile
+            half_written.write(model[len(model) // 2 :])  # the copy completes; nothing else changes
+        _wait_for(lambda: _infer(url, x)["model_version"] == "2")
+        assert _index(url)["2"] == ("READY", "")
+        failures = _load_failures(url, "2")
+    refusals = [r for r in caplog.records if getattr(r, "event", None) == "load_failed" and r.version == "2"]
+    # One line per attempt, each with its count: no flood at the poll rate.
+    assert [r.attempt for r in refusals] == list(range(1, failures + 1))
+    assert refusals[0].levelno == logging.ERROR and all(r.levelno == logging.WARNING for r in refusals[1:])
+    ready = [r for r in caplog.records if getattr(r, "event", None) == "loaded" and r.version == "2"]
+    assert f"after {failures} failed attempt(s)" in ready[0].getMessage()
+
+
+def test_the_retry_backoff_grows_to_its_cap() -> None:
+    reload = ReloadSettings(retry_initial_s=0.5, retry_max_s=4.0, retry_factor=2.0)
+    assert [reload.backoff_s(n) for n in range(1, 7)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert reload.backoff_s(10_000) == 4.0
 
 
 def test_the_specific_policy_serves_only_the_named_versions(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from slipstream.artifact.bundle import Bundle, Step, write_bundle
 from slipstream.artifact.manifest import SCHEMA_VERSION, FileDigest, LineageEntry, Manifest, Source
+from slipstream.artifact.publish import publish_bundle
 from slipstream.artifact.tensor import DType, TensorSpec
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "Source",
     "Step",
     "TensorSpec",
+    "publish_bundle",
     "write_bundle",
 ]

@@ -12,7 +12,8 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,8 +21,18 @@ from typing import TYPE_CHECKING
 
 from pydantic import JsonValue, ValidationError
 
+from slipstream.artifact.external import DATA_FILE, check_external_locations, inline_external_data
 from slipstream.artifact.hashing import sha256_file, sha256_json
 from slipstream.artifact.manifest import SCHEMA_VERSION, FileDigest, LineageEntry, Manifest, current_version
+from slipstream.artifact.members import (
+    MemberError,
+    check_member,
+    foreign_entries,
+    name_problem,
+    open_bundle_dir,
+    read_member,
+    read_verified,
+)
 from slipstream.errors import (
     BundleError,
     BundleExistsError,
@@ -35,7 +46,7 @@ if TYPE_CHECKING:
     import onnx
 
 MODEL_FILE = "model.onnx"
-EXTERNAL_DATA_FILE = "model.onnx.data"
+EXTERNAL_DATA_FILE = DATA_FILE  # "model.onnx.data"
 MANIFEST_FILE = "manifest.json"
 # Files a bundle may carry that the manifest cannot list (a signature is made over the manifest).
 UNLISTED_ALLOWED = frozenset({"signature", "signature.json"})
@@ -61,12 +72,25 @@ def model_digest(files: Mapping[str, FileDigest]) -> str:
     return sha256_json([model, files[EXTERNAL_DATA_FILE].sha256])
 
 
+@dataclass(frozen=True)
+class ModelBytes:
+    """model.onnx and its external data as read (and hashed) once: what is checked is what is loaded."""
+
+    model: bytes
+    external_data: bytes | None = None
+
+    def external_files(self) -> dict[str, bytes]:
+        """File name -> content, for onnxruntime's in-memory external initializers."""
+        return {EXTERNAL_DATA_FILE: self.external_data} if self.external_data is not None else {}
+
+
 class Bundle:
     """A verified bundle on disk. Create one with :meth:`load` or :func:`write_bundle`."""
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
+    def __init__(self, path: Path, manifest: Manifest, *, verify: bool = True) -> None:
         self.path = path
         self.manifest = manifest
+        self.verify = verify  # False only when the caller chose Bundle.load(verify=False)
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, name={self.manifest.name!r}, version={self.manifest.version!r})"
@@ -83,10 +107,55 @@ class Bundle:
     def size_bytes(self) -> int:
         return sum(d.size_bytes for d in self.manifest.files.values())
 
+    def read_file(self, name: str) -> bytes:
+        """One listed file, read once through the bundle directory and checked against the manifest."""
+        digest = self.manifest.files.get(name)
+        if digest is None:
+            raise IntegrityError(
+                f"Bundle '{self.path}' has no file '{name}' in its manifest.",
+                path=self.path,
+                file=name,
+                hint="List the bundle's files with `slipstream inspect`.",
+            )
+        with _bundle_dir(self.path) as dir_fd:
+            try:
+                return read_verified(
+                    dir_fd, name, size_bytes=digest.size_bytes, sha256=digest.sha256 if self.verify else None
+                )
+            except MemberError as problem:
+                raise integrity_error(self.path, [problem]) from None
+
+    def read_model_bytes(self) -> ModelBytes:
+        """model.onnx (and model.onnx.data) read once and verified; feed these bytes to onnx or onnxruntime.
+
+        Refuses a model whose external data lives anywhere but the bundle's own listed side file.
+        """
+        return self._read_model()[0]
+
     def load_model(self, *, load_external_data: bool = True) -> onnx.ModelProto:
+        """The model as an onnx proto, built from the verified bytes (external data filled in from them)."""
+        data, model = self._read_model()
+        if load_external_data and data.external_data is not None:
+            inline_external_data(self.path, model, data.external_data)
+        return model
+
+    def _read_model(self) -> tuple[ModelBytes, onnx.ModelProto]:
         import onnx
 
-        return onnx.load(str(self.model_path), load_external_data=load_external_data)
+        model = self.read_file(MODEL_FILE)
+        external = self.read_file(EXTERNAL_DATA_FILE) if EXTERNAL_DATA_FILE in self.manifest.files else None
+        proto = onnx.ModelProto()
+        try:
+            proto.ParseFromString(model)
+        except Exception as exc:  # protobuf's DecodeError
+            raise IntegrityError(
+                f"{MODEL_FILE} in '{self.path}' is not an ONNX model ({type(exc).__name__}).",
+                path=self.path,
+                file=MODEL_FILE,
+                hint="Rebuild the bundle from its source.",
+            ) from exc
+        check_external_locations(self.path, proto, has_data_file=external is not None)
+        return ModelBytes(model, external), proto
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
@@ -107,19 +176,23 @@ class Bundle:
         manifest = read_manifest(root)
         if verify:
             verify_files(root, manifest)
-        return cls(root, manifest)
+        return cls(root, manifest, verify=verify)
 
 
 def read_manifest(root: Path) -> Manifest:
-    mpath = root / MANIFEST_FILE
-    if not mpath.is_file():
-        raise BundleNotFoundError(
-            f"'{root}' is not a bundle: it has no {MANIFEST_FILE}.",
-            path=root,
-            hint="Create one with `slipstream convert MODEL -o BUNDLE`.",
-        )
+    with _bundle_dir(root) as dir_fd:
+        try:
+            text = read_member(dir_fd, MANIFEST_FILE)
+        except MemberError as problem:
+            if problem.containment:
+                raise integrity_error(root, [problem]) from None
+            raise BundleNotFoundError(
+                f"'{root}' is not a bundle: it has no {MANIFEST_FILE}.",
+                path=root,
+                hint="Create one with `slipstream convert MODEL -o BUNDLE`.",
+            ) from None
     try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
+        raw = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise IntegrityError(
             f"{MANIFEST_FILE} in '{root}' is not valid JSON ({exc}).",
@@ -146,35 +219,60 @@ def read_manifest(root: Path) -> Manifest:
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:
-    """Check every listed file's size and sha256 and refuse unlisted files; one error lists all."""
-    problems: list[tuple[str, str]] = []
-    for name, digest in sorted(manifest.files.items()):
-        fpath = root / name
-        if not fpath.is_file():
-            problems.append((name, f"'{name}' is missing"))
-            continue
-        size = fpath.stat().st_size
-        if size != digest.size_bytes:
-            problems.append((name, f"'{name}' has {size} bytes, the manifest records {digest.size_bytes}"))
-            continue
-        actual = sha256_file(fpath)
-        if actual != digest.sha256:
-            problems.append((name, f"'{name}' has sha256 {actual[:12]}…, the manifest records {digest.sha256[:12]}…"))
-    if MODEL_FILE not in manifest.files:
-        problems.append((MODEL_FILE, f"the manifest does not list {MODEL_FILE}"))
-    listed = set(manifest.files) | {MANIFEST_FILE} | UNLISTED_ALLOWED
-    for entry in sorted(p.name for p in root.iterdir()):
-        if entry not in listed:
-            problems.append((entry, f"'{entry}' is not listed in the manifest"))
+    """Check that every listed file is a regular file in the bundle with the recorded size and sha256,
+    and that nothing else (no unlisted file, no symlink) is there; one error lists every problem."""
+    problems: list[MemberError] = []
+    with _bundle_dir(root) as dir_fd:
+        for name, digest in sorted(manifest.files.items()):
+            try:
+                check_member(dir_fd, name, size_bytes=digest.size_bytes, sha256=digest.sha256)
+            except MemberError as problem:
+                problems.append(problem)
+        if MODEL_FILE not in manifest.files:
+            problems.append(MemberError(MODEL_FILE, f"the manifest does not list {MODEL_FILE}", containment=False))
+        reported = {p.name for p in problems}
+        for name, text in foreign_entries(dir_fd):
+            if name not in reported:
+                problems.append(MemberError(name, text, containment=True))
+                reported.add(name)
+        listed = set(manifest.files) | {MANIFEST_FILE} | UNLISTED_ALLOWED
+        with os.scandir(dir_fd) as entries:
+            unlisted = sorted(e.name for e in entries if e.name not in listed and e.name not in reported)
+        problems += [MemberError(n, f"'{n}' is not listed in the manifest", containment=False) for n in unlisted]
     if problems:
-        detail = "; ".join(text for _, text in problems)
-        raise IntegrityError(
-            f"Bundle '{root}' failed its integrity check: {detail}.",
-            path=root,
-            file=problems[0][0],
-            hint="The bundle was changed after it was written. Rebuild it from its source, "
-            "or restore it from a trusted copy.",
+        raise integrity_error(root, problems)
+
+
+def integrity_error(root: Path, problems: list[MemberError]) -> IntegrityError:
+    """One error for every problem found, naming the first file; the hint fits the kind of problem."""
+    detail = "; ".join(p.text for p in problems)
+    if any(p.containment for p in problems):
+        hint = (
+            "A bundle is a flat directory of regular files listed by plain name in its manifest: replace "
+            "symlinks with the files themselves, remove entries that point elsewhere, or restore the bundle "
+            "from a trusted copy (slipstream never writes symlinks or paths)."
         )
+    else:
+        hint = (
+            "The bundle was changed after it was written (or is still being copied). Rebuild it from its "
+            "source, or restore it from a trusted copy."
+        )
+    return IntegrityError(
+        f"Bundle '{root}' failed its integrity check: {detail}.", path=root, file=problems[0].name, hint=hint
+    )
+
+
+@contextmanager
+def _bundle_dir(root: Path) -> Iterator[int]:
+    try:
+        with open_bundle_dir(root) as dir_fd:
+            yield dir_fd
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise BundleNotFoundError(
+            f"No bundle directory at '{root}' ({exc.strerror}).",
+            path=root,
+            hint="Create one with `slipstream convert MODEL -o BUNDLE`.",
+        ) from None
 
 
 def refuse_existing(target: Path, *, overwrite: bool, what: str = "a bundle") -> None:
@@ -207,7 +305,7 @@ def _save_model(model: onnx.ModelProto, directory: Path, threshold_bytes: int) -
         onnx.save_model(model, str(directory / MODEL_FILE))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -241,7 +339,7 @@ def write_bundle(
     try:
         _save_model(model, tmp, external_data_threshold_bytes)
         for name, data in (extra_files or {}).items():
-            if name in (MODEL_FILE, MANIFEST_FILE, EXTERNAL_DATA_FILE) or "/" in name:
+            if name in (MODEL_FILE, MANIFEST_FILE, EXTERNAL_DATA_FILE) or name_problem(name) is not None:
                 raise BundleError(f"Extra file name {name!r} is reserved or not flat.", path=target)
             (tmp / name).write_bytes(data)
         files = {p.name: FileDigest(sha256=sha256_file(p), size_bytes=p.stat().st_size) for p in sorted(tmp.iterdir())}
@@ -272,7 +370,7 @@ def write_bundle(
         for p in tmp.iterdir():
             with p.open("rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
             target.rename(old)
@@ -280,7 +378,7 @@ def write_bundle(
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

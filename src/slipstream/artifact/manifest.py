@@ -5,11 +5,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import Field, JsonValue
 
 from slipstream.artifact.tensor import TensorSpec
+from slipstream.frozen import Frozen
 
 SCHEMA_VERSION = 1
+MONITORING_OUTPUTS = "monitoring_outputs"
+"""Key in ``Manifest.resolved``: graph outputs for the monitor only (name -> what they are), never in
+``Manifest.outputs``, so clients never see them; the engine returns them only when asked by name, and a pass
+keeps them out of its output bundle's ``outputs``."""
 
 
 def current_version() -> str:
@@ -21,11 +26,7 @@ def current_version() -> str:
 Framework = Literal["onnx", "torch", "keras", "tensorflow", "tflite", "sklearn"]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Source(_Frozen):
+class Source(Frozen):
     """The model a bundle was made from."""
 
     framework: Framework = Field(description="The framework of the source model.")
@@ -33,7 +34,7 @@ class Source(_Frozen):
     sha256: str | None = Field(default=None, description="Digest of the source file.")
 
 
-class LineageEntry(_Frozen):
+class LineageEntry(Frozen):
     """One step that produced this bundle from its parent."""
 
     step: str = Field(description="Stable name with version, e.g. 'import.onnx@1' or 'quantize.dynamic@1'.")
@@ -44,7 +45,7 @@ class LineageEntry(_Frozen):
     at: datetime = Field(description="When the step finished (UTC).")
 
 
-class OutputParity(_Frozen):
+class OutputParity(Frozen):
     """How one output of the converted model compared with the source on one input case."""
 
     output: str
@@ -56,7 +57,7 @@ class OutputParity(_Frozen):
     passed: bool
 
 
-class ParityCase(_Frozen):
+class ParityCase(Frozen):
     """One set of inputs both models ran on."""
 
     batch: int
@@ -64,7 +65,7 @@ class ParityCase(_Frozen):
     outputs: tuple[OutputParity, ...]
 
 
-class ParityRecord(_Frozen):
+class ParityRecord(Frozen):
     """The numerical parity proof of a conversion, or the record that it was skipped on request."""
 
     status: Literal["passed", "skipped"]
@@ -74,12 +75,12 @@ class ParityRecord(_Frozen):
     reason: str | None = Field(default=None, description="Why the proof was skipped, when it was.")
 
 
-class FileDigest(_Frozen):
+class FileDigest(Frozen):
     sha256: str
     size_bytes: int = Field(ge=0)
 
 
-class Manifest(_Frozen):
+class Manifest(Frozen):
     """The bundle's description. Frozen: change it with ``model_copy(update=...)``."""
 
     schema_version: int = Field(default=SCHEMA_VERSION, description="Manifest schema version.")

@@ -2,7 +2,8 @@
 
 Classifiers come out with two plain tensors, ``label`` and ``probabilities`` (no ZipMap, which would
 make a list of dicts that serving cannot carry). The parity proof compares ``predict`` exactly and
-``predict_proba`` within 1e-5. Loading a file unpickles it, which runs code: only with ``trust_pickle``.
+``predict_proba`` within 1e-5. Loading a file unpickles it, which runs code: only with ``trust_pickle``,
+and even then only behind an allow-list of the globals it may import (pickle_scan).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from slipstream.artifact.hashing import sha256_file
 from slipstream.errors import ConversionError, InvalidModelError, MissingDependencyError, UntrustedPickleError
 from slipstream.importers.finish import ImportJob, SampleData, finish_import, load_sample_data, name_batch_dims
 from slipstream.importers.parity import Reference
+from slipstream.importers.pickle_scan import load_sklearn_pickle
 
 STEP_NAME = "import.sklearn@1"
 INPUT_NAME = "input"
@@ -34,8 +36,12 @@ def _require(package: str, feature: str) -> None:
         raise MissingDependencyError(package, extra="sklearn", feature=feature)
 
 
-def load_estimator(path: Path, *, trust_pickle: bool) -> Any:
-    """Unpickle an estimator from a joblib or pickle file, only when the caller trusts it."""
+def load_estimator(path: Path, *, trust_pickle: bool, allow_pickle_globals: Iterable[str] = ()) -> Any:
+    """Unpickle an estimator from a joblib or pickle file, only when the caller trusts it.
+
+    Even then every global the file names is checked against an allow-list before it is imported
+    (slipstream.importers.pickle_scan): a crafted file is refused before its code runs.
+    """
     if not path.is_file():
         raise InvalidModelError(f"Expected a joblib/pickle file at '{path}'; there is none.", source=str(path))
     if not trust_pickle:
@@ -46,10 +52,10 @@ def load_estimator(path: Path, *, trust_pickle: bool) -> Any:
             hint="If you trust where this file came from, pass --trust-pickle (trust_pickle=True); or convert "
             "the estimator in memory with slipstream.convert(estimator, out).",
         )
-    import joblib
-
     try:
-        return joblib.load(path)
+        return load_sklearn_pickle(path, extra_allowed=allow_pickle_globals)
+    except UntrustedPickleError:
+        raise
     except Exception as exc:  # unpickling raises anything the pickled code raises
         raise InvalidModelError(
             f"'{path}' could not be unpickled ({type(exc).__name__}: {exc}).",
@@ -65,12 +71,18 @@ def import_sklearn(
     opset: int | None = None,
     sample_data: SampleData | str | os.PathLike[str] | None = None,
     trust_pickle: bool = False,
+    allow_pickle_globals: Iterable[str] = (),
     skip_parity: bool = False,
     name: str | None = None,
     version: str = "1",
     overwrite: bool = False,
 ) -> Bundle:
-    """Convert a fitted scikit-learn estimator or Pipeline (or a file holding one) into a bundle."""
+    """Convert a fitted scikit-learn estimator or Pipeline (or a file holding one) into a bundle.
+
+    A file is unpickled only with ``trust_pickle``, and only if every global it names is on the allow-list
+    (scikit-learn classes, numpy arrays/dtypes/ufuncs, scipy sparse matrices, plain containers) or in
+    ``allow_pickle_globals`` (``module.name`` entries the caller vouches for).
+    """
     started = time.perf_counter()
     _require("sklearn", "Converting a scikit-learn model")
     _require("skl2onnx", "Converting a scikit-learn model")
@@ -80,7 +92,7 @@ def import_sklearn(
     path: Path | None = None
     if isinstance(source, str | os.PathLike):
         path = Path(source)
-        estimator = load_estimator(path, trust_pickle=trust_pickle)
+        estimator = load_estimator(path, trust_pickle=trust_pickle, allow_pickle_globals=allow_pickle_globals)
     else:
         estimator = source
     if not hasattr(estimator, "predict") and not hasattr(estimator, "transform"):

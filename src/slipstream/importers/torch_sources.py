@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import io
 import pickle
 import sys
 import warnings
@@ -24,6 +25,7 @@ from typing import Any, Literal
 
 from slipstream.artifact.hashing import sha256_file
 from slipstream.errors import ConversionError, InvalidModelError, UntrustedPickleError
+from slipstream.importers.pickle_torch import load_torch_pickle, scan_torch_archive
 
 SourceKind = Literal["module", "entry_point", "torchscript", "exported_program", "pickle"]
 
@@ -82,8 +84,12 @@ def _load_file(path: Path, *, trust_pickle: bool) -> TorchSource:
     digest = sha256_file(path)
     common = {"name": path.stem, "path": str(path), "sha256": digest}
     if path.suffix.lower() == ".pt2":
+        # torch.export.load unpickles parts of the archive with weights_only=False: scan them all first, then
+        # load the very bytes that were scanned.
+        data = path.read_bytes()
+        scan_torch_archive(data, path, trust=trust_pickle)
         try:
-            program = torch.export.load(str(path))
+            program = torch.export.load(io.BytesIO(data))
         except Exception as exc:  # torch raises many unrelated types for a bad archive
             raise _unreadable(path, "a torch.export .pt2 archive", exc) from exc
         args, kwargs = program.example_inputs or ((), {})
@@ -108,7 +114,7 @@ def _load_file(path: Path, *, trust_pickle: bool) -> TorchSource:
                 "save a state dict and give an entry point FILE.py:FACTORY that builds the model and loads it, "
                 "or save it with torch.jit.script(...).save() or torch.export.save().",
             ) from exc
-        loaded = torch.load(str(path), map_location="cpu", weights_only=False)
+        loaded = load_torch_pickle(path)  # trusted, yet behind an allow-list of what it may import
         if not isinstance(loaded, torch.nn.Module):
             raise InvalidModelError(
                 f"'{path}' unpickles to a {type(loaded).__name__}, not a torch.nn.Module.",

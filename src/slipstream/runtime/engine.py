@@ -12,9 +12,10 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
 from slipstream.artifact.bundle import Bundle
+from slipstream.artifact.manifest import MONITORING_OUTPUTS
 from slipstream.artifact.tensor import TensorSpec, numpy_dtype
 from slipstream.errors import EngineError, InputError, ProviderUnavailableError
-from slipstream.runtime.targets import PROVIDER_PACKAGES, Target
+from slipstream.runtime.targets import PROVIDER_PACKAGES, Target, int8_fusion
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,21 @@ _GRAPH_LEVELS = {
 }
 
 
-def _session_options(target: Target) -> ort.SessionOptions:
+def full_range_int8(resolved: Mapping[str, object]) -> bool:
+    """Whether a bundle's int8 weights use the full 8-bit range: a pre-quantized import (TFLite int8), or a
+    quantize.static step that did not take 7-bit weights (bundles made before it was recorded did not)."""
+    if resolved.get("quantized") is True:
+        return True
+    return any(
+        key.split("#")[0] == "quantize.static" and isinstance(value, dict) and value.get("reduce_range") is not True
+        for key, value in resolved.items()
+    )
+
+
+def _session_options(target: Target, *, fuse_int8: bool = True) -> ort.SessionOptions:
     opts = ort.SessionOptions()
+    if not fuse_int8:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     opts.intra_op_num_threads = target.resolved_intra_op_threads()
     if target.inter_op_threads is not None:
         opts.inter_op_num_threads = target.inter_op_threads
@@ -69,6 +83,7 @@ class EngineInfo(BaseModel):
     intra_op_threads: int
     execution_mode: str
     graph_optimization: str
+    int8_kernels: str = Field(default="", description="Whether int8 QDQ runs fused on this CPU, and why.")
 
 
 class Engine:
@@ -79,10 +94,18 @@ class Engine:
         self.target = target or Target()
         requested, fallback = _choose_providers(self.target)
         started = time.perf_counter()
-        try:
-            self.session = ort.InferenceSession(
-                str(bundle.model_path), sess_options=_session_options(self.target), providers=requested
+        # The bytes hashed are the bytes loaded: read once through the bundle directory (no symlinks, no
+        # paths outside it), checked against the manifest, then handed to onnxruntime from memory.
+        model = bundle.read_model_bytes()
+        fuse_int8, self.int8_kernels = int8_fusion(full_range_int8(bundle.manifest.resolved))
+        options = _session_options(self.target, fuse_int8=fuse_int8)
+        external = model.external_files()
+        if external:
+            options.add_external_initializers_from_files_in_memory(
+                list(external), list(external.values()), [len(b) for b in external.values()]
             )
+        try:
+            self.session = ort.InferenceSession(model.model, sess_options=options, providers=requested)
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
             raise EngineError(
                 f"onnxruntime could not build a session for '{bundle.path}': {exc}",
@@ -109,6 +132,11 @@ class Engine:
         self.outputs: tuple[TensorSpec, ...] = bundle.manifest.outputs
         self._input_by_name = {s.name: s for s in self.inputs}
         self._output_names = [s.name for s in self.outputs]
+        listed = bundle.manifest.resolved.get(MONITORING_OUTPUTS)
+        in_graph = {o.name for o in self.session.get_outputs()}
+        self.monitoring_outputs: tuple[str, ...] = tuple(
+            n for n in (listed if isinstance(listed, dict) else {}) if n in in_graph and n not in self._output_names
+        )
 
     def resolved(self) -> EngineInfo:
         """The settings actually in force, for manifests and reports."""
@@ -119,6 +147,7 @@ class Engine:
             intra_op_threads=self.target.resolved_intra_op_threads(),
             execution_mode=self.target.execution_mode,
             graph_optimization=self.target.graph_optimization,
+            int8_kernels=self.int8_kernels,
         )
 
     def check_inputs(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -144,9 +173,9 @@ class Engine:
     def run(
         self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None, *, check: bool = True
     ) -> dict[str, np.ndarray]:
-        """Run the model; returns the requested outputs (all by default) by name."""
+        """Run the model; returns the requested outputs (all by default, monitoring-only ones when named) by name."""
         names = list(outputs) if outputs is not None else self._output_names
-        unknown = [n for n in names if n not in self._output_names]
+        unknown = [n for n in names if n not in self._output_names and n not in self.monitoring_outputs]
         if unknown:
             raise InputError(
                 f"Requested outputs {unknown} do not exist; the model has [{', '.join(self._output_names)}].",

@@ -5,6 +5,11 @@ parity record for a converted model) and run a warm-up batch. Loading happens in
 the swap is one dict assignment on the event loop, so a request sees the old version or the new one,
 never half of either. A version that fails keeps its reason in the index, the logs and the metrics,
 and never displaces a good one.
+
+A failed version is retried on later scans with backoff (``ServeSettings.reload``), so a version whose
+``manifest.json`` landed before its ``model.onnx`` was complete is served once the copy finishes; a
+version whose directory or manifest is replaced is retried at once. Publish a version atomically anyway:
+write it to a hidden sibling (``repo/model/.3.tmp``, skipped by scans) and rename it to ``repo/model/3``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -52,7 +58,9 @@ class ModelVersion:
     path: Path
     state: State = "LOADING"
     reason: str = ""
-    stamp: float = 0.0  # manifest mtime when loaded; a change makes a rescan retry a failed version
+    stamp: tuple[int, ...] = ()  # identity of the directory and manifest; a change makes a rescan retry at once
+    attempts: int = 0  # failed loads of these same files so far
+    retry_at: float = 0.0  # when a rescan may retry a failed version (Repository.clock)
     engine: Engine | None = None
     batcher: Batcher | None = None
     batchable: bool = False
@@ -122,17 +130,24 @@ def load_version(entry: ModelVersion, settings: ServeSettings) -> None:
     entry.load_s = time.perf_counter() - started
 
 
-def _stamp(path: Path) -> float:
+def _stamp(path: Path) -> tuple[int, ...]:
+    """Which directory and which manifest: a rename into place or a rewritten manifest changes it.
+
+    Files growing in place (a copy in progress) leave it alone: those wait for the backoff.
+    """
     try:
-        return (path / MANIFEST_FILE).stat().st_mtime
+        folder, manifest = path.stat(), (path / MANIFEST_FILE).stat()
     except OSError:
-        return 0.0
+        return ()
+    return (folder.st_dev, folder.st_ino, manifest.st_ino, manifest.st_size, manifest.st_mtime_ns)
 
 
 class Repository:
     """Every served model version, keyed by model name then version."""
 
-    def __init__(self, root: Path, settings: ServeSettings, metrics: ServeMetrics) -> None:
+    def __init__(
+        self, root: Path, settings: ServeSettings, metrics: ServeMetrics, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if not root.is_dir():
             raise ConfigError(
                 f"Expected a bundle or a model repository directory at '{root}'; it does not exist.",
@@ -145,6 +160,7 @@ class Repository:
         self.models: dict[str, dict[str, ModelVersion]] = {}
         self.unloaded: set[str] = set()
         self.monitors: ServeMonitors | None = None  # the app sets it when monitoring is on
+        self.clock = clock
         self._lock = asyncio.Lock()
 
     # -- discovery ----------------------------------------------------------------------------
@@ -176,8 +192,12 @@ class Repository:
         for name in self.discover():
             await self.load(name)
 
-    async def load(self, name: str) -> None:
-        """(Re)scan one model: load new or changed versions, then retire what the policy drops."""
+    async def load(self, name: str, *, force: bool = True) -> None:
+        """(Re)scan one model: load new or changed versions, then retire what the policy drops.
+
+        A failed version is retried when its files were replaced, when ``force`` (an operator's /load), or
+        once its backoff has passed (the poller passes ``force=False``).
+        """
         async with self._lock:
             versions = self.discover().get(name)
             if versions is None:
@@ -195,9 +215,12 @@ class Repository:
                     if latest:
                         break
                     continue
-                if old is not None and old.state == "UNAVAILABLE" and old.stamp == _stamp(path):
-                    continue
-                await self._load_one(current, ModelVersion(name, version, path, stamp=_stamp(path)))
+                entry = ModelVersion(name, version, path, stamp=_stamp(path))
+                if old is not None and old.state == "UNAVAILABLE" and old.stamp == entry.stamp:
+                    if not force and self.clock() < old.retry_at:
+                        continue
+                    entry.attempts = old.attempts  # the same files again: a retry, counted
+                await self._load_one(current, entry)
                 if latest and current[version].state == "READY":
                     break
             self._apply_policy(name, current)
@@ -220,23 +243,42 @@ class Repository:
             await asyncio.to_thread(self._load, entry)
         except SlipstreamError as exc:
             entry.state, entry.reason = "UNAVAILABLE", str(exc).replace("\n", " ")
+            entry.attempts += 1
+            wait_s = self.settings.reload.backoff_s(entry.attempts)
+            entry.retry_at = self.clock() + wait_s
             previous = current.get(entry.version)
             if previous is None or previous.state != "READY":
                 current[entry.version] = entry
             self.metrics.load_failures.labels(entry.name, entry.version).inc()
-            log.error(
-                "refused model %s version %s: %s",
+            # One line per attempt, and attempts back off: a version left broken logs at most once a retry_max_s.
+            polled = self.settings.poll_interval_s > 0
+            log.log(
+                logging.ERROR if entry.attempts == 1 else logging.WARNING,
+                "refused model %s version %s (attempt %d; %s): %s",
                 entry.name,
                 entry.version,
+                entry.attempts,
+                f"retrying in {wait_s:.1f} s, or at once when its files are replaced"
+                if polled
+                else f"POST /v2/repository/models/{entry.name}/load to retry",
                 entry.reason,
-                extra={"model": entry.name, "version": entry.version, "event": "load_failed"},
+                extra={
+                    "model": entry.name,
+                    "version": entry.version,
+                    "event": "load_failed",
+                    "attempt": entry.attempts,
+                },
             )
             return
         engine = entry.engine
         if engine is None:  # load_version always sets it; this keeps mypy honest without an assert
             return
+        # With monitoring on, the monitor-only outputs (a classifier's penultimate embedding) ride along to
+        # observe(); the reply encodes only the manifest's outputs, so clients never see them.
+        extra = engine.monitoring_outputs if self.monitors is not None else ()
+        fetch = [*entry.output_names, *extra] if extra else None
         entry.batcher = Batcher(
-            lambda feeds: engine.run(feeds, check=False),
+            lambda feeds: engine.run(feeds, fetch, check=False),
             self.settings.batching,
             batchable=entry.batchable,
             on_batch=self.metrics.model(entry.name).on_batch,
@@ -256,10 +298,11 @@ class Repository:
         self.metrics.load_seconds.labels(entry.name, entry.version).set(entry.load_s)
         self.metrics.model_ready.labels(entry.name, entry.version).set(1)
         log.info(
-            "model %s version %s ready in %.3f s (model runs %s)",
+            "model %s version %s ready in %.3f s%s (model runs %s)",
             entry.name,
             entry.version,
             entry.load_s,
+            f" after {entry.attempts} failed attempt(s)" if entry.attempts else "",
             {"never": "in a worker thread", "alone": "inline for a lone caller", "always": "inline"}[
                 entry.batcher.inline
             ],
@@ -291,10 +334,10 @@ class Repository:
             self.unloaded.add(name)
 
     async def rescan(self) -> None:
-        """Pick up new models and versions (the poller and /load call this)."""
+        """Pick up new models and versions, and retry failed ones whose backoff has passed (the poller)."""
         for name in self.discover():
             if name not in self.unloaded:
-                await self.load(name)
+                await self.load(name, force=False)
 
     async def close(self) -> None:
         for current in self.models.values():

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from slipstream.frozen import Frozen
 from slipstream.serve.placement import PlacementMode
 
 VersionPolicy = Literal["latest", "all", "specific"]
@@ -14,11 +15,7 @@ NonFinitePolicy = Literal["reject", "allow"]
 ComputeMode = Literal["auto", "inline", "thread"]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class BatchSettings(_Frozen):
+class BatchSettings(Frozen):
     """Dynamic batching for one model. A batch is flushed as soon as every in-flight request has joined."""
 
     max_batch_size: int = Field(default=32, ge=1, description="Most rows (samples) in one model call.")
@@ -43,7 +40,7 @@ class BatchSettings(_Frozen):
     inline_below_ms: float = Field(default=1.0, ge=0, description="The 'auto' threshold for running inline.")
 
 
-class GuardSettings(_Frozen):
+class GuardSettings(Frozen):
     """Authentication, rate limits, size limits and input value checks."""
 
     api_key_hashes: frozenset[str] = Field(
@@ -64,7 +61,7 @@ class GuardSettings(_Frozen):
     cors_origins: tuple[str, ...] = Field(default=(), description="Origins allowed by CORS; empty: CORS off.")
 
 
-class MonitorSettings(_Frozen):
+class MonitorSettings(Frozen):
     """Monitoring from inside the server (slipstream.monitor). Off unless ``db_path`` is given."""
 
     db_path: Path | None = Field(
@@ -90,6 +87,13 @@ class MonitorSettings(_Frozen):
         default=0.8, ge=0, le=1, description="Alert when the demographic-parity ratio falls below this."
     )
     fairness_positive_label: float = Field(default=1.0, description="The prediction that counts as selected.")
+    fairness_confidence: float = Field(
+        default=0.99,
+        gt=0.5,
+        lt=1,
+        description="Family confidence of the fairness intervals (Bonferroni over groups and gaps); a bias alert "
+        "fires only when a gap's interval lies wholly past its threshold.",
+    )
     webhook_url: str | None = Field(default=None, description="POST every alert transition here as JSON; None: off.")
     retention_max_age_s: float | None = Field(
         default=7 * 86400, gt=0, description="Delete logged predictions older than this; None: keep."
@@ -121,7 +125,21 @@ class MonitorSettings(_Frozen):
         return self.db_path is not None
 
 
-class ServeSettings(_Frozen):
+class ReloadSettings(Frozen):
+    """Retrying a version that failed to load: a copy still in progress passes once it is complete."""
+
+    retry_initial_s: float = Field(
+        default=1.0, gt=0, description="Wait before the first retry of a version whose files failed their check."
+    )
+    retry_max_s: float = Field(default=60.0, gt=0, description="The longest wait between two retries.")
+    retry_factor: float = Field(default=2.0, ge=1, description="Each failed retry multiplies the wait by this.")
+
+    def backoff_s(self, attempts: int) -> float:
+        """The wait after ``attempts`` failed attempts (1, 2, ...)."""
+        return float(min(self.retry_max_s, self.retry_initial_s * self.retry_factor ** min(max(0, attempts - 1), 64)))
+
+
+class ServeSettings(Frozen):
     """Everything `create_app` needs besides the repository path."""
 
     host: str = Field(default="127.0.0.1", description="The address the server binds to.")
@@ -133,6 +151,11 @@ class ServeSettings(_Frozen):
     )
     poll_interval_s: float = Field(
         default=0.0, ge=0, description="How often to rescan the repository for new versions; 0: only on /load."
+    )
+    reload: ReloadSettings = Field(
+        default_factory=ReloadSettings,
+        description="Retries, with backoff, of a version that failed to load (on every rescan, until it passes "
+        "or its directory is replaced).",
     )
     batching: BatchSettings = Field(default_factory=BatchSettings, description="Dynamic batching per model.")
     guard: GuardSettings = Field(default_factory=GuardSettings, description="Safety settings.")
