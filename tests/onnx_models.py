@@ -70,11 +70,17 @@ def build_trained_digits_mlp(hidden: int = 64, seed: int = 0) -> tuple[onnx.Mode
         # A few hundred iterations reach ~97 % test accuracy; full convergence is not the point here.
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=300, random_state=seed).fit(x_train, y_train)
+    model = digits_mlp_graph(clf.coefs_[0], clf.intercepts_[0], clf.coefs_[1], clf.intercepts_[1], ir_version=8)
+    return model, x_test, y_test.astype(np.int64)
+
+
+def digits_mlp_graph(
+    w0: np.ndarray, b0: np.ndarray, w1: np.ndarray, b1: np.ndarray, *, ir_version: int = 8
+) -> onnx.ModelProto:
+    """Gemm (fc0) → Relu → Gemm (fc1) → Softmax over 'pixels' [batch, 64], from trained weights."""
     inits = [
-        numpy_helper.from_array(clf.coefs_[0].astype(np.float32), "fc0.weight"),
-        numpy_helper.from_array(clf.intercepts_[0].astype(np.float32), "fc0.bias"),
-        numpy_helper.from_array(clf.coefs_[1].astype(np.float32), "fc1.weight"),
-        numpy_helper.from_array(clf.intercepts_[1].astype(np.float32), "fc1.bias"),
+        numpy_helper.from_array(np.asarray(a, dtype=np.float32), name)
+        for a, name in ((w0, "fc0.weight"), (b0, "fc0.bias"), (w1, "fc1.weight"), (b1, "fc1.bias"))
     ]
     nodes = [
         helper.make_node("Gemm", ["pixels", "fc0.weight", "fc0.bias"], ["h"], name="fc0"),
@@ -90,5 +96,5 @@ def build_trained_digits_mlp(hidden: int = 64, seed: int = 0) -> tuple[onnx.Mode
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model, x_test, y_test.astype(np.int64)
+    model.ir_version = ir_version
+    return model

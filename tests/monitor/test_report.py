@@ -47,6 +47,14 @@ def test_summary_counts_what_the_log_holds(log_db: Path, digits: Digits) -> None
     assert s.snapshots == 6 and s.latest is not None and s.latest.drift is not None
     assert s.accuracy is not None and 0.5 < s.accuracy < 1.0
     assert s.fairness is not None and {g.group for g in s.fairness.groups} == {"a", "b"}
+    # Every gap comes with its interval; group "b" never sends a 1, so its selection rate of class 1 is far lower.
+    assert [g.metric for g in s.fairness.gaps] == [
+        "demographic_parity_difference",
+        "demographic_parity_ratio",
+        "equalized_odds_difference",
+    ]
+    ratio = s.fairness.gap("demographic_parity_ratio")
+    assert ratio is not None and ratio.status == "beyond threshold" and ratio.high is not None and ratio.high < 0.8
     assert s.ood_share is not None and 0.3 < s.ood_share < 0.7  # the noisy half is out of distribution
     est = s.snapshot_series["quality.estimated_accuracy"]
     assert est[0] is not None and est[-1] is not None and est[-1] < est[0]
@@ -57,6 +65,7 @@ def test_html_report_is_offline_and_has_every_section(log_db: Path) -> None:
     for heading in ("Overview", "Latency", "Drift", "Accuracy", "Groups", "Security"):
         assert f"<h2>{heading}</h2>" in html
     assert html.count("<svg") >= 7 and "<polyline" in html and "<rect" in html
+    assert "interval (99 % simultaneous)" in html and "demographic parity ratio" in html
     # Nothing is fetched: no scripts, no links, no external sources (the only URL is the SVG namespace).
     assert "<script" not in html and "src=" not in html and "href=" not in html
     assert set(re.findall(r"https?://[^\"' ]+", html)) == {"http://www.w3.org/2000/svg"}
@@ -66,6 +75,7 @@ def test_cli_status_and_report(log_db: Path, tmp_path: Path) -> None:
     out = runner.invoke(app, ["monitor", "status", "--db", str(log_db)])
     assert out.exit_code == 0, out.output
     assert "predictions / labeled" in out.output and "600 / 600" in out.output and "firing" in out.output
+    assert "simultaneous intervals" in out.output and "beyond threshold" in out.output
     as_json = runner.invoke(app, ["monitor", "status", "--db", str(log_db), "--json"])
     assert as_json.exit_code == 0 and json.loads(as_json.output)["predictions"] == 600
     html = tmp_path / "monitor.html"

@@ -82,30 +82,47 @@ def test_scenario_drift_accuracy_bias_and_every_record_accounted_for(
     assert q is not None and before.quality.estimated_accuracy is not None and q.estimated_accuracy is not None
     assert q.estimated_accuracy < before.quality.estimated_accuracy - 0.05  # the estimate moved before labels
     assert "accuracy_drop" not in _firing(unlabeled)
-    # Labels arrive: the realized drop is confirmed.
+    # Labels arrive: the quality window (newest 500 labels) mixes 300 shifted with 200 clean ones. Its point drop
+    # is past 0.05, but its interval still reaches under the limit: not enough evidence yet, no alert.
     monitor.feedback_many(zip(ids, digits.y_live[:300].tolist(), strict=True))
     store.flush()
     labeled = monitor.evaluate()
-    assert "accuracy_drop" in _firing(labeled)
-    assert labeled.quality is not None and labeled.quality.accuracy_drop is not None
-    assert labeled.quality.accuracy_drop > 0.05
+    mixed = labeled.quality
+    assert mixed is not None and mixed.accuracy_drop is not None and mixed.accuracy_drop > 0.05
+    assert mixed.accuracy_drop_low is not None and mixed.accuracy_drop_high is not None
+    assert mixed.accuracy_drop_low < 0.05 < mixed.accuracy_drop_high and not mixed.degraded
+    assert labeled.metrics["quality.accuracy_drop.low"] == mixed.accuracy_drop_low
+    assert "not enough evidence" in mixed.reason and "accuracy_drop" not in _firing(labeled)
     assert labeled.security.ood_share is not None and labeled.security.ood_share > 0.5
 
-    # Bias: selection rate of class "1" differs between the groups.
+    # Bias: selection rate of class "1" differs between the groups; the alert fires on the interval, not the point.
     assert labeled.fairness is not None and labeled.fairness.flagged
-    assert "demographic_parity" in _firing(labeled)
+    ratio = labeled.fairness.gap("demographic_parity_ratio")
+    assert ratio is not None and ratio.status == "beyond threshold" and ratio.high is not None and ratio.high < 0.8
+    assert "demographic_parity_ratio" in _firing(labeled)
+
+    # More shifted traffic, labeled: the window is all shifted now, the whole interval lies past the limit.
+    more = [f"t{i}" for i in range(300, 597)]
+    _serve(monitor, digits_engine, digits.noisy(digits.x_live[300:597], scale=6.0), more, ["a", "b"] * 148 + ["a"])
+    store.flush()
+    monitor.feedback_many(zip(more, digits.y_live[300:597].tolist(), strict=True))
+    store.flush()
+    confirmed = monitor.evaluate()
+    assert confirmed.quality is not None and confirmed.quality.degraded
+    assert confirmed.quality.accuracy_drop_low is not None and confirmed.quality.accuracy_drop_low > 0.05
+    assert "accuracy_drop" in _firing(confirmed)
 
     monitor.close()
     counts = store.counts()
     assert counts["dropped"] == 0 and counts["pending"] == 0
-    assert counts["written_predictions"] == counts["accepted_predictions"] == labeled.sampled == 750
+    assert counts["written_predictions"] == counts["accepted_predictions"] == confirmed.sampled == 1047
     conn = sqlite3.connect(db)
-    assert conn.execute("SELECT SUM(rows) FROM prediction_log").fetchone()[0] == len(read_records(db)) == 750
-    assert conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 750
+    assert conn.execute("SELECT SUM(rows) FROM prediction_log").fetchone()[0] == len(read_records(db)) == 1047
+    assert conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0] == 1047
     conn.close()
     stored = read_snapshots(db)
-    assert len(stored) == len(snaps) + 2
-    assert MonitorSnapshot.model_validate_json(stored[-1].body).metrics == labeled.metrics
+    assert len(stored) == len(snaps) + 3
+    assert MonitorSnapshot.model_validate_json(stored[-1].body).metrics == confirmed.metrics
 
 
 def test_observe_never_raises_and_counts_its_failures(digits_profile: Profile) -> None:

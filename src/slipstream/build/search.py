@@ -390,10 +390,34 @@ def _package(
     src: Bundle, dest: Path, recipe: Recipe, result: CandidateResult, tuning: dict[str, Any], dataset: Dataset
 ) -> Bundle:
     """The winner as its own bundle: measured metrics, tuned session settings, and the reference profile of
-    the evaluation data (profile.json), which drift, accuracy and OOD monitoring compare live traffic with."""
-    from slipstream.monitor.profile import PROFILE_FILE, ProfileConfig, profile_from_dataset
+    the evaluation data (profile.json), which drift, accuracy and OOD monitoring compare live traffic with. A
+    classifier also gets its penultimate activations as a monitoring-only output (monitor.penultimate), which
+    the profile samples for the embedding test; clients never see it."""
+    import shutil
+
+    from slipstream.monitor.penultimate import with_embedding_output
 
     task = {"mae": "regression", "rmse": "regression", "cosine": "auto"}.get(recipe.metric, "classification")
+    staged = dest.parent / f".{dest.name}.embedding"
+    exposed = with_embedding_output(src.path, staged, overwrite=True) if task == "classification" else None
+    try:
+        return _package_profiled(Bundle.load(exposed) if exposed else src, dest, recipe, result, tuning, dataset, task)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def _package_profiled(
+    src: Bundle,
+    dest: Path,
+    recipe: Recipe,
+    result: CandidateResult,
+    tuning: dict[str, Any],
+    dataset: Dataset,
+    task: str,
+) -> Bundle:
+    """:func:`_package` once the embedding step ran: profile ``src`` and write it as the winner."""
+    from slipstream.monitor.profile import PROFILE_FILE, ProfileConfig, profile_from_dataset
+
     profile = profile_from_dataset(src.path, dataset, ProfileConfig(task=task))
     m = result.metrics
     metrics = dict(src.manifest.metrics)

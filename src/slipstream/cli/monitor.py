@@ -48,8 +48,29 @@ def _render_status(s: DbSummary) -> None:
         for g in s.fairness.groups:
             groups.add_row(g.group, str(g.rows), num(g.selection_rate), num(g.accuracy), num(g.tpr), num(g.fpr))
         console.print(groups)
+        gaps = Table(title=f"Gaps ({s.fairness.confidence * 100:g} % simultaneous intervals)")
+        for col in ("gap", "value", "interval", "threshold", "verdict"):
+            gaps.add_column(col)
+        for gap in s.fairness.gaps:
+            interval = "–" if gap.low is None else f"{num(gap.low)} to {'∞' if gap.high is None else num(gap.high)}"
+            verdict: str = gap.status
+            if gap.status == "undecided":
+                verdict += f" (need ≈ {gap.needed_rows:,} per group)" if gap.needed_rows else " (not enough rows)"
+            sign = "<" if gap.direction == "below" else ">"
+            gaps.add_row(
+                gap.metric.replace("_", " "),
+                num(gap.value),
+                interval,
+                f"{sign} {gap.threshold:g}",
+                verdict,
+            )
+        console.print(gaps)
         if s.fairness.flagged:
-            console.print(f"[bold red]bias flagged:[/] {'; '.join(s.fairness.reasons)}", highlight=False)
+            flagged = [g.reason for g in s.fairness.gaps if g.status == "beyond threshold"]
+            console.print(f"[bold red]bias flagged:[/] {'; '.join(flagged)}", highlight=False)
+        for gap in s.fairness.gaps:
+            if gap.status == "undecided":
+                console.print(f"[yellow]undecided:[/] {gap.reason}", highlight=False)
     if latest is not None:
         alerts = [a for a in latest.alerts if a.state in ("firing", "pending")]
         for a in alerts:

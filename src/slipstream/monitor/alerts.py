@@ -25,16 +25,14 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from slipstream.frozen import Frozen
 
 log = logging.getLogger(__name__)
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class AlertRule(_Frozen):
+class AlertRule(Frozen):
     name: str = Field(min_length=1, description="Unique rule name, shown in /metrics and the logs.")
     metric: str = Field(description="The monitor metric it watches, e.g. 'drift.drifted_features'.")
     threshold: float = Field(description="The value the metric is compared with.")
@@ -59,10 +57,24 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
     AlertRule(name="input_drift", metric="drift.drifted_features", threshold=0, direction="above"),
     AlertRule(name="multivariate_drift", metric="drift.multivariate_drifted", threshold=0.5, direction="above"),
     AlertRule(name="prediction_drift", metric="drift.drifted_outputs", threshold=0, direction="above"),
+    # Content drift (monitor.content): 1 when the test's p-value is below its alpha (0.01 by default).
+    AlertRule(name="output_shift", metric="drift.output_shift", threshold=0.5, direction="above"),
+    AlertRule(name="embedding_drift", metric="drift.embedding_shift", threshold=0.5, direction="above"),
     AlertRule(
-        name="accuracy_drop", metric="quality.accuracy_drop", threshold=0.05, direction="above", severity="critical"
+        name="accuracy_drop",
+        metric="quality.accuracy_drop",
+        threshold=0.05,
+        direction="above",
+        severity="critical",
+        decide_on="interval",
     ),
-    AlertRule(name="estimated_accuracy_drop", metric="quality.estimated_drop", threshold=0.05, direction="above"),
+    AlertRule(
+        name="estimated_accuracy_drop",
+        metric="quality.estimated_drop",
+        threshold=0.05,
+        direction="above",
+        decide_on="interval",
+    ),
     AlertRule(
         name="demographic_parity",
         metric="fairness.demographic_parity_difference",
@@ -93,7 +105,7 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
 )
 
 
-class AlertsConfig(_Frozen):
+class AlertsConfig(Frozen):
     rules: tuple[AlertRule, ...] = Field(default=DEFAULT_RULES, description="The rules in force.")
     webhook_url: str | None = Field(default=None, description="POST every transition here as JSON (None: off).")
     webhook_timeout_s: float = Field(default=2.0, gt=0, description="Per-POST timeout.")
@@ -103,7 +115,7 @@ class AlertsConfig(_Frozen):
 AlertStateName = Literal["inactive", "pending", "firing", "resolved"]
 
 
-class AlertState(_Frozen):
+class AlertState(Frozen):
     rule: str
     metric: str
     state: AlertStateName
@@ -114,7 +126,7 @@ class AlertState(_Frozen):
     reason: str
 
 
-class AlertEvent(_Frozen):
+class AlertEvent(Frozen):
     rule: str
     state: Literal["firing", "resolved"]
     at: float

@@ -1,12 +1,22 @@
 """Drift: a window of inputs and outputs compared with the reference profile, per feature and overall.
 
-Large windows are judged by effect size on the reference's decile bins: PSI (the decision by default),
-Jensen-Shannon distance and a binned Wasserstein-1 distance in reference standard deviations, each with its
-threshold. Effect sizes on small windows are dominated by sampling noise (PSI of an unshifted 100-row window
-is ~0.1), so below ``small_window_rows`` the decision is a p-value test (chi² on the same bins, or KS against
-the reference quantile curve) corrected for testing every feature at once (Benjamini-Hochberg or
-Bonferroni). One multivariate signal watches all input features together: the PCA reconstruction error of
-the window against the reference's held-out error. Every result names the method that decided it.
+Every window of ``min_rows`` rows or more is decided by a p-value test: chi² of the window's counts in the
+reference's decile bins against the reference's own counts (or KS against the reference quantile curve),
+corrected for testing every feature, output and the predicted-class mix at once (Benjamini-Hochberg or
+Bonferroni). A test decides at every size because its false-alarm rate is fixed by ``alpha`` whatever the
+window (measured by ``benchmarks/alert_calibration.py``), while a fixed effect-size threshold is noise at
+100 rows (PSI of an unshifted 100-row window is ~0.1) and leaves power unused at thousands (a 0.5 sd shift
+of a small-count column has PSI ~0.17, under the usual 0.2, yet is overwhelmingly significant at 2,000 rows).
+Tied deciles (discrete and small-count columns) need nothing special: bins between equal edges are empty on
+both sides and drop out of the test's degrees of freedom, so the live bins are the distinct values the
+deciles fall on. A feature drifts when its corrected p-value is under ``alpha`` and its PSI is at least
+``min_psi``, a floor that keeps a negligible but significant shift in a huge window quiet.
+
+The effect sizes are reported for every feature: PSI, Jensen-Shannon distance and a binned Wasserstein-1
+distance in reference standard deviations; ``decide_by`` set to one of them restores the older rule (that
+effect size's threshold decides windows of ``small_window_rows`` or more). One multivariate signal watches
+all input features together: the PCA reconstruction error of the window against the reference's held-out
+error. Every result names the method that decided it.
 
 Cost: binning is vectorized over all columns (see :mod:`slipstream.monitor.binning`); the reference side
 (edges, fractions, bin centres) is prepared once when the detector is built.
@@ -19,24 +29,28 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from slipstream.errors import InputError
+from slipstream.frozen import Frozen
 from slipstream.monitor import binning
 from slipstream.monitor.features import featurize
 from slipstream.monitor.profile import Multivariate, Profile, TensorProfile, predictions, reconstruction_error
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class DriftConfig(_Frozen):
+class DriftConfig(Frozen):
     """Thresholds and the choice of method."""
 
-    decide_by: Literal["any", "psi", "jensen_shannon", "wasserstein"] = Field(
-        default="any",
-        description="The effect size that decides drift on large windows ('any': one over its threshold).",
+    decide_by: Literal["test", "any", "psi", "jensen_shannon", "wasserstein"] = Field(
+        default="test",
+        description="'test': the corrected p-value test decides every window (with the min_psi floor); an "
+        "effect size ('any': one over its threshold) decides windows of small_window_rows rows or more.",
+    )
+    min_psi: float = Field(
+        default=0.02,
+        ge=0,
+        description="With decide_by='test', a feature drifts only if its PSI is also at least this (a 0.15 sd "
+        "mean shift has PSI ~0.02): huge windows make negligible shifts significant.",
     )
     psi_threshold: float = Field(default=0.2, gt=0, description="PSI above this is drift (0.1 moderate, 0.25 big).")
     js_threshold: float = Field(
@@ -46,14 +60,23 @@ class DriftConfig(_Frozen):
         default=0.3, gt=0, description="Binned Wasserstein-1 distance, in reference std units, threshold."
     )
     small_window_rows: int = Field(
-        default=1000, ge=1, description="Windows with fewer rows are decided by a corrected p-value test."
+        default=1000, ge=1, description="With an effect-size decide_by: smaller windows are decided by the test."
     )
     min_rows: int = Field(default=20, ge=1, description="Windows with fewer rows are not judged at all.")
     test: Literal["chi2", "ks"] = Field(
-        default="chi2", description="Small-window test: chi² on the reference bins, or KS (continuous features)."
+        default="chi2",
+        description="The test: chi² on the reference bins (any feature), or KS (continuous features; it loops "
+        "over columns, so it is slower on wide windows).",
     )
     correction: Literal["bh", "bonferroni"] = Field(default="bh", description="Multiple-testing correction.")
-    alpha: float = Field(default=0.01, gt=0, lt=1, description="Family-wise (bonferroni) or FDR (bh) level.")
+    alpha: float = Field(
+        default=0.0025,
+        gt=0,
+        lt=1,
+        description="Family-wise (bonferroni) or FDR (bh) level over every test in a window. The chi² tail is "
+        "a little light at 100 rows: on an exact null (benchmarks/alert_calibration.py) alpha 0.01 gave "
+        "1.1-1.9 % false alarms, 0.005 gave 0.7-1.2 %, 0.0025 gives ~0.4 %.",
+    )
     multivariate_z: float = Field(
         default=6.0, gt=0, description="z-score of the window's mean PCA reconstruction error that is drift."
     )
@@ -66,7 +89,7 @@ class DriftConfig(_Frozen):
     epsilon: float = Field(default=1e-4, gt=0, description="Floor on bin fractions in PSI and JS.")
 
 
-class DriftTable(_Frozen):
+class DriftTable(Frozen):
     """Per-feature results of one tensor (columnar: every list is indexed by feature)."""
 
     tensor: str
@@ -75,11 +98,13 @@ class DriftTable(_Frozen):
     psi: list[float]
     jensen_shannon: list[float]
     wasserstein: list[float] = Field(description="Binned Wasserstein-1 in reference std units.")
-    p_value: list[float] | None = Field(default=None, description="Corrected p-values (small windows only).")
+    p_value: list[float] | None = Field(
+        default=None, description="Corrected p-values (None when an effect size decided the window)."
+    )
     drifted: list[bool]
 
 
-class MultivariateDrift(_Frozen):
+class MultivariateDrift(Frozen):
     method: str
     window_error: float = Field(description="Mean per-row PCA reconstruction error of the window.")
     reference_error: float
@@ -87,7 +112,7 @@ class MultivariateDrift(_Frozen):
     drifted: bool
 
 
-class DriftReport(_Frozen):
+class DriftReport(Frozen):
     rows: int
     judged: bool = Field(description="False when the window had fewer than min_rows rows.")
     method: str = Field(description="The per-feature decision method used for this window.")
@@ -136,50 +161,11 @@ class _Ref:
         )
 
 
-def _psi(p: np.ndarray, q: np.ndarray, eps: float) -> np.ndarray:
-    ps, qs = np.maximum(p, eps), np.maximum(q, eps)
-    return np.asarray(np.sum((qs - ps) * np.log(qs / ps), axis=1))
-
-
 def load_statistics() -> None:
     """Import the scipy functions the drift tests use now (~1 s of CPU once), not at the first evaluation: a
     server's monitor process calls this before it reports ready, so the import never lands under load."""
     from scipy.spatial.distance import jensenshannon  # noqa: F401
     from scipy.stats import chi2, false_discovery_control, kstwo  # noqa: F401
-
-
-def _js(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    from scipy.spatial.distance import jensenshannon
-
-    return np.asarray(np.nan_to_num(np.asarray(jensenshannon(p, q, axis=1, base=2)), nan=0.0))
-
-
-def _wasserstein(p: np.ndarray, q: np.ndarray, centres: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    cdf_gap = np.abs(np.cumsum(p, axis=1) - np.cumsum(q, axis=1))[:, :-1]
-    return np.asarray(np.sum(cdf_gap * np.diff(centres, axis=1), axis=1) / scale)
-
-
-def _chi2_p(counts: np.ndarray, p: np.ndarray, ref_rows: int) -> np.ndarray:
-    """Chi² test of homogeneity of window bin counts and reference bin counts, per row of ``counts``.
-
-    The reference is a finite sample too (``ref_rows`` rows), so this is the two-sample test on the
-    2 × bins contingency table, not a goodness-of-fit to exact fractions (which would over-reject by a
-    factor of about 1 + window/reference rows). Bins empty on both sides drop out of the degrees of freedom.
-    """
-    from scipy.stats import chi2
-
-    a = counts.astype(np.float64)
-    b = p * ref_rows
-    n = a.sum(axis=1, keepdims=True)
-    total = n + ref_rows
-    both = a + b
-    live = both > 0
-    safe = np.where(live, both, 1.0)
-    ea = safe * n / total
-    eb = safe * ref_rows / total
-    stat = np.sum(np.where(live, (a - ea) ** 2 / ea + (b - eb) ** 2 / eb, 0.0), axis=1)
-    dof = np.maximum(live.sum(axis=1) - 1, 1)
-    return np.asarray(chi2.sf(stat, dof))
 
 
 def _ks_p(x: np.ndarray, ref: _Ref, levels: np.ndarray, ref_rows: int) -> np.ndarray:
@@ -191,7 +177,7 @@ def _ks_p(x: np.ndarray, ref: _Ref, levels: np.ndarray, ref_rows: int) -> np.nda
 
     n = x.shape[0]
     xs = np.sort(x, axis=0)
-    # Small windows only: one np.interp per column against the reference quantile curve.
+    # One np.interp per column against the reference quantile curve: a loop over columns (KS is opt-in).
     cdf = np.stack([np.interp(xs[:, j], ref.quantiles[j], levels) for j in range(xs.shape[1])], axis=1)
     i = np.arange(1, n + 1)[:, None]
     d = np.maximum((i / n - cdf).max(axis=0), (cdf - (i - 1) / n).max(axis=0))
@@ -226,12 +212,17 @@ class DriftDetector:
             (np.asarray(mv.mean), 1.0 / np.asarray(mv.scale), np.asarray(mv.components), mv) if mv is not None else None
         )
 
+    def _tested(self, rows: int) -> bool:
+        """Whether the p-value test decides a (judged) window of this many rows."""
+        return self.config.decide_by == "test" or rows < self.config.small_window_rows
+
     def _method(self, rows: int) -> str:
         c = self.config
         if rows < c.min_rows:
             return f"none(rows<{c.min_rows})"
-        if rows < c.small_window_rows:
-            return f"{c.test}+{c.correction}(alpha={c.alpha:g})"
+        if self._tested(rows):
+            test = f"{c.test}+{c.correction}(alpha={c.alpha:g})"
+            return f"{test} and psi>={c.min_psi:g}" if c.decide_by == "test" and c.min_psi > 0 else test
         rules = {
             "psi": f"psi>{c.psi_threshold:g}",
             "jensen_shannon": f"jensen_shannon>{c.js_threshold:g}",
@@ -251,9 +242,9 @@ class DriftDetector:
         eps = self.config.epsilon
         return (
             counts,
-            _psi(ref.fractions, q, eps),
-            _js(ref.fractions, q),
-            _wasserstein(ref.fractions, q, ref.centres, ref.scale),
+            binning.psi(ref.fractions, q, eps),
+            binning.jensen_shannon(ref.fractions, q),
+            binning.wasserstein(ref.fractions, q, ref.centres, ref.scale),
         )
 
     def _decide(self, psi: np.ndarray, js: np.ndarray, ws: np.ndarray) -> np.ndarray:
@@ -291,7 +282,7 @@ class DriftDetector:
         rows = int(np.asarray(inputs[self._inputs[0].name]).shape[0])
         method = self._method(rows)
         judged = rows >= c.min_rows
-        small = judged and rows < c.small_window_rows
+        tested = judged and self._tested(rows)
         raw: list[tuple[str, _Ref, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
         feats_in: list[np.ndarray] = []
         for side, refs, arrays in (("in", self._inputs, inputs), ("out", self._outputs, outputs or {})):
@@ -303,17 +294,17 @@ class DriftDetector:
                     feats_in.append(x)
                 counts, psi, js, ws = self._effects(x, ref)
                 pv = None
-                if small:
+                if tested:
                     pv = (
-                        _chi2_p(counts, ref.fractions, self.profile.rows)
+                        binning.chi2_p(counts, ref.fractions, self.profile.rows)
                         if c.test == "chi2"
                         else _ks_p(x, ref, self._levels, self.profile.rows)
                     )
                 raw.append((side, ref, psi, js, ws, counts, pv))
-        pred_row = self._prediction_effects(predicted, rows, small) if predicted is not None else None
+        pred_row = self._prediction_effects(predicted, rows, tested) if predicted is not None else None
         # One correction over the whole family of tests in this window.
         corrected: list[np.ndarray] = []
-        if small:
+        if tested:
             family = [r[6] for r in raw if r[6] is not None] + (
                 [pred_row[4]] if pred_row and pred_row[4] is not None else []
             )
@@ -325,7 +316,7 @@ class DriftDetector:
         tables_in: list[DriftTable] = []
         tables_out: list[DriftTable] = []
         for i, (side, ref, psi, js, ws, _, _) in enumerate(raw):
-            pv_adj = corrected[i] if small else None
+            pv_adj = corrected[i] if tested else None
             drifted = self._verdict(judged, psi, js, ws, pv_adj)
             table = DriftTable(
                 tensor=ref.name,
@@ -341,7 +332,7 @@ class DriftDetector:
         prediction = None
         if pred_row is not None:
             psi, js, ws, names, _ = pred_row
-            pv_adj = corrected[-1] if small else None
+            pv_adj = corrected[-1] if tested else None
             prediction = DriftTable(
                 tensor="prediction",
                 method=method,
@@ -374,12 +365,14 @@ class DriftDetector:
     ) -> np.ndarray:
         if not judged:
             return np.zeros(psi.shape, dtype=bool)
+        c = self.config
         if p_adj is not None:
-            return np.asarray(p_adj < self.config.alpha)
+            significant = p_adj < c.alpha
+            return np.asarray(significant & (psi >= c.min_psi) if c.decide_by == "test" else significant)
         return self._decide(psi, js, ws)
 
     def _prediction_effects(
-        self, pred: np.ndarray, rows: int, small: bool
+        self, pred: np.ndarray, rows: int, tested: bool
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], np.ndarray | None] | None:
         if self._classes.size == 0:
             return None
@@ -387,8 +380,8 @@ class DriftDetector:
         p = np.append(self._class_p, 0.0)[None, :]
         q = counts / max(rows, 1)
         eps = self.config.epsilon
-        pv = _chi2_p(counts, p, self.profile.rows) if small else None
-        return _psi(p, q, eps), _js(p, q), np.zeros(1), ["prediction.class"], pv
+        pv = binning.chi2_p(counts, p, self.profile.rows) if tested else None
+        return binning.psi(p, q, eps), binning.jensen_shannon(p, q), np.zeros(1), ["prediction.class"], pv
 
     def _multivariate(
         self, x: np.ndarray, judged: bool, mv: tuple[np.ndarray, np.ndarray, np.ndarray, Multivariate]

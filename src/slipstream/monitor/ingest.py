@@ -19,6 +19,7 @@ from operator import attrgetter
 
 import numpy as np
 
+from slipstream.monitor.content import EMBEDDING_OUTPUT
 from slipstream.monitor.features import featurize
 from slipstream.monitor.profile import Profile, predictions
 from slipstream.monitor.records import PredictionBatch
@@ -350,10 +351,12 @@ class Ingestor:
                 row_stats = _row_stats(v[rows])
                 for i, stat in enumerate(("mean", "std", "min", "max")):
                     stats[f"{k}.{stat}"] = row_stats[:, i]
-        outputs = {
+        outputs = {  # the monitoring-only embedding feeds the window's MMD test; the log keeps what clients saw
             k: v.reshape(total, -1)[rows]
             for k, v in raw_out.items()
-            if v.dtype.kind in "biuf" and v.size // max(total, 1) <= s.max_logged_output_values
+            if v.dtype.kind in "biuf"
+            and v.size // max(total, 1) <= s.max_logged_output_values
+            and k != EMBEDDING_OUTPUT
         }
         ids, counts, first = cols.request_ids, cols.counts.tolist(), starts.tolist()
         req = request.tolist()

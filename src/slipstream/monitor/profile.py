@@ -3,7 +3,8 @@
 Stored as ``profile.json`` in a bundle (a new bundle, step ``profile@1``). Everything the server needs to
 compare a window with the reference is prepared here once: decile bin edges and the reference's fraction in
 each bin, quantiles, mean and std, class frequencies, the confidence calibration for label-free accuracy
-estimates, and a PCA basis for the multivariate drift signal and the per-request out-of-distribution score.
+estimates, a PCA basis for the multivariate drift signal and the per-request out-of-distribution score, and
+reference samples of the model's probabilities and embedding for the content tests (:mod:`.content`).
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from slipstream.errors import ConfigError, DataError, SchemaError
+from slipstream.frozen import Frozen
 from slipstream.monitor import binning
 from slipstream.monitor._blas import cross
+from slipstream.monitor.content import EMBEDDING_OUTPUT, ContentReference, build_content_reference
 from slipstream.monitor.features import TensorKind, channel_pixels, feature_names, featurize, tensor_kind
 
 if TYPE_CHECKING:
     from slipstream.data.datasets import Dataset
 
 PROFILE_FILE = "profile.json"
-PROFILE_SCHEMA_VERSION = 1
+PROFILE_SCHEMA_VERSION = 2  # 2: ``content`` (reference samples for content drift); version 1 still loads
 PROFILE_STEP = "profile@1"
 QUANTILE_LEVELS: tuple[float, ...] = (
     0.0,
@@ -53,11 +56,7 @@ Task = Literal["classification", "regression"]
 PredictionKind = Literal["probabilities", "logits", "labels", "values"]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ProfileConfig(_Frozen):
+class ProfileConfig(Frozen):
     """How to build a profile."""
 
     task: Literal["auto", "classification", "regression"] = Field(
@@ -78,10 +77,18 @@ class ProfileConfig(_Frozen):
     calibration_prior_rows: float = Field(
         default=10.0, ge=0, description="Pseudo-rows pulling each bin's accuracy towards its mean confidence."
     )
-    seed: int = Field(default=0, description="Seed for the PCA fit/held-out split.")
+    seed: int = Field(default=0, description="Seed for the PCA fit/held-out split and the content samples.")
+    content_sample_rows: int = Field(
+        default=1000, ge=0, description="Reference rows kept for the output-shift and embedding tests (0: none)."
+    )
+    embedding_output: str | None = Field(
+        default=None,
+        description="The output holding an embedding; None picks 'slipstream.embedding', else (non-classifiers) "
+        "a float output of >= 8 values per row.",
+    )
 
 
-class FeatureSet(_Frozen):
+class FeatureSet(Frozen):
     """Column-wise statistics of one tensor's features; every list is indexed by feature."""
 
     names: list[str] = Field(description="Feature names, e.g. 'pixels[3]' or 'image[c0].mean'.")
@@ -94,7 +101,7 @@ class FeatureSet(_Frozen):
     bin_fractions: list[list[float]] = Field(description="Per feature, the reference's share in each of 10 bins.")
 
 
-class ChannelSummary(_Frozen):
+class ChannelSummary(Frozen):
     """Pixel statistics of one image channel over the whole reference."""
 
     channel: int
@@ -105,7 +112,7 @@ class ChannelSummary(_Frozen):
     quantiles: list[float] = Field(description="Pixel values at QUANTILE_LEVELS.")
 
 
-class TensorProfile(_Frozen):
+class TensorProfile(Frozen):
     name: str = Field(description="The tensor's name in the model.")
     kind: TensorKind = Field(description="'tabular' (columns are features) or 'image' (per-channel summaries).")
     row_shape: list[int] = Field(description="Shape of one row (without the batch axis).")
@@ -113,7 +120,7 @@ class TensorProfile(_Frozen):
     channels: list[ChannelSummary] = Field(default_factory=list, description="Images only: per channel.")
 
 
-class PredictionSpec(_Frozen):
+class PredictionSpec(Frozen):
     """Where the prediction comes from and how to read it."""
 
     task: Task
@@ -123,7 +130,7 @@ class PredictionSpec(_Frozen):
     class_fractions: list[float] = Field(default_factory=list, description="Share of each predicted class.")
 
 
-class Calibration(_Frozen):
+class Calibration(Frozen):
     """Histogram binning of the top-class confidence against correctness (for CBPE-style estimates)."""
 
     method: Literal["histogram_binning"] = "histogram_binning"
@@ -132,7 +139,7 @@ class Calibration(_Frozen):
     counts: list[int] = Field(description="Reference rows in each bin.")
 
 
-class Multivariate(_Frozen):
+class Multivariate(Frozen):
     """PCA basis on standardized input features; reconstruction error stats from a held-out half."""
 
     method: Literal["pca_reconstruction"] = "pca_reconstruction"
@@ -144,7 +151,7 @@ class Multivariate(_Frozen):
     error_q99: float = Field(description="99th percentile of the held-out per-row error.")
 
 
-class Profile(_Frozen):
+class Profile(Frozen):
     """profile.json."""
 
     schema_version: int = Field(default=PROFILE_SCHEMA_VERSION, description="profile.json schema version.")
@@ -157,6 +164,9 @@ class Profile(_Frozen):
     metrics: dict[str, float] = Field(default_factory=dict, description="Build-time accuracy etc., with labels.")
     calibration: Calibration | None = None
     multivariate: Multivariate | None = None
+    content: ContentReference | None = Field(
+        default=None, description="Samples for the content tests; None in profiles from before schema 2."
+    )
 
     def to_json_bytes(self) -> bytes:
         return (self.model_dump_json(indent=1) + "\n").encode()
@@ -355,8 +365,10 @@ def build_profile(
     if n < 2:
         raise DataError(f"A profile needs at least 2 reference rows; got {n}.")
     in_profiles = [_tensor_profile(k, v) for k, v in inputs.items()]
-    out_profiles = [_tensor_profile(k, v) for k, v in outputs.items() if np.asarray(v).dtype.kind in "biuf"]
-    out_name, task, kind = _pick_prediction(outputs, cfg)
+    # The monitoring-only embedding is no prediction and no per-value drift feature: only the MMD test reads it.
+    served = {k: v for k, v in outputs.items() if k != EMBEDDING_OUTPUT} or dict(outputs)
+    out_profiles = [_tensor_profile(k, v) for k, v in served.items() if np.asarray(v).dtype.kind in "biuf"]
+    out_name, task, kind = _pick_prediction(served, cfg)
     spec = PredictionSpec(task=task, output=out_name, kind=kind)
     pred, conf = predictions(spec, np.asarray(outputs[out_name]))
     metrics: dict[str, float] = {}
@@ -381,6 +393,22 @@ def build_profile(
         else:
             metrics = {"mae": float(np.mean(np.abs(pred - y))), "labeled_rows": float(n)}
     feats = np.concatenate([featurize(np.asarray(v)).astype(np.float64) for v in inputs.values()], axis=1)
+    if cfg.embedding_output is not None and cfg.embedding_output not in outputs:
+        raise ConfigError(
+            f"embedding_output {cfg.embedding_output!r} is not an output; outputs are {list(outputs)}.",
+            field="embedding_output",
+        )
+    content = None
+    if cfg.content_sample_rows > 0:
+        content = build_content_reference(
+            outputs,
+            prediction_output=out_name,
+            prediction_kind=kind,
+            is_classifier=task == "classification",
+            rows=cfg.content_sample_rows,
+            seed=cfg.seed,
+            embedding_output=cfg.embedding_output,
+        )
     return Profile(
         rows=n,
         inputs=in_profiles,
@@ -389,6 +417,7 @@ def build_profile(
         metrics=metrics,
         calibration=calibration,
         multivariate=_multivariate(feats, cfg),
+        content=content,
     )
 
 
@@ -444,10 +473,11 @@ def profile_from_bundle(
     from slipstream.runtime.engine import Engine
 
     engine = Engine(Bundle.load(bundle_dir))
+    fetch = [s.name for s in engine.outputs] + list(engine.monitoring_outputs)  # the embedding, when exposed
     n = next(iter(inputs.values())).shape[0]
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, n, batch_size):
-        out = engine.run({k: np.asarray(v)[start : start + batch_size] for k, v in inputs.items()})
+        out = engine.run({k: np.asarray(v)[start : start + batch_size] for k, v in inputs.items()}, fetch)
         for k, v in out.items():
             parts.setdefault(k, []).append(np.asarray(v))
     outputs = {k: np.concatenate(v, axis=0) for k, v in parts.items()}

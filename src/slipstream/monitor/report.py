@@ -13,21 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from slipstream.errors import ConfigError
+from slipstream.frozen import Frozen
 from slipstream.monitor import svg
 from slipstream.monitor.fairness import FairnessConfig, FairnessReport, fairness_report
 from slipstream.monitor.logfile import labels_for, read_batches, read_snapshots, refuse_legacy
 from slipstream.monitor.records import PredictionBatch, concat_column
-from slipstream.monitor.service import MonitorSnapshot
+from slipstream.monitor.service import DriftSummary, MonitorSnapshot
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Bucket(_Frozen):
+class Bucket(Frozen):
     start_ts: float
     requests: int
     latency_p50_ms: float | None
@@ -36,7 +33,7 @@ class Bucket(_Frozen):
     ood_share: float | None
 
 
-class DbSummary(_Frozen):
+class DbSummary(Frozen):
     path: str
     models: list[str] = Field(description="'name:version' seen in the log.")
     predictions: int
@@ -199,6 +196,19 @@ def _num(v: float | None, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _content_html(d: DriftSummary) -> str:
+    """The content tests (output shift, embedding MMD): method, p-value, and drifted / not judged / off."""
+    rows = []
+    for label, r in (("Output shift", d.output_shift), ("Embedding shift", d.embedding_shift)):
+        if r is None:
+            rows.append([label, "off", "", ""])
+            continue
+        verdict = ("drifted" if r.drifted else "no drift") if r.judged else f"not judged: {r.reason}"
+        rows.append([label, r.method, f"{r.p_value:.3g}", verdict])
+    notes = "".join(f"<li>{escape(n)}</li>" for n in d.content_notes)
+    return _table(["test", "method", "p-value", "verdict"], rows) + (f"<ul>{notes}</ul>" if notes else "")
+
+
 def render_html(s: DbSummary) -> str:
     """One self-contained HTML page (inline CSS and SVG; nothing is fetched)."""
     t0 = s.first_ts or 0.0
@@ -253,6 +263,7 @@ def render_html(s: DbSummary) -> str:
                 f"<p>Multivariate: <code>{escape(mv.method)}</code> window error {mv.window_error:.4g} vs reference "
                 f"{mv.reference_error:.4g} (z = {mv.z:.1f}, drifted: {mv.drifted}).</p>"
             )
+        drift_html += _content_html(d)
     drift_html += svg.line_chart(
         "Drifted input features over time",
         sx,
@@ -302,10 +313,29 @@ def render_html(s: DbSummary) -> str:
                     for g in f.groups
                 ],
             )
-            + f"<p>Demographic parity difference {_num(f.demographic_parity_difference)}, ratio "
-            f"{_num(f.demographic_parity_ratio)}; equalized odds difference {_num(f.equalized_odds_difference)} "
-            f"(positive label {f.positive_label:g}). "
+            + _table(
+                ["gap", "value", f"interval ({f.confidence * 100:g} % simultaneous)", "threshold", "verdict"],
+                [
+                    [
+                        gap.metric.replace("_", " "),
+                        _num(gap.value),
+                        "–" if gap.low is None else f"{_num(gap.low)} to {'∞' if gap.high is None else _num(gap.high)}",
+                        f"{'<' if gap.direction == 'below' else '>'} {gap.threshold:g}",
+                        gap.status
+                        if gap.status != "undecided"
+                        else "undecided: "
+                        + (f"need ≈ {gap.needed_rows:,} per group" if gap.needed_rows else "not enough rows"),
+                    ]
+                    for gap in f.gaps
+                ],
+            )
+            + f"<p>Positive label {f.positive_label:g}; intervals over {f.comparisons} pairwise comparison(s). "
             + (f"<strong>Flagged:</strong> {escape('; '.join(f.reasons))}" if f.flagged else "Not flagged.")
+            + (
+                f" Undecided: {escape('; '.join(g.reason for g in f.gaps if g.status == 'undecided'))}"
+                if any(g.status == "undecided" for g in f.gaps)
+                else ""
+            )
             + "</p>"
             + svg.bar_chart(
                 "Selection rate per group", [g.group for g in f.groups], [g.selection_rate for g in f.groups]

@@ -24,16 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from slipstream.errors import InputError, first_few
+from slipstream.frozen import Frozen
 from slipstream.monitor.alerts import AlertManager, AlertsConfig, AlertState
+from slipstream.monitor.content import ContentDrift, ContentDriftConfig
 from slipstream.monitor.drift import DriftConfig, DriftDetector, DriftReport, MultivariateDrift
-from slipstream.monitor.fairness import FairnessConfig, FairnessReport, fairness_report
+from slipstream.monitor.fairness import FairnessConfig, FairnessReport, fairness_metrics, fairness_report
 from slipstream.monitor.ingest import Ingestor, IngestSettings, Pending, WindowView
 from slipstream.monitor.profile import Profile
 from slipstream.monitor.quality import QualityConfig, QualityMonitor, QualityReport
 from slipstream.monitor.records import Feedback, Snapshot
+from slipstream.monitor.shift import ShiftResult
 from slipstream.monitor.store import Store
 from slipstream.monitor.threats import (
     ExtractionWatch,
@@ -48,11 +51,7 @@ from slipstream.monitor.threats import (
 log = logging.getLogger(__name__)
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class MonitorConfig(_Frozen):
+class MonitorConfig(Frozen):
     """Everything the monitor does, in one typed config."""
 
     sample_rate: float = Field(default=1.0, ge=0, le=1, description="Share of requests written to the log.")
@@ -73,6 +72,9 @@ class MonitorConfig(_Frozen):
     top_features: int = Field(default=20, ge=1, description="Features listed per drift summary (by PSI).")
     seed: int | None = Field(default=None, description="Seed of the sampling RNG (None: random).")
     drift: DriftConfig = Field(default_factory=DriftConfig)
+    content_drift: ContentDriftConfig = Field(
+        default_factory=ContentDriftConfig, description="Output-shift and embedding tests (monitor.content)."
+    )
     quality: QualityConfig = Field(default_factory=QualityConfig)
     fairness: FairnessConfig = Field(default_factory=FairnessConfig)
     threats: ThreatConfig = Field(default_factory=ThreatConfig)
@@ -91,7 +93,7 @@ class Screening:
         return None if self.scores is None or self.scores.size == 0 else float(self.scores.max())
 
 
-class FeatureDrift(_Frozen):
+class FeatureDrift(Frozen):
     feature: str
     psi: float
     jensen_shannon: float
@@ -100,7 +102,7 @@ class FeatureDrift(_Frozen):
     drifted: bool
 
 
-class DriftSummary(_Frozen):
+class DriftSummary(Frozen):
     rows: int
     judged: bool
     method: str
@@ -108,16 +110,23 @@ class DriftSummary(_Frozen):
     drifted_outputs: list[str]
     top: list[FeatureDrift] = Field(description="The input features with the largest PSI.")
     multivariate: MultivariateDrift | None
+    output_shift: ShiftResult | None = Field(
+        default=None, description="Black-box shift test on the class probabilities (None: off, see content_notes)."
+    )
+    embedding_shift: ShiftResult | None = Field(
+        default=None, description="MMD test on the embedding (None: off, see content_notes)."
+    )
+    content_notes: list[str] = Field(default_factory=list, description="Why a content test is off.")
 
 
-class SecuritySummary(_Frozen):
+class SecuritySummary(Frozen):
     counters: dict[str, dict[str, int] | int]
     ood_share: float | None = Field(description="Share of window rows above the OOD threshold.")
     suspicious_keys: list[KeyActivity]
     integrity: IntegrityStatus | None
 
 
-class MonitorSnapshot(_Frozen):
+class MonitorSnapshot(Frozen):
     model: str
     version: str
     at: float
@@ -201,6 +210,15 @@ class RequestPath:
             return False
 
 
+def _shift_metrics(name: str, result: ShiftResult | None) -> dict[str, float | None]:
+    """1/0 drifted and the p-value of a content test; None when it did not judge (off, or too few rows)."""
+    judged = result is not None and result.judged
+    return {
+        name: float(result.drifted) if result is not None and judged else None,
+        f"{name}.p_value": result.p_value if result is not None and judged else None,
+    }
+
+
 def check_feedback(items: Iterable[tuple[str, float]], now: float) -> list[Feedback]:
     """Labels as :class:`Feedback`; raises InputError (400) naming every bad entry, so that a client's bad
     batch is refused whole (a label must be a finite number, an id a non-empty string)."""
@@ -244,6 +262,7 @@ class Monitor(RequestPath):
         self._clock = clock
         self._lock = threading.Lock()
         self.detector = DriftDetector(profile, c.drift) if profile is not None else None
+        self.content = ContentDrift(profile.content, c.content_drift) if profile is not None else None
         self.quality = QualityMonitor(profile, c.quality) if profile is not None and profile.prediction else None
         self.scorer = OODScorer(profile) if profile is not None and profile.multivariate is not None else None
         self.extraction = ExtractionWatch(c.threats, clock=clock)
@@ -316,7 +335,14 @@ class Monitor(RequestPath):
         ins = {k: v[-rows:] for k, v in window.inputs.items()}
         outs = {k: v[-rows:] for k, v in window.outputs.items() if v.shape[0] >= rows}
         pred = window.predicted[-rows:] if window.predicted is not None and window.predicted.shape[0] >= rows else None
-        return self._summarize(self.detector.compare_features(ins, outs or None, pred))
+        summary = self._summarize(self.detector.compare_features(ins, outs or None, pred))
+        if self.content is None:
+            return summary
+        # The content tests see every window row of their output (their own bound), not only the aligned ones.
+        output_shift, embedding_shift, notes = self.content.test(window.outputs)
+        return summary.model_copy(
+            update={"output_shift": output_shift, "embedding_shift": embedding_shift, "content_notes": notes}
+        )
 
     def _summarize(self, report: DriftReport) -> DriftSummary:
         feats: list[FeatureDrift] = []
@@ -401,15 +427,23 @@ class Monitor(RequestPath):
             "drift.multivariate_drifted": (
                 float(drift.multivariate.drifted) if drift and drift.judged and drift.multivariate else None
             ),
+            **_shift_metrics("drift.output_shift", drift.output_shift if drift else None),
+            **_shift_metrics("drift.embedding_shift", drift.embedding_shift if drift else None),
             "quality.accuracy_drop": (
                 quality.accuracy_drop if quality and quality.labeled >= self.config.quality.min_labeled else None
             ),
+            "quality.accuracy_drop.low": (
+                quality.accuracy_drop_low if quality and quality.labeled >= self.config.quality.min_labeled else None
+            ),
+            "quality.accuracy_drop.high": (
+                quality.accuracy_drop_high if quality and quality.labeled >= self.config.quality.min_labeled else None
+            ),
             "quality.estimated_drop": quality.estimated_drop if quality else None,
+            "quality.estimated_drop.low": quality.estimated_drop_low if quality else None,
+            "quality.estimated_drop.high": quality.estimated_drop_high if quality else None,
             "quality.realized_accuracy": quality.realized.get("accuracy") if quality else None,
             "quality.estimated_accuracy": quality.estimated_accuracy if quality else None,
-            "fairness.demographic_parity_difference": fairness.demographic_parity_difference if fairness else None,
-            "fairness.demographic_parity_ratio": fairness.demographic_parity_ratio if fairness else None,
-            "fairness.equalized_odds_difference": fairness.equalized_odds_difference if fairness else None,
+            **fairness_metrics(fairness),  # each gap with its interval: the fairness alert rules read the bounds
             "store.dropped": float(dropped - self._last_dropped) if self.store is not None else None,
             "store.dropped_total": float(dropped) if self.store is not None else None,
             "threats.ood_share": ood_share,

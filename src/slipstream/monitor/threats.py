@@ -22,19 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from slipstream.errors import ConfigError, SlipstreamError
+from slipstream.frozen import Frozen
 from slipstream.monitor._blas import cross
 from slipstream.monitor.features import featurize
 from slipstream.monitor.profile import Profile, reconstruction_error
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ThreatConfig(_Frozen):
+class ThreatConfig(Frozen):
     ood_threshold: float = Field(default=3.0, gt=0, description="Count a row as out of distribution above this score.")
     reject_ood_above: float | None = Field(
         default=None, gt=0, description="Refuse requests scoring above this (None: count only)."
@@ -154,7 +151,7 @@ def _compare_chunk(state: _KeyState, chunk: np.ndarray, times: list[float], limi
     state.filled = min(h + k, size)
 
 
-class KeyActivity(_Frozen):
+class KeyActivity(Frozen):
     key_id: str
     requests_in_window: int
     near_duplicates_in_window: int
@@ -294,7 +291,7 @@ def _reasons(value: Mapping[str, int] | int | None) -> Mapping[str, int]:
     return value if isinstance(value, Mapping) else {}
 
 
-class IntegrityStatus(_Frozen):
+class IntegrityStatus(Frozen):
     ok: bool
     checked_at: float
     checks: int = Field(description="Checks run so far.")

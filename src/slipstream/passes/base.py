@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
 
 from slipstream.artifact.bundle import Bundle, Step, write_bundle
 from slipstream.artifact.hashing import sha256_json
+from slipstream.artifact.manifest import MONITORING_OUTPUTS
 from slipstream.artifact.specs import graph_io_specs
 from slipstream.data.datasets import arrays_digest
 from slipstream.errors import BundleExistsError, ConfigError, PassError, SlipstreamError, validation_problems
@@ -224,6 +225,9 @@ class OnnxPass(Pass[C]):
 def _output_manifest(parent: Manifest, result: PassOutput, key: str, *, cache_hit: bool, seed: int) -> Manifest:
     """The parent's manifest with this pass's resolved choices and metrics under its name."""
     inputs, outputs = graph_io_specs(result.model.graph)
+    # A monitoring-only output (a classifier's embedding) stays out of what clients see, pass after pass.
+    hidden = parent.resolved.get(MONITORING_OUTPUTS)
+    outputs = tuple(s for s in outputs if not (isinstance(hidden, dict) and s.name in hidden))
     old = {s.name: s for s in (*parent.inputs, *parent.outputs)}
     # Keep the parent's specs (symbolic dim names, value ranges) where the tensor did not change type.
     inputs = tuple(old[s.name] if s.name in old and old[s.name].dtype == s.dtype else s for s in inputs)

@@ -103,20 +103,30 @@ function render(doc) {
     `<span class="big">${fmt(q.estimated_accuracy)}</span> build time ${fmt(q.reference && q.reference.accuracy)} ` +
     `<span class="muted">(${q.labeled} of ${q.predictions} labeled; green realized, purple estimated)</span>` :
     `<p class="muted">${esc((m.notes || []).join("; ") || "no accuracy yet")}</p>`;
+  const shift = (label, r) => `<p>${label}: ` + (!r ? '<span class="muted">off</span>' :
+    `<code>${esc(r.method)}</code> p = ${r.p_value.toPrecision(3)}, ` + (!r.judged ? `not judged: ${esc(r.reason)}` :
+    r.drifted ? '<span class="firing">drifted</span>' : "ok")) + "</p>";
   const parts = [];
   for (const mm of doc.models) {
     const d = mm.drift;
     parts.push(`<h3>${esc(mm.model)} v${esc(mm.version)}</h3>` + (d ?
       `<p>${d.rows} rows, method <code>${esc(d.method)}</code>, ${d.drifted_features.length} drifted feature(s)` +
       (d.multivariate ? `, multivariate ${d.multivariate.drifted ? '<span class="firing">drifted</span>' : "ok"}` : "") +
-      `</p>` + bars(d.top) : `<p class="muted">${esc((mm.notes || []).join("; ") || "no drift figures yet")}</p>`));
+      `</p>` + shift("output shift", d.output_shift) + shift("embedding shift", d.embedding_shift) + bars(d.top) :
+      `<p class="muted">${esc((mm.notes || []).join("; ") || "no drift figures yet")}</p>`));
   }
   document.getElementById("drift").innerHTML = parts.join("") || '<p class="muted">no monitored model</p>';
   const f = m.fairness;
   document.getElementById("groups").innerHTML = f ? table(["group", "rows", "labeled", "selection rate", "accuracy", "TPR", "FPR"],
     f.groups.map(g => [esc(g.group), g.rows, g.labeled, fmt(g.selection_rate), fmt(g.accuracy), fmt(g.tpr), fmt(g.fpr)])) +
-    `<p class="${f.flagged ? "firing" : "ok"}">parity difference ${fmt(f.demographic_parity_difference)}, ratio ` +
-    `${fmt(f.demographic_parity_ratio)}, equalized odds ${fmt(f.equalized_odds_difference)}` +
+    table(["gap", "value", f.confidence ? `interval (${+(f.confidence * 100).toFixed(2)} % simultaneous)` : "interval", "threshold", "verdict"],
+      (f.gaps || []).map(g => [esc(g.metric.replace(/_/g, " ")), fmt(g.value),
+        g.low === null ? "&ndash;" : `${fmt(g.low)} to ${g.high === null ? "&infin;" : fmt(g.high)}`,
+        `${g.direction === "below" ? "&lt;" : "&gt;"} ${g.threshold}`,
+        g.status === "beyond threshold" ? '<span class="firing">beyond threshold</span>' : g.status === "within" ?
+        '<span class="ok">within</span>' : `undecided${g.needed_rows ? `, need &asymp;&nbsp;${g.needed_rows.toLocaleString("en")}/group` : ""}`])) +
+    `<p class="${f.flagged ? "firing" : f.reasons.length ? "muted" : "ok"}">` +
+    (f.flagged ? "bias flagged" : f.reasons.length ? "no gap beyond its threshold; undecided" : "every gap within its threshold") +
     (f.reasons.length ? ": " + esc(f.reasons.join("; ")) : "") + "</p>" : '<p class="muted">no grouped requests yet</p>';
   const alerts = [];
   for (const mm of doc.models) for (const a of mm.alerts || []) alerts.push([esc(mm.model), esc(a.rule),

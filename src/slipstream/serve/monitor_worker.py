@@ -83,6 +83,7 @@ def monitor_config(s: MonitorSettings) -> MonitorConfig:
             positive_label=s.fairness_positive_label,
             max_difference=s.fairness_max_difference,
             min_ratio=s.fairness_min_ratio,
+            confidence=s.fairness_confidence,
         ),
         threats=ThreatConfig(ood_threshold=s.ood_threshold, reject_ood_above=s.ood_reject_above),
         alerts=AlertsConfig(rules=_rules(s), webhook_url=s.webhook_url),
