@@ -1,28 +1,40 @@
 """The worked examples in examples/: every recipe parses and points at entry points that exist, the
-tabular example runs end to end (train → convert → build → the winner answers like scikit-learn), and a
-recipe's `dynamic_axes` reaches the torch export (the MiniLM example needs a dynamic sequence axis).
+tabular example runs end to end (train → convert → build → the winner answers like scikit-learn), each
+example's client runs against a live server with monitoring on and prints the monitor's evaluated summary,
+and a recipe's `dynamic_axes` reaches the torch export (the MiniLM example needs a dynamic sequence axis).
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import httpx
 import joblib
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import slipstream
 from slipstream.artifact import Bundle
 from slipstream.build.recipe import Recipe, load_recipe, parse_recipe
 from slipstream.build.search import BuildResult, run_build
 from slipstream.errors import ConfigError
+from slipstream.importers import import_onnx
+from slipstream.monitor.profile import profile_from_bundle, write_profiled_bundle
 from slipstream.passes.recipe import plan
 from slipstream.runtime import Engine
+from slipstream.serve.background import ServerThread
+from slipstream.serve.guard import hash_key
+from slipstream.serve.settings import GuardSettings, MonitorSettings, ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -142,6 +154,121 @@ def test_tabular_groups_are_deterministic_and_both_present(tabular: tuple[Module
     assert groups.tolist() == train.group_of(x_test, float(np.median(x_train[:, train.TEXTURE]))).tolist()
     counts = {g: int((groups == g).sum()) for g in ("a", "b")}
     assert sum(counts.values()) == len(x_test) and min(counts.values()) > len(x_test) // 4
+
+
+# --- each example's client against a live server with monitoring on ---------------------------------------
+
+CLIENT_KEY = "example-client-key"
+
+
+def _run_client(client: Path, bundle: Path, model: str, work: Path, *args: str) -> tuple[str, dict[str, Any]]:
+    """Serve ``bundle`` as ``model`` (API key, --monitor-db), run the example's client as a subprocess against
+    it, and return what the client printed and the monitor's latest evaluation (the one the client asked for)."""
+    repo = work / "repo"
+    shutil.copytree(bundle, repo / model / "1")
+    keys = work / "keys.txt"
+    keys.write_text(CLIENT_KEY + "\n")
+    settings = ServeSettings(
+        port=0,
+        access_log=False,
+        guard=GuardSettings(api_key_hashes=frozenset({hash_key(CLIENT_KEY)})),
+        monitor=MonitorSettings(db_path=work / "monitor.db", evaluate_interval_s=3600.0),
+    )
+    with ServerThread(repo, settings) as server:
+        run = subprocess.run(
+            [sys.executable, str(client), "--url", server.url, "--key-file", str(keys), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        latest = httpx.get(
+            f"{server.url}/v2/models/{model}/monitoring", headers={"Authorization": f"Bearer {CLIENT_KEY}"}
+        ).json()
+    return run.stdout, latest
+
+
+def _firing(doc: dict[str, Any]) -> list[str]:
+    return [a["rule"] for a in doc["alerts"] if a["state"] == "firing"]
+
+
+def test_tabular_client_prints_the_evaluated_summary(
+    tabular: tuple[ModuleType, Path, BuildResult], tmp_path: Path
+) -> None:
+    _, out, result = tabular
+    printed, latest = _run_client(
+        EXAMPLES / "tabular" / "client.py", result.output / "winner", "breast-cancer", tmp_path, "--data", str(out)
+    )
+    rows = len(np.load(out / "groups.npy"))
+    assert f"{rows} requests, accuracy" in printed and f"{rows} labels sent back" in printed
+    assert "null" not in printed  # the summary is evaluated after this client's traffic and labels
+    assert latest["requests"] == rows and latest["quality"]["labeled"] == rows  # what the client asked for
+    accuracy = latest["quality"]["realized"]["accuracy"]
+    assert f"accuracy {accuracy:.3f} on {rows} labeled rows" in printed
+    fairness = latest["fairness"]
+    assert {g["group"] for g in fairness["groups"]} == {"a", "b"}
+    for group in fairness["groups"]:
+        assert f"group {group['group']}: {group['rows']} rows, selection rate {group['selection_rate']:.3f}" in printed
+    assert fairness["gaps"] and all(gap["reason"] in printed for gap in fairness["gaps"])  # with their intervals
+    assert any("interval" in gap["reason"] for gap in fairness["gaps"])
+    assert f"drift ({rows} rows" in printed
+    assert f"alerts firing: {len(_firing(latest))}" in printed
+    assert all(f"  {rule}: " in printed for rule in _firing(latest))
+
+
+def token_embedder(vocab: int = 30522, dim: int = 32, seed: int = 0) -> onnx.ModelProto:
+    """MiniLM's interface (int64 ``input_ids`` and ``attention_mask`` [batch, seq] → unit vectors [batch, dim])
+    at a fraction of its cost: a random token embedding, mean-pooled over the mask and L2-normalized. The real
+    MiniLM export is tested in test_importers_minilm.py; here only the client and the server are under test."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((vocab, dim)).astype(np.float32), "table"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+        numpy_helper.from_array(np.array([1e-6], np.float32), "eps"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["embedded"]),
+        helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mask", "axis2"], ["mask3"]),
+        helper.make_node("Mul", ["embedded", "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "axis1"], ["summed"], keepdims=0),
+        helper.make_node("ReduceSum", ["mask3", "axis1"], ["count"], keepdims=0),
+        helper.make_node("Max", ["count", "eps"], ["safe_count"]),
+        helper.make_node("Div", ["summed", "safe_count"], ["mean"]),
+        helper.make_node("LpNormalization", ["mean"], ["sentence_embedding"], axis=1, p=2),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "token_embedder",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", dim])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_minilm_client_prints_embeddings_and_the_evaluated_summary(tmp_path: Path) -> None:
+    example = _load_module(EXAMPLES / "minilm" / "model.py")
+    onnx.save_model(token_embedder(), str(tmp_path / "embedder.onnx"))
+    source = import_onnx(tmp_path / "embedder.onnx", tmp_path / "source", name="minilm").path
+    batches = list(example.eval_data())  # the example's sentences, as its recipe profiles them (32 tokens)
+    reference = {k: np.concatenate([b[k] for b in batches]) for k in ("input_ids", "attention_mask")}
+    bundle = write_profiled_bundle(source, tmp_path / "bundle", profile_from_bundle(source, reference))
+    sentences = example.SENTENCES[:40]
+    printed, latest = _run_client(EXAMPLES / "minilm" / "client.py", bundle, "minilm", tmp_path, *sentences)
+    assert f"{len(sentences)} embeddings of size 32; cosine similarities:" in printed
+    assert latest["requests"] == 1 and latest["rows"] == len(sentences) and latest["observe_errors"] == 0
+    assert "monitor: 1 requests observed" in printed
+    assert "quality: no labels" in printed and "fairness: none" in printed
+    assert latest["drift"]["judged"] and f"drift ({len(sentences)} rows" in printed
+    assert f"alerts firing: {len(_firing(latest))}" in printed
 
 
 # --- a recipe's dynamic_axes reach the torch export -----------------------------------------------------

@@ -215,6 +215,16 @@ def serve(
     accuracy_drop_alert: Annotated[float, typer.Option(help="Alert when accuracy drops by more.")] = 0.05,
     fairness_max_difference: Annotated[float, typer.Option(help="Alert above this parity/odds gap.")] = 0.1,
     fairness_min_ratio: Annotated[float, typer.Option(help="Alert below this parity ratio.")] = 0.8,
+    fairness_positive_label: Annotated[
+        float, typer.Option(help="The predicted class (or label) that counts as selected in the bias report.")
+    ] = 1.0,
+    fairness_confidence: Annotated[
+        float,
+        typer.Option(
+            help="Family confidence of the fairness intervals; a bias alert needs its whole interval past "
+            "the threshold."
+        ),
+    ] = 0.99,
     webhook: Annotated[str | None, typer.Option(help="POST alert transitions to this URL.")] = None,
     monitor_retention_days: Annotated[float, typer.Option(help="Delete logged predictions older than this.")] = 7.0,
     monitor_max_rows: Annotated[int, typer.Option(help="Keep at most this many logged predictions.")] = 1_000_000,
@@ -252,7 +262,8 @@ def serve(
             "db_path": monitor_db, "sample_rate": monitor_sample_rate, "log_raw_inputs": monitor_raw_inputs,
             "ood_reject_above": ood_reject, "group_parameter": group_parameter,
             "accuracy_drop_threshold": accuracy_drop_alert, "fairness_max_difference": fairness_max_difference,
-            "fairness_min_ratio": fairness_min_ratio, "webhook_url": webhook,
+            "fairness_min_ratio": fairness_min_ratio, "fairness_positive_label": fairness_positive_label,
+            "fairness_confidence": fairness_confidence, "webhook_url": webhook,
             "retention_max_age_s": monitor_retention_days * 86400, "retention_max_rows": monitor_max_rows,
             "evaluate_interval_s": monitor_interval, "process_nice": monitor_nice,
             "placement": monitor_placement,
@@ -328,12 +339,15 @@ def build(
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its files.")] = Path("demo-output"),
     fast: Annotated[bool, typer.Option(help="A shorter build and less traffic (used by the test suite).")] = False,
+    seed: Annotated[
+        int, typer.Option(help="Seed of every random choice of the traffic: which digits, their order, the groups.")
+    ] = 0,
 ) -> None:
     """Train, convert, build, serve, attack and watch a digits CNN: the whole flow on this machine."""
     from slipstream.demo import run_demo
 
     with reporting(as_json=False):
-        run_demo(workdir, fast=fast)
+        run_demo(workdir, fast=fast, seed=seed)
 
 
 app.add_typer(monitor_app, name="monitor")

@@ -2,5 +2,6 @@
 
 from slipstream.demo.basic import build_mlp
 from slipstream.demo.main import run_demo
+from slipstream.demo.result import DemoResult
 
-__all__ = ["build_mlp", "run_demo"]
+__all__ = ["DemoResult", "build_mlp", "run_demo"]

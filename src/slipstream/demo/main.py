@@ -2,44 +2,44 @@
 
 Train a small CNN on scikit-learn's digits, convert it with a parity proof, build the fastest model
 within one point of accuracy (pruning, fine-tuning, int8...), serve it on loopback with an API key and
-a rate limit, send normal, drifted, malformed, unauthenticated and over-the-limit traffic, show what the
-server saw, and shut down cleanly. ``fast`` trims the build and the traffic (for the test suite).
+a rate limit, send normal, drifted, biased, malformed, unauthenticated and over-the-limit traffic, show
+what the monitor concluded after each phase, and shut down cleanly. ``fast`` trims the build and the burst
+(for the test suite); ``seed`` drives every random choice of the traffic. :func:`run_demo` prints for
+people and returns a :class:`~slipstream.demo.result.DemoResult` for code.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from rich.markup import escape
 from rich.rule import Rule
-from rich.table import Table
 
 from slipstream.artifact.bundle import Bundle
 from slipstream.build.recipe import Budget, Candidate, DataConfig, Recipe
 from slipstream.cli.build import render_record, run_with_progress
 from slipstream.cli.output import console
-from slipstream.demo.report import render_monitoring
-from slipstream.demo.traffic import (
-    Phase,
-    send_burst,
-    send_feedback,
-    send_labelled,
-    send_malformed,
-    send_unauthenticated,
-)
+from slipstream.demo.report import phase_table, render_monitoring
+from slipstream.demo.result import DemoResult
+from slipstream.demo.session import POSITIVE_LABEL, serve_and_watch
 from slipstream.importers import convert
 
 ENTRY = "slipstream.demo.digits:build"
-API_KEY = "demo-key"
-SHIFTED_KEY = "demo-shifted-key"  # another client, so each stays within its own rate limit
-BURST_KEY = "demo-burst-key"
+ROWS_PER_PHASE = 2000  # enough for the biased phase's parity-ratio interval to clear 0.8 (see session.py)
 
 
 def _heading(text: str) -> None:
     console.print(Rule(f"[bold]{text}[/]"))
+
+
+def _say(text: str) -> None:
+    console.print(escape(text), highlight=False)
 
 
 def _recipe(work: Path, fast: bool) -> Recipe:
@@ -68,29 +68,10 @@ def _recipe(work: Path, fast: bool) -> Recipe:
     )
 
 
-def _phase_table(phases: list[Phase]) -> Table:
-    table = Table(title="traffic")
-    for col in ("kind", "requests", "answers", "accuracy"):
-        table.add_column(col, justify="right" if col in ("requests", "accuracy") else "left")
-    for p in phases:
-        answers = ", ".join(f"{code}×{n}" for code, n in sorted(p.statuses.items()))
-        acc = "-" if p.accuracy is None else f"{p.accuracy:.3f}"
-        table.add_row(escape(p.name), str(p.sent), answers, acc)
-    return table
-
-
-def _metric_lines(text: str, prefixes: tuple[str, ...]) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith(prefixes) and not line.startswith("#")]
-
-
-def run_demo(workdir: Path, *, fast: bool = False) -> None:
-    import httpx
+def run_demo(workdir: Path, *, fast: bool = False, seed: int = 0) -> DemoResult:
     import torch
 
     from slipstream.demo.digits import build, split
-    from slipstream.serve.background import ServerThread
-    from slipstream.serve.guard import hash_key
-    from slipstream.serve.settings import GuardSettings, MonitorSettings, ServeSettings
 
     started = time.perf_counter()
     work = workdir.resolve()
@@ -121,7 +102,7 @@ def run_demo(workdir: Path, *, fast: bool = False) -> None:
             highlight=False,
         )
     console.print(f"bundle: {bundle.path} (sha256 of every file recorded; load verifies them)", highlight=False)
-    _show_tamper_check(bundle.path, work / "tampered")
+    tamper_refused = _show_tamper_check(bundle.path, work / "tampered")
 
     _heading("3 · build: the fastest model within 1 point of accuracy, at batch 256")
     result = run_with_progress(_recipe(work, fast), quiet=False)
@@ -129,61 +110,45 @@ def run_demo(workdir: Path, *, fast: bool = False) -> None:
     console.print(f"report: {result.output / 'report.html'}", highlight=False)
 
     _heading("4 · serve the winner on loopback (API key, rate limit, monitoring)")
-    repo = work / "repo"
-    shutil.rmtree(repo, ignore_errors=True)
-    shutil.copytree(result.winner.path, repo / "digits" / "1")
-    console.print("the winner carries profile.json: the held-out digits' statistics that monitoring compares with")
-    db = work / "monitor.db"
-    db.unlink(missing_ok=True)
-    settings = ServeSettings(
-        port=0,
-        access_log=False,
-        guard=GuardSettings(
-            api_key_hashes=frozenset(hash_key(k) for k in (API_KEY, SHIFTED_KEY, BURST_KEY)), rate_per_s=20.0, burst=200
-        ),
-        monitor=MonitorSettings(db_path=db, evaluate_interval_s=3600.0),
+    console.print(
+        "the winner carries profile.json: the held-out digits' statistics that monitoring compares with.\n"
+        f"Every phase sends {ROWS_PER_PHASE} held-out digits drawn at random (seed {seed}), 16 per request, each "
+        "request in group a or b (b: 30 %, drawn per request);\n"
+        f"the monitor's windows hold {ROWS_PER_PHASE} rows, so each evaluation judges one phase. Fairness watches "
+        f"the digit {POSITIVE_LABEL} (fairness_positive_label): the biased phase mirrors group b's "
+        f"{POSITIVE_LABEL}s, which the model then misreads.",
+        highlight=False,
     )
-    with ServerThread(repo, settings) as server:
-        url = f"{server.url}/v2/models/digits/infer"
-        console.print(f"serving {result.winner.manifest.name} at {server.url} (Open Inference Protocol v2)")
 
-        _heading("5 · traffic: normal, drifted, malformed, unauthenticated, over the rate limit")
-        rows = 16 if fast else 8
-        live_x, live_y = (x_train[:640], y_train[:640]) if fast else (x_train, y_train)
-        monitoring = f"{server.url}/v2/models/digits/monitoring?evaluate=true"
-        auth = {"Authorization": f"Bearer {API_KEY}"}
-        with httpx.Client(timeout=60.0) as client:
-            normal = Phase("normal digits")
-            send_labelled(client, url, normal, live_x, live_y, key=API_KEY, rows=rows, group_of=_group)
-            before = client.get(monitoring, headers=auth).json()
-            drifted = Phase("drifted (inverted pixels)")
-            send_labelled(client, url, drifted, 1.0 - live_x, live_y, key=SHIFTED_KEY, rows=rows, group_of=_group)
-            labels = send_feedback(client, f"{server.url}/v2/models/digits/feedback", API_KEY, [normal, drifted])
-            after = client.get(monitoring, headers=auth).json()
-            phases = [
-                normal,
-                drifted,
-                send_malformed(client, url, API_KEY),
-                send_unauthenticated(client, url, x_test),
-                send_burst(client, url, x_test, BURST_KEY, 300 if fast else 400),
-            ]
-            console.print(_phase_table(phases))
-            final = client.get(monitoring, headers=auth).json()
+    _heading("5 · traffic: normal, drifted, biased, then attacks")
+    with _alerts_printed_by_the_demo():
+        traffic = serve_and_watch(
+            result.winner.path,
+            work,
+            x_test,
+            y_test,
+            seed=seed,
+            rows_per_phase=ROWS_PER_PHASE,
+            burst_requests=300 if fast else 400,
+            say=_say,
+        )
+    console.print(phase_table(traffic.phases))
 
-            _heading("6 · what the server saw, and what the monitor made of it")
-            metrics = client.get(f"{server.url}/metrics").text
-            for line in _metric_lines(metrics, ("slipstream_requests_total", "slipstream_rejections_total")):
-                console.print("  " + escape(line), highlight=False)
-            failures = sum(n for p in phases for code, n in p.statuses.items() if code >= 500)
-            console.print(
-                f"server errors (5xx): {failures}; accuracy on normal traffic {normal.accuracy or 0:.3f}, "
-                f"on drifted traffic {drifted.accuracy or 0:.3f}; {labels} ground-truth labels sent back",
-                highlight=False,
-            )
-            render_monitoring(before, after, final)
+    _heading("6 · what the server saw, and what the monitor made of it")
+    for line in traffic.metrics_lines:
+        console.print("  " + escape(line), highlight=False)
+    normal, drifted, biased = (traffic.phase(k) for k in ("normal", "drifted", "biased"))
+    console.print(
+        f"server errors (5xx): {traffic.server_errors}; accuracy on normal traffic {normal.accuracy or 0:.3f}, "
+        f"on drifted traffic {drifted.accuracy or 0:.3f}, on biased traffic {biased.accuracy or 0:.3f} "
+        f"({biased.perturbed_rows} digits mirrored); {traffic.labels_sent} ground-truth labels sent back",
+        highlight=False,
+    )
+    render_monitoring(traffic)
 
     _heading("7 · shut down")
-    console.print(f"drained and stopped; the whole demo took {time.perf_counter() - started:.0f} s", highlight=False)
+    seconds = time.perf_counter() - started
+    console.print(f"drained and stopped; the whole demo took {seconds:.0f} s", highlight=False)
     console.print(
         "Next, on your own model:\n"
         "  slipstream convert my_model.py:build -o my-bundle --input-shape batch,3,224,224\n"
@@ -191,9 +156,33 @@ def run_demo(workdir: Path, *, fast: bool = False) -> None:
         "  slipstream serve build-output/winner --api-key-file keys.txt",
         highlight=False,
     )
+    return DemoResult(
+        workdir=work,
+        fast=fast,
+        heldout_accuracy=accuracy,
+        tamper_refused=tamper_refused,
+        winner=result.winner.path,
+        winner_name=result.record.selection.winner if result.record.selection else "baseline",
+        traffic=traffic,
+        seconds=seconds,
+    )
 
 
-def _show_tamper_check(bundle_dir: Path, copy: Path) -> None:
+@contextmanager
+def _alerts_printed_by_the_demo() -> Iterator[None]:
+    """The demo prints every alert with its reason after each phase. The monitor also logs each transition
+    at WARNING, which shows up between the tables as soon as something has given the root logger a handler
+    (a candidate of the full build does); hold those lines back while the demo serves."""
+    logger = logging.getLogger("slipstream.monitor.alerts")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _show_tamper_check(bundle_dir: Path, copy: Path) -> bool:
     """A copy with one flipped byte must be refused: that is what 'verified' means."""
     from slipstream.artifact.bundle import MODEL_FILE
     from slipstream.errors import IntegrityError
@@ -207,11 +196,8 @@ def _show_tamper_check(bundle_dir: Path, copy: Path) -> None:
         Bundle.load(copy)
     except IntegrityError as exc:
         console.print(f"[green]✓[/] a copy with one flipped byte is refused: {escape(exc.message)}", highlight=False)
+        return True
     else:
         raise RuntimeError("a tampered bundle loaded without an integrity error")  # the point of this stage
     finally:
         shutil.rmtree(copy, ignore_errors=True)
-
-
-def _group(i: int) -> str:
-    return "a" if i % 2 == 0 else "b"
