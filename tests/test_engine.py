@@ -106,3 +106,21 @@ def test_cuda_engine_runs_on_the_gpu(mlp_bundle: Bundle) -> None:
     assert eng.resolved().providers[0] == "CUDAExecutionProvider"
     out = eng.run({"pixels": np.ones((4, 8), np.float32)})
     assert out["probabilities"].shape == (4, 4)
+
+
+def test_int8_runs_unfused_only_where_the_cpu_would_saturate_full_range_weights() -> None:
+    from slipstream.runtime.engine import full_range_int8
+    from slipstream.runtime.targets import int8_fusion
+
+    avx2, vnni = frozenset({"avx2", "fma"}), frozenset({"avx2", "avx512_vnni"})
+    assert int8_fusion(True, avx2)[0] is False and "no VNNI/AMX" in int8_fusion(True, avx2)[1]
+    assert int8_fusion(True, vnni)[0] is True
+    assert int8_fusion(False, avx2)[0] is True  # fp32 or 7-bit weights: nothing to saturate
+    assert full_range_int8({"quantized": True})  # a TFLite int8 import
+    assert full_range_int8({"quantize.static": {"calibration": "minmax"}})  # made before reduce_range was recorded
+    assert full_range_int8({"quantize.static#2": {"reduce_range": False}})
+    assert not full_range_int8({"quantize.static": {"reduce_range": True}, "quantized": False, "opset": 17})
+
+
+def test_the_engine_records_how_it_runs_int8(engine: Engine) -> None:
+    assert engine.resolved().int8_kernels.startswith("fused: no int8 weights")

@@ -25,6 +25,7 @@ from slipstream.data.datasets import LABELS
 from slipstream.errors import ConfigError
 from slipstream.importers.onnx import check_model
 from slipstream.importers.parity import Reference, generated_cases, prove_parity, sample_cases, skipped
+from slipstream.runtime.targets import int8_fusion
 
 SampleData = Mapping[str, np.ndarray]
 
@@ -107,6 +108,8 @@ def finish_import(
         parity = skipped(reference_name, "skip_parity was requested (--skip-parity)")
     else:
         cases = sample_cases(align_sample(sample, inputs)) if sample is not None else generated_cases(inputs)
+        # Proven the way the engine will run it on this CPU (int8 fused or not; the engine decides the same).
+        fuse_int8, _ = int8_fusion(job.resolved.get("quantized") is True)
         parity = prove_parity(
             reference,
             model.SerializeToString(),
@@ -116,6 +119,7 @@ def finish_import(
             data="sample" if sample is not None else "generated",
             tolerances=tolerances,
             source=label,
+            fuse_int8=fuse_int8,
         )
     opsets = {imp.domain or "ai.onnx": imp.version for imp in model.opset_import}
     manifest = Manifest(

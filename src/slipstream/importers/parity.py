@@ -114,15 +114,19 @@ def prove_parity(
     data: Literal["sample", "generated"],
     tolerances: Mapping[str, tuple[float, float]] | None = None,
     source: str | None = None,
+    fuse_int8: bool = True,
 ) -> ParityRecord:
     """Compare ``reference`` with the ONNX model on every case; raise one ParityError listing every mismatch.
 
     ``reference`` maps input arrays to output arrays keyed by the ONNX output names. ``onnx_model`` is
-    the serialized model or a path to it.
+    the serialized model or a path to it. ``fuse_int8=False`` runs int8 QDQ unfused, as the engine does on a
+    CPU whose fused int8 kernels would saturate (see ``slipstream.runtime.targets.int8_fusion``).
     """
     tol = {**DEFAULT_TOLERANCES, **(tolerances or {})}
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
+    if not fuse_int8:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     opts.log_severity_level = 4  # run failures are reported in the ParityError, not logged to stderr as well
     session = ort.InferenceSession(onnx_model, sess_options=opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in outputs]

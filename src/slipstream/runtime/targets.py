@@ -60,6 +60,22 @@ def has_int8_dot_product(flags: frozenset[str] | None = None) -> bool:
     return any(f in (cpu_flags() if flags is None else flags) for f in INT8_DOT_FLAGS)
 
 
+def int8_fusion(full_range_weights: bool, flags: frozenset[str] | None = None) -> tuple[bool, str]:
+    """Whether onnxruntime may fuse a QDQ int8 model into its integer kernels on this CPU, and why.
+
+    Without VNNI/AMX those kernels saturate on weights that use the full 8-bit range (a TFLite int8 model, or
+    a static int8 model made on a CPU with VNNI): measured here, outputs moved by up to 7 quantization steps.
+    Unfused, onnxruntime runs DequantizeLinear → float → QuantizeLinear, which is exact, at float speed."""
+    if not full_range_weights:
+        return True, "fused: no int8 weights, or 7-bit ones (reduce_range), which no CPU saturates"
+    if has_int8_dot_product(flags):
+        return True, "fused: this CPU has an int8 dot product (VNNI/AMX)"
+    return False, (
+        "unfused: this CPU has no VNNI/AMX, whose absence makes the fused kernels saturate on the model's "
+        "8-bit weights; run exactly as DequantizeLinear → float → QuantizeLinear"
+    )
+
+
 class Target(BaseModel):
     """Where and how a bundle runs. Unset thread counts resolve at session build time."""
 
