@@ -233,6 +233,9 @@ def test_monitor_profile_writes_a_new_profiled_bundle(built: tuple[BuildResult, 
     profiled = Bundle.load(work / "profiled")
     assert profiled.manifest.lineage[-1].step == "profile@1"
     assert "profile.json" in profiled.manifest.files
+    # A classifier gets its penultimate layer as a monitoring-only output, sampled for the embedding test.
+    assert [s.step for s in profiled.manifest.lineage[-2:]] == ["monitor.embedding@1", "profile@1"]
+    assert "embedding output" in result.output and not (work / ".profiled.embedding").exists()
     assert "profile.json" not in Bundle.load(work / "out" / "baseline").manifest.files  # the source is untouched
     bad = CliRunner().invoke(app, [*args, "-o", str(work / "p2"), "--task", "clustering"])
     assert bad.exit_code == 2 and "auto, classification or regression" in bad.output

@@ -140,17 +140,29 @@ def profile(
     `slipstream build` already writes one into its winner; use this for a bundle made another way.
     Profile on held-out data: statistics from training data make the build-time accuracy look too good.
     """
+    import shutil
+
     from slipstream.artifact import Bundle
     from slipstream.data.datasets import load_dataset
+    from slipstream.monitor.penultimate import with_embedding_output
     from slipstream.monitor.profile import ProfileConfig, profile_from_dataset, write_profiled_bundle
 
     if task not in ("auto", "classification", "regression"):
         raise typer.BadParameter(f"expected auto, classification or regression; got {task!r}", param_hint="--task")
+    staged = output.parent / f".{output.name}.embedding"
     with reporting(as_json=False):
         source = Bundle.load(bundle)
         dataset = load_dataset(data, source.manifest.inputs)
         config = ProfileConfig.model_validate({"task": task})
-        made = write_profiled_bundle(
-            source.path, output, profile_from_dataset(source.path, dataset, config), overwrite=overwrite
-        )
-    console.print(f"[green]✓[/] wrote {made} with profile.json ({len(dataset)} reference rows)", highlight=False)
+        try:
+            # As `slipstream build` packages a winner: a classifier's penultimate layer becomes a monitoring-only
+            # output (clients never see it), which the profile samples for the embedding drift test.
+            exposed = with_embedding_output(source.path, staged, overwrite=True) if task != "regression" else None
+            start = exposed or source.path
+            made = write_profiled_bundle(
+                start, output, profile_from_dataset(start, dataset, config), overwrite=overwrite
+            )
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    extra = " and a monitoring-only embedding output" if exposed else ""
+    console.print(f"[green]✓[/] wrote {made} with profile.json ({len(dataset)} reference rows){extra}", highlight=False)
