@@ -43,6 +43,7 @@ def screenshot(url: str, out: Path, *, selector: str | None = None, width: int =
                         points: s.querySelectorAll('circle').length};
                     }),
                     tableRows: document.querySelectorAll('table#candidates tr').length,
+                    text: document.body.innerText,
                 })"""
             )
         finally:

@@ -5,6 +5,7 @@ feedback and monitoring endpoints, /metrics, and the live dashboard in headless 
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -228,6 +229,8 @@ def test_dashboard_renders_live_data_in_headless_chromium(
     facts = screenshot(f"{monitored.url}/dashboard#key={API_KEY}", out, selector="#loaded[data-polls='2']")
     assert out.stat().st_size > 20_000
     assert "model(s)" in str(facts["title"]) and "alert(s) firing" in str(facts["title"])
+    # The accuracy drops the alerts decide on are shown with their intervals.
+    assert re.search(r"drop -?\d\.\d{3}, interval -?\d\.\d{3} to -?\d\.\d{3}", str(facts["text"]))
     svgs = facts["svgs"]
     assert isinstance(svgs, list) and len(svgs) >= 4  # throughput, latency, accuracy, drift bars
     assert all(s["w"] > 100 for s in svgs)

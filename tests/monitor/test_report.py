@@ -66,6 +66,9 @@ def test_html_report_is_offline_and_has_every_section(log_db: Path) -> None:
         assert f"<h2>{heading}</h2>" in html
     assert html.count("<svg") >= 7 and "<polyline" in html and "<rect" in html
     assert "interval (99 % simultaneous)" in html and "demographic parity ratio" in html
+    # The accuracy drops the alerts decided on, with their intervals, from the newest stored summary.
+    assert re.search(r"realized accuracy drop -?\d\.\d{3}: interval -?\d\.\d{3} to -?\d\.\d{3}", html)
+    assert re.search(r"estimated accuracy drop -?\d\.\d{3}: interval", html)
     # Nothing is fetched: no scripts, no links, no external sources (the only URL is the SVG namespace).
     assert "<script" not in html and "src=" not in html and "href=" not in html
     assert set(re.findall(r"https?://[^\"' ]+", html)) == {"http://www.w3.org/2000/svg"}

@@ -52,6 +52,22 @@ class DbSummary(Frozen):
     snapshot_ts: list[float]
 
 
+def _quality_text(latest: MonitorSnapshot | None) -> str:
+    """The newest summary's accuracy drops with their intervals: what the accuracy alerts decided on."""
+    q = latest.quality if latest is not None else None
+    if q is None:
+        return "<p>No accuracy summary stored yet.</p>"
+    lines = [f"<p>{escape(q.reason)} ({q.labeled} of {q.predictions} predictions labeled, {escape(q.window)}).</p>"]
+    for label, value, low, high in (
+        ("realized accuracy drop", q.accuracy_drop, q.accuracy_drop_low, q.accuracy_drop_high),
+        ("estimated accuracy drop", q.estimated_drop, q.estimated_drop_low, q.estimated_drop_high),
+    ):
+        if value is not None and low is not None and high is not None:
+            how = f", {escape(q.interval)}" if q.interval else ""
+            lines.append(f"<p>{label} {value:.3f}: interval {low:.3f} to {high:.3f}{how}.</p>")
+    return "".join(lines)
+
+
 SERIES = (
     "quality.realized_accuracy",
     "quality.estimated_accuracy",
@@ -274,6 +290,7 @@ def render_html(s: DbSummary) -> str:
     sections.append("<h2>Drift</h2>" + drift_html)
     sections.append(
         "<h2>Accuracy</h2>"
+        + _quality_text(s.latest)
         + svg.line_chart(
             "Accuracy: realized (labels) and estimated (CBPE, no labels)",
             sx,

@@ -101,7 +101,12 @@ function render(doc) {
   document.getElementById("acc").innerHTML = q ?
     `realized <span class="big">${fmt(q.realized && q.realized.accuracy)}</span> estimated ` +
     `<span class="big">${fmt(q.estimated_accuracy)}</span> build time ${fmt(q.reference && q.reference.accuracy)} ` +
-    `<span class="muted">(${q.labeled} of ${q.predictions} labeled; green realized, purple estimated)</span>` :
+    `<span class="muted">(${q.labeled} of ${q.predictions} labeled; green realized, purple estimated)</span>` +
+    (q.accuracy_drop_low === null || q.accuracy_drop_low === undefined ? "" :
+      `<br>drop ${fmt(q.accuracy_drop)}, interval ${fmt(q.accuracy_drop_low)} to ${fmt(q.accuracy_drop_high)}`) +
+    (q.estimated_drop_low === null || q.estimated_drop_low === undefined ? "" :
+      `<br>estimated drop ${fmt(q.estimated_drop)}, interval ${fmt(q.estimated_drop_low)} to ` +
+      `${fmt(q.estimated_drop_high)} <span class="muted">${esc(q.interval || "")}</span>`) :
     `<p class="muted">${esc((m.notes || []).join("; ") || "no accuracy yet")}</p>`;
   const shift = (label, r) => `<p>${label}: ` + (!r ? '<span class="muted">off</span>' :
     `<code>${esc(r.method)}</code> p = ${r.p_value.toPrecision(3)}, ` + (!r.judged ? `not judged: ${esc(r.reason)}` :
