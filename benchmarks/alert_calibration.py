@@ -111,7 +111,9 @@ def _engine(bundle_path: Path) -> Runner:
         engine = engines.get(os.getpid())
         if engine is None:
             engine = engines[os.getpid()] = Engine(Bundle.load(bundle_path))
-        return {k: np.asarray(v) for k, v in engine.run(inputs).items()}
+        # As the server does with monitoring on: the public outputs and the monitoring-only embedding.
+        names = [s.name for s in engine.outputs] + list(engine.monitoring_outputs)
+        return {k: np.asarray(v) for k, v in engine.run(inputs, names).items()}
 
     return run
 
@@ -119,12 +121,15 @@ def _engine(bundle_path: Path) -> Runner:
 def digits_scenario(work: Path) -> Scenario:
     from slipstream.demo import digits
     from slipstream.importers import convert
+    from slipstream.monitor.penultimate import with_embedding_output
 
     digits.build()  # trains once and caches
     bundle = convert(
         str(Path(digits.__file__)) + ":build", work / "digits", input_shapes=["batch,1,8,8"], name="digits"
     )
-    run = _engine(bundle.path)
+    # The classifier's penultimate layer as a monitoring-only output, as `slipstream build` packages it.
+    exposed = with_embedding_output(bundle.path, work / "digits-embedding", overwrite=True)
+    run = _engine(exposed or bundle.path)
     _, _, x, y = digits.split()
     profile = build_profile({"pixels": x}, run({"pixels": x}), y, CLASSIFIER)
     draw = _pool_draw(x, y, "pixels")
@@ -137,10 +142,17 @@ def digits_scenario(work: Path) -> Scenario:
         px = w.inputs["pixels"]
         return Window({"pixels": np.clip(px + rng.normal(0, 0.2, px.shape), 0, 1).astype(np.float32)}, w.labels)
 
+    def flipped(rng: np.random.Generator, w: Window) -> Window:
+        """Same pixels, mirrored: the image statistics cannot see it, the model's outputs can."""
+        return Window({"pixels": np.ascontiguousarray(w.inputs["pixels"][..., ::-1])}, w.labels)
+
     class_prior = _pool_draw(x, y, "pixels", prior / prior.sum())
     return Scenario(
         name="digits",
-        describe=f"demo CNN (ONNX), profile and null windows from the {len(x)} held-out digits",
+        describe=(
+            "demo CNN (ONNX, its penultimate layer as the embedding), profile and null windows from the "
+            f"{len(x)} held-out digits"
+        ),
         profile=profile,
         run=run,
         draw=draw,
@@ -149,6 +161,7 @@ def digits_scenario(work: Path) -> Scenario:
             "inverted pixels": inverted,
             "pixel noise (sd 0.2)": noise,
             "class prior (0-2 ×4)": lambda rng, w: class_prior(rng, len(w.labels), _keys(rng, len(w.labels))),
+            "flipped left-right": flipped,
         },
     )
 
@@ -513,7 +526,8 @@ def _cell(k: int, n: int, evaluations: int) -> str:
 RELEVANT: dict[str, list[str]] = {
     "inverted pixels": ["input_drift", "multivariate_drift", "prediction_drift", "out_of_distribution"],
     "pixel noise (sd 0.2)": ["input_drift", "multivariate_drift", "prediction_drift", "estimated_accuracy_drop"],
-    "class prior (0-2 ×4)": ["input_drift", "prediction_drift"],
+    "class prior (0-2 ×4)": ["input_drift", "prediction_drift", "output_shift", "embedding_drift"],
+    "flipped left-right": ["input_drift", "prediction_drift", "output_shift", "embedding_drift"],
     "accuracy −10 points": ["accuracy_drop"],
     "bias against group b": ["demographic_parity", "demographic_parity_ratio", "equalized_odds"],
 }
