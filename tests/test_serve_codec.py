@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import slipstream.serve as serve_pkg
-from slipstream.errors import ProtocolError
-from slipstream.serve.codec import NUMPY_OF, RequestedOutput, decode_request, encode_response
+from slipstream.errors import InputError, ProtocolError
+from slipstream.serve.codec import MAX_RANK, NUMPY_OF, RequestedOutput, decode_request, encode_response
 
 
 def _binary(inputs: list[tuple[str, str, np.ndarray, bytes]], **extra: object) -> tuple[bytes, int]:
@@ -98,6 +98,71 @@ def test_unclaimed_binary_bytes_are_an_error() -> None:
     body, length = _binary([("a", "UINT8", np.zeros(2, np.uint8), b"\0\0")])
     with pytest.raises(ProtocolError, match="no input claims"):
         decode_request(body + b"\0", length)
+
+
+def _json_body(shape: list[int], data: list[int], datatype: str = "FP32", **extra: object) -> bytes:
+    return json.dumps({"inputs": [{"name": "a", "datatype": datatype, "shape": shape, "data": data}], **extra}).encode()
+
+
+_DEEP_HEAD = json.dumps(
+    {"inputs": [{"name": "a", "datatype": "FP32", "shape": [1] * 1000 + [2], "parameters": {"binary_data_size": 8}}]}
+).encode()
+_HUGE_BYTES_HEAD = (
+    b'{"inputs":[{"name":"a","datatype":"BYTES","shape":[1000000000000],"parameters":{"binary_data_size":4}}]}'
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "length", "fragment"),
+    [
+        (_json_body([1] * 1000 + [64], [0] * 64), None, "a shape of 1001 dimensions; at most 64"),
+        (_json_body([1] * MAX_RANK + [1], [0]), None, "a shape of 65 dimensions; at most 64"),
+        (_DEEP_HEAD + b"\0" * 8, len(_DEEP_HEAD), "a shape of 1001 dimensions; at most 64"),
+        (_json_body([2**20, 2**20], [1]), None, "1099511627776 values; the request body has only"),
+        (_json_body([2**32, 2**32], [1]), None, "past 2**56"),
+        (_json_body([0, 2**62, 2**62], []), None, "past 2**56"),
+        # a BYTES count is not checked against a byte length, so the shape itself must be bounded
+        (_HUGE_BYTES_HEAD + b"\0" * 4, len(_HUGE_BYTES_HEAD), "1000000000000 values; the request body has only"),
+        (_json_body([-1, 8], [0] * 8), None, "got -1 in [-1, 8]"),
+        (_json_body([1], [0], outputs=[{"name": "y"}] * 10_000), None, "Output 'y' is requested more than once"),
+        (_json_body([1], [0], id="x" * 257), None, "'id' is 257 characters; this server accepts at most 256"),
+    ],
+)
+def test_hostile_shapes_outputs_and_ids_are_400_not_500(body: bytes, length: int | None, fragment: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_request(body, length)
+    assert info.value.status_code == 400 and fragment in info.value.message and info.value.hint
+
+
+def test_the_deepest_shape_numpy_holds_is_accepted() -> None:
+    assert decode_request(_json_body([1] * MAX_RANK, [7]), None).inputs["a"].ndim == MAX_RANK
+    assert decode_request(_json_body([0, 1000], []), None).inputs["a"].shape == (0, 1000)
+
+
+def test_the_id_limit_is_the_callers_to_set() -> None:
+    assert decode_request(_json_body([1], [0], id="x" * 256), None).id == "x" * 256
+    assert decode_request(_json_body([1], [0], id="x" * 300), None, max_id_chars=300).id == "x" * 300
+    with pytest.raises(ProtocolError, match="'id' is 11 characters; this server accepts at most 10"):
+        decode_request(_json_body([1], [0], id="x" * 11), None, max_id_chars=10)
+
+
+@pytest.mark.parametrize(
+    ("sent", "data"), [("INT32", [1]), ("INT64", [1]), ("UINT64", [2**64 - 1]), ("BOOL", [True]), ("FP64", [0.5])]
+)
+def test_a_datatype_other_than_the_models_is_refused_not_cast(sent: str, data: list[object]) -> None:
+    body = json.dumps({"inputs": [{"name": "pixels", "datatype": sent, "shape": [1], "data": data}]}).encode()
+    with pytest.raises(InputError) as info:
+        decode_request(body, None, datatypes={"pixels": "FP32"})
+    assert info.value.status_code == 400 and info.value.input_name == "pixels"
+    assert f"Input 'pixels' must be sent as FP32; got {sent}" in info.value.message
+    # the same tensor is decoded as sent when the caller does not ask for a check (the codec alone)
+    assert decode_request(body, None).inputs["pixels"].dtype == NUMPY_OF[sent]
+
+
+def test_a_matching_datatype_passes_and_unknown_inputs_are_left_to_the_engine() -> None:
+    body = _json_body([1], [1])
+    assert decode_request(body, None, datatypes={"a": "FP32"}).inputs["a"].dtype == np.float32
+    assert decode_request(body, None, datatypes={"other": "INT64"}).inputs["a"].dtype == np.float32
 
 
 def test_json_response_carries_id_version_and_only_the_wanted_outputs() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -256,6 +257,57 @@ def test_bad_requests_are_400_with_a_precise_message_and_no_trace(
     doc = response.json()
     assert set(doc) == {"error"} and fragment in doc["error"]
     assert "Traceback" not in doc["error"] and 'File "' not in doc["error"]
+
+
+def _pixels(shape: list[int], data: list[Any], datatype: str = "FP32", **extra: Any) -> bytes:
+    return json.dumps(
+        {"inputs": [{"name": "pixels", "datatype": datatype, "shape": shape, "data": data}], **extra}
+    ).encode()
+
+
+def _deep_binary() -> tuple[bytes, dict[str, str]]:
+    shape = [1] * 1000 + [64]
+    head = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": shape, "parameters": {"binary_data_size": 256}}]}
+    return _binary_body(head, [b"\0" * 256])
+
+
+def test_hostile_tensors_are_400_with_the_reason_and_the_server_keeps_serving(
+    client: httpx.Client, ref: Reference, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 18: each of these was a 500 with a traceback, a silent cast, or an amplified reply."""
+    eight = [0.5] * 8
+    bodies: list[tuple[bytes, dict[str, str], str]] = [
+        (_pixels([1] * 1000 + [64], [0] * 64), {}, "1001 dimensions; at most 64"),
+        (*_deep_binary(), "1001 dimensions; at most 64"),
+        (_pixels([2**20, 2**20], eight), {}, "1099511627776 values; the request body has only"),
+        (_pixels([0, 2**62, 2**62], []), {}, "past 2**56"),
+        (_pixels([-1, 8], eight), {}, "got -1 in [-1, 8]"),
+        (_pixels([1, 8], [1] * 8, "INT32"), {}, "Input 'pixels' must be sent as FP32; got INT32"),
+        (_pixels([1, 8], [1] * 8, "INT64"), {}, "Input 'pixels' must be sent as FP32; got INT64"),
+        (_pixels([1, 8], [2**64 - 1] * 8, "UINT64"), {}, "Input 'pixels' must be sent as FP32; got UINT64"),
+        (_pixels([1, 8], [True] * 8, "BOOL"), {}, "Input 'pixels' must be sent as FP32; got BOOL"),
+        (_pixels([1, 8], eight, "FP64"), {}, "Input 'pixels' must be sent as FP32; got FP64"),
+        (
+            _pixels([1, 8], eight, outputs=[{"name": "probabilities"}] * 10_000),
+            {},
+            "Output 'probabilities' is requested more than once",
+        ),
+        (_pixels([1, 8], eight, id="x" * 1_000_000), {}, "'id' is 1000000 characters; this server accepts at most 256"),
+    ]
+    with caplog.at_level(logging.ERROR, logger="slipstream"):
+        for body, headers, fragment in bodies:
+            response = client.post("/v2/models/mlp/infer", content=body, headers=headers)
+            assert response.status_code == 400, (fragment, response.text[:300])
+            error = response.json()["error"]
+            assert fragment in error and "Hint:" in error and "Traceback" not in error
+            assert len(response.content) < 1000  # nothing hostile is echoed back at length
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    x = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
+    response = client.post("/v2/models/mlp/infer", json={"id": "x" * 256, "inputs": [_tensor("pixels", "FP32", x)]})
+    assert response.status_code == 200 and response.json()["id"] == "x" * 256
+    want = ref.run("mlp", "2", {"pixels": x})["probabilities"]
+    got = np.array(response.json()["outputs"][0]["data"], np.float32).reshape(want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_nan_and_inf_in_binary_inputs_are_400(client: httpx.Client) -> None:

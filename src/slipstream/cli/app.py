@@ -196,6 +196,7 @@ def serve(
     rate_per_s: Annotated[float | None, typer.Option(help="Requests/s per API key (429 beyond).")] = None,
     burst: Annotated[int, typer.Option(help="Token-bucket burst per key.")] = 50,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body (413 beyond).")] = 16 * 1024 * 1024,
+    max_id_chars: Annotated[int, typer.Option(min=1, help="Longest request 'id' accepted (400 beyond).")] = 256,
     non_finite: Annotated[str, typer.Option(help="reject or allow NaN/Inf inputs.")] = "reject",
     cors_origin: Annotated[
         list[str] | None, typer.Option(help="An origin CORS allows; repeatable. Off by default.")
@@ -256,7 +257,8 @@ def serve(
         "max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms,
         "max_queue_length": max_queue_length, "timeout_ms": timeout_ms, "compute": compute,
         "rate_per_s": rate_per_s, "burst": burst,
-        "max_body_bytes": max_body_bytes, "non_finite": non_finite, "cors_origins": tuple(cors_origin or ()),
+        "max_body_bytes": max_body_bytes, "max_id_chars": max_id_chars, "non_finite": non_finite,
+        "cors_origins": tuple(cors_origin or ()),
         "intra_op_threads": threads, "poll_interval_s": poll_interval, "access_log": access_log,
         "monitor": {
             "db_path": monitor_db, "sample_rate": monitor_sample_rate, "log_raw_inputs": monitor_raw_inputs,

@@ -151,7 +151,11 @@ class Engine:
         )
 
     def check_inputs(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate names, dtypes and shapes; cast losslessly where numpy can. Raises InputError."""
+        """Validate names, dtypes and shapes; cast losslessly where numpy can. Raises InputError.
+
+        The casts serve in-process callers (plain Python ints, float64 arrays). The server refuses a datatype
+        other than the model's before this runs, as the Open Inference Protocol requires (serve/codec.py).
+        """
         missing = [n for n in self._input_by_name if n not in feeds]
         extra = [n for n in feeds if n not in self._input_by_name]
         if missing or extra:

@@ -335,7 +335,12 @@ class SlipstreamApp:
         joined = False
         try:
             body = await self._read_body(receive, headers)
-            request = decode_request(body, header_length(headers))
+            request = decode_request(
+                body,
+                header_length(headers),
+                datatypes={spec.name: datatype(spec.dtype) for spec in engine.inputs},
+                max_id_chars=self.settings.guard.max_id_chars,
+            )
             feeds = engine.check_inputs(request.inputs)
             self.guard.check_values(feeds, engine.inputs)
             wanted = wanted_outputs(request.outputs, entry)

@@ -17,7 +17,13 @@ import numpy as np
 import orjson
 
 from slipstream.artifact.tensor import DType
-from slipstream.errors import ProtocolError
+from slipstream.errors import InputError, ProtocolError
+
+# numpy's own limit (NPY_MAXDIMS); a deeper shape cannot become an array, so it is refused as bad input.
+MAX_RANK = 64
+# The most elements a shape may span, counting a 0 as 1: past this numpy cannot size the array at all.
+_MAX_SPAN = 2**56
+DEFAULT_MAX_ID_CHARS = 256
 
 # OIP datatype -> numpy dtype (little-endian). BYTES travels as an object array of bytes/str.
 NUMPY_OF: dict[str, np.dtype[Any]] = {
@@ -95,11 +101,43 @@ def _loads(raw: bytes | memoryview) -> Any:
         raise _fail(f"The request body is not valid JSON ({exc}).") from exc
 
 
-def _shape(item: Mapping[str, Any], name: str) -> tuple[int, ...]:
+def _shape(item: Mapping[str, Any], name: str, body_bytes: int) -> tuple[int, ...]:
+    """The tensor's shape, refused unless numpy can hold it and the body can carry that many values."""
     shape = item.get("shape")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise _fail(f"Input '{name}' needs 'shape', a list of non-negative integers; got {shape!r}.")
+    if not isinstance(shape, list):
+        raise _fail(f"Input '{name}' needs 'shape', a list of non-negative integers; got {_brief(shape)}.")
+    if len(shape) > MAX_RANK:
+        raise _fail(
+            f"Input '{name}' has a shape of {len(shape)} dimensions; at most {MAX_RANK} are supported.",
+            "Send the tensor with its real shape (e.g. [batch, features]); drop the extra axes of size 1.",
+        )
+    bad = [d for d in shape if type(d) is not int or d < 0]
+    if bad:
+        raise _fail(
+            f"Input '{name}' needs 'shape', a list of non-negative integers; got {_brief(bad[0])} in {_brief(shape)}.",
+            "Give every dimension as a whole number >= 0 (the protocol's -1 is for metadata, not requests).",
+        )
+    count, span = math.prod(shape), math.prod(max(d, 1) for d in shape)
+    if span > _MAX_SPAN:
+        raise _fail(
+            f"Input '{name}' has shape {_brief(shape)}, whose dimensions multiply (zeros aside) past 2**56, "
+            "more elements than any array can hold.",
+            "Make 'shape' match the data sent (the product of the dimensions is the number of values).",
+        )
+    if count > body_bytes:
+        # Every value takes at least one byte of the body (JSON text or binary), so a larger count is a lie.
+        raise _fail(
+            f"Input '{name}' has shape {_brief(shape)}, {_brief(count)} values; the request body has only "
+            f"{body_bytes} bytes, so it cannot carry them.",
+            "Make 'shape' match the data sent (the product of the dimensions is the number of values).",
+        )
     return tuple(shape)
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    """``repr`` cut short, so a hostile value cannot blow up the error message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _unpack_bytes(raw: memoryview, count: int, name: str) -> np.ndarray:
@@ -151,8 +189,18 @@ def _from_json(data: Any, dt: str, shape: tuple[int, ...], name: str) -> np.ndar
     return flat.reshape(shape)
 
 
-def decode_request(body: bytes, header_length: int | None) -> InferRequest:
-    """Parse an infer request body; ``header_length`` is Inference-Header-Content-Length, if sent."""
+def decode_request(
+    body: bytes,
+    header_length: int | None,
+    *,
+    datatypes: Mapping[str, str] | None = None,
+    max_id_chars: int = DEFAULT_MAX_ID_CHARS,
+) -> InferRequest:
+    """Parse an infer request body; ``header_length`` is Inference-Header-Content-Length, if sent.
+
+    ``datatypes`` maps the model's input names to the OIP datatype each takes: the protocol says the
+    datatype sent must match, so a mismatch is refused (never cast). ``max_id_chars`` bounds the echoed id.
+    """
     view = memoryview(body)
     if header_length is not None:
         if header_length > len(body):
@@ -174,8 +222,16 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
             raise _fail(f"Input '{name}' is given more than once.")
         dt = item.get("datatype")
         if dt not in NUMPY_OF:
-            raise _fail(f"Input '{name}' has datatype {dt!r}; expected one of {', '.join(NUMPY_OF)}.")
-        shape = _shape(item, name)
+            raise _fail(f"Input '{name}' has datatype {_brief(dt)}; expected one of {', '.join(NUMPY_OF)}.")
+        expected = datatypes.get(name) if datatypes is not None else None
+        if expected is not None and dt != expected:
+            raise InputError(
+                f"Input '{name}' must be sent as {expected}; got {dt}. The protocol requires the datatype to "
+                "match the model's, so the server does not cast.",
+                input_name=name,
+                hint=f"Convert the data to {expected} on the client and send 'datatype': '{expected}'.",
+            )
+        shape = _shape(item, name, len(body))
         params = item.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
@@ -190,7 +246,7 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
     if pos != len(binary):
         raise _fail(f"{len(binary) - pos} bytes of binary data follow the JSON but no input claims them.")
     return InferRequest(
-        id=_request_id(head.get("id")),
+        id=_request_id(head.get("id"), max_id_chars),
         inputs=inputs,
         outputs=_requested_outputs(head.get("outputs")),
         binary_output=_flag(head.get("parameters"), "binary_data_output"),
@@ -198,10 +254,18 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
     )
 
 
-def _request_id(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise _fail(f"'id' must be a string; got {value!r}.")
+def _request_id(value: Any, max_chars: int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _fail(f"'id' must be a string; got {_brief(value)}.")
+    if len(value) > max_chars:
+        # The id is echoed in the reply and the logs; an unbounded one amplifies both.
+        raise _fail(
+            f"'id' is {len(value)} characters; this server accepts at most {max_chars}.",
+            "Send a shorter id (a UUID or a counter), or raise guard.max_id_chars on the server.",
+        )
+    return value
 
 
 def _flag(params: Any, key: str) -> bool:
@@ -214,9 +278,17 @@ def _requested_outputs(raw: Any) -> tuple[RequestedOutput, ...] | None:
     if not isinstance(raw, list):
         raise _fail("'outputs' must be a list of {'name': ...} objects.")
     out = []
+    seen: set[str] = set()
     for item in raw:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise _fail("Every requested output must be an object with a 'name'.")
+        if item["name"] in seen:
+            # Each repeat would be encoded again: a small request could ask for a huge reply.
+            raise _fail(
+                f"Output {_brief(item['name'])} is requested more than once; each output may be named once.",
+                "List every output at most once in 'outputs'.",
+            )
+        seen.add(item["name"])
         params = item.get("parameters")
         binary = params.get("binary_data") if isinstance(params, dict) else None
         out.append(RequestedOutput(item["name"], binary if isinstance(binary, bool) else None))

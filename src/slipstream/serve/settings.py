@@ -57,6 +57,11 @@ class GuardSettings(Frozen):
     )
     burst: int = Field(default=50, ge=1, description="Token-bucket capacity: requests a caller may make at once.")
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1, description="Largest request body accepted.")
+    max_id_chars: int = Field(
+        default=256,
+        ge=1,
+        description="Longest infer request 'id' accepted (characters); the id is echoed, so a longer one is a 400.",
+    )
     non_finite: NonFinitePolicy = Field(default="reject", description="What to do with NaN/Inf in float inputs.")
     cors_origins: tuple[str, ...] = Field(default=(), description="Origins allowed by CORS; empty: CORS off.")
 
