@@ -205,24 +205,16 @@ class AlertManager:
                         state, since = "pending", t
                     if state == "pending" and since is not None and t - since >= rule.for_s:
                         state, since = "firing", t
-                        events.append(
-                            AlertEvent(
-                                rule=rule.name,
-                                state="firing",
-                                at=t,
-                                value=value,
-                                low=low,
-                                high=high,
-                                severity=rule.severity,
-                                reason=reason,
-                            )
-                        )
                 elif old.state == "firing" and not _holds(rule, value):
                     state, since = "resolved", t
+                elif old.state == "pending":
+                    state, since = "inactive", t
+                # else: firing with the point estimate still past the threshold (interval rules): undecided
+                if state != old.state and state in ("firing", "resolved"):
                     events.append(
                         AlertEvent(
                             rule=rule.name,
-                            state="resolved",
+                            state="firing" if state == "firing" else "resolved",
                             at=t,
                             value=value,
                             low=low,
@@ -231,9 +223,6 @@ class AlertManager:
                             reason=reason,
                         )
                     )
-                elif old.state == "pending":
-                    state, since = "inactive", t
-                # else: firing with the point estimate still past the threshold (interval rules): undecided
                 self._states[rule.name] = AlertState(
                     rule=rule.name,
                     metric=rule.metric,
