@@ -19,7 +19,7 @@ from slipstream.importers import import_onnx
 from slipstream.monitor import Monitor, MonitorConfig, Profile, load_profile, write_profiled_bundle
 from slipstream.monitor.content import EMBEDDING_OUTPUT, ContentReference, EncodedArray
 from slipstream.monitor.profile import ProfileConfig, build_profile, profile_from_bundle
-from slipstream.monitor.service import MonitorSnapshot
+from slipstream.monitor.snapshot import MonitorSnapshot
 from slipstream.runtime.engine import Engine
 from tests.monitor.conftest import Digits
 from tests.onnx_models import digits_mlp_graph

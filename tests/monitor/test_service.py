@@ -12,7 +12,8 @@ import pytest
 
 from slipstream.monitor.logfile import read_records, read_snapshots
 from slipstream.monitor.profile import Profile
-from slipstream.monitor.service import Monitor, MonitorConfig, MonitorSnapshot
+from slipstream.monitor.service import Monitor, MonitorConfig
+from slipstream.monitor.snapshot import MonitorSnapshot
 from slipstream.monitor.store import SQLiteStore, StoreConfig
 from slipstream.monitor.threats import ThreatConfig
 from slipstream.runtime.engine import Engine

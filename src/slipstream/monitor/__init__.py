@@ -18,7 +18,8 @@ from slipstream.monitor.profile import (
 )
 from slipstream.monitor.quality import QualityConfig, QualityMonitor, QualityReport
 from slipstream.monitor.records import Feedback, PredictionBatch, PredictionRecord
-from slipstream.monitor.service import Monitor, MonitorConfig, MonitorSnapshot, Screening
+from slipstream.monitor.service import Monitor, MonitorConfig, Screening
+from slipstream.monitor.snapshot import MonitorSnapshot
 from slipstream.monitor.store import SQLiteStore, Store, StoreConfig
 from slipstream.monitor.threats import ExtractionWatch, IntegrityWatch, OODScorer, SecurityCounters, ThreatConfig
 

@@ -13,7 +13,7 @@ from typing import Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from slipstream.monitor.service import MonitorSnapshot
+from slipstream.monitor.snapshot import MonitorSnapshot
 
 
 class Monitored(Protocol):

@@ -21,7 +21,7 @@ from slipstream.monitor import svg
 from slipstream.monitor.fairness import FairnessConfig, FairnessReport, fairness_report
 from slipstream.monitor.logfile import labels_for, read_batches, read_snapshots, refuse_legacy
 from slipstream.monitor.records import PredictionBatch, concat_column
-from slipstream.monitor.service import DriftSummary, MonitorSnapshot
+from slipstream.monitor.snapshot import DriftSummary, MonitorSnapshot
 
 
 class Bucket(Frozen):

@@ -28,21 +28,20 @@ from pydantic import Field
 
 from slipstream.errors import InputError, first_few
 from slipstream.frozen import Frozen
-from slipstream.monitor.alerts import AlertManager, AlertsConfig, AlertState
+from slipstream.monitor.alerts import AlertManager, AlertsConfig
 from slipstream.monitor.content import ContentDrift, ContentDriftConfig
-from slipstream.monitor.drift import DriftConfig, DriftDetector, DriftReport, MultivariateDrift
+from slipstream.monitor.drift import DriftConfig, DriftDetector, DriftReport
 from slipstream.monitor.fairness import FairnessConfig, FairnessReport, fairness_metrics, fairness_report
 from slipstream.monitor.ingest import Ingestor, IngestSettings, Pending, WindowView
 from slipstream.monitor.profile import Profile
 from slipstream.monitor.quality import QualityConfig, QualityMonitor, QualityReport
 from slipstream.monitor.records import Feedback, Snapshot
 from slipstream.monitor.shift import ShiftResult
+from slipstream.monitor.snapshot import DriftSummary, FeatureDrift, MonitorSnapshot, SecuritySummary
 from slipstream.monitor.store import Store
 from slipstream.monitor.threats import (
     ExtractionWatch,
-    IntegrityStatus,
     IntegrityWatch,
-    KeyActivity,
     OODScorer,
     SecurityCounters,
     ThreatConfig,
@@ -91,58 +90,6 @@ class Screening:
     @property
     def max_score(self) -> float | None:
         return None if self.scores is None or self.scores.size == 0 else float(self.scores.max())
-
-
-class FeatureDrift(Frozen):
-    feature: str
-    psi: float
-    jensen_shannon: float
-    wasserstein: float
-    p_value: float | None
-    drifted: bool
-
-
-class DriftSummary(Frozen):
-    rows: int
-    judged: bool
-    method: str
-    drifted_features: list[str]
-    drifted_outputs: list[str]
-    top: list[FeatureDrift] = Field(description="The input features with the largest PSI.")
-    multivariate: MultivariateDrift | None
-    output_shift: ShiftResult | None = Field(
-        default=None, description="Black-box shift test on the class probabilities (None: off, see content_notes)."
-    )
-    embedding_shift: ShiftResult | None = Field(
-        default=None, description="MMD test on the embedding (None: off, see content_notes)."
-    )
-    content_notes: list[str] = Field(default_factory=list, description="Why a content test is off.")
-
-
-class SecuritySummary(Frozen):
-    counters: dict[str, dict[str, int] | int]
-    ood_share: float | None = Field(description="Share of window rows above the OOD threshold.")
-    suspicious_keys: list[KeyActivity]
-    integrity: IntegrityStatus | None
-
-
-class MonitorSnapshot(Frozen):
-    model: str
-    version: str
-    at: float
-    requests: int = Field(description="Requests observed.")
-    rows: int = Field(description="Rows observed (a request may hold several).")
-    sampled: int = Field(description="Rows offered to the prediction log.")
-    observe_errors: int = Field(description="Requests that could not be ingested or screened (counted, never raised).")
-    ingest_dropped: int = Field(description="Requests dropped because the pending buffer was full.")
-    latency_ms: dict[str, float] = Field(description="p50 / p90 / p99 over the latency window.")
-    drift: DriftSummary | None
-    quality: QualityReport | None
-    fairness: FairnessReport | None
-    security: SecuritySummary
-    store: dict[str, int]
-    alerts: list[AlertState]
-    metrics: dict[str, float | None] = Field(description="The flat values the alert rules read.")
 
 
 class RequestPath:
