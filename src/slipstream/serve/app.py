@@ -338,7 +338,7 @@ class SlipstreamApp:
             request = decode_request(
                 body,
                 header_length(headers),
-                datatypes={spec.name: datatype(spec.dtype) for spec in engine.inputs},
+                datatypes=entry.input_datatypes,
                 max_id_chars=self.settings.guard.max_id_chars,
             )
             feeds = engine.check_inputs(request.inputs)

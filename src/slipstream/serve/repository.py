@@ -31,6 +31,7 @@ from slipstream.artifact.tensor import numpy_dtype
 from slipstream.errors import ConfigError, IntegrityError, ModelNotFoundError, ServerBusyError, SlipstreamError
 from slipstream.runtime import Engine, Target
 from slipstream.serve.batching import Batcher, InlinePolicy
+from slipstream.serve.codec import datatype
 from slipstream.serve.metrics import ServeMetrics
 from slipstream.serve.placement import unpinned
 from slipstream.serve.settings import ServeSettings
@@ -67,6 +68,7 @@ class ModelVersion:
     load_s: float = 0.0
     warm_call_s: float = 0.0  # fastest warm-up call: decides whether the model runs inline
     output_names: tuple[str, ...] = field(default=())
+    input_datatypes: dict[str, str] = field(default_factory=dict)  # input name -> the OIP datatype it must come as
     monitor: RemoteMonitor | None = None  # set only when the server monitors
 
     @property
@@ -127,6 +129,7 @@ def load_version(entry: ModelVersion, settings: ServeSettings) -> None:
     entry.engine = engine
     entry.batchable = is_batchable(bundle.manifest)
     entry.output_names = tuple(s.name for s in bundle.manifest.outputs)
+    entry.input_datatypes = {s.name: datatype(s.dtype) for s in bundle.manifest.inputs}
     entry.load_s = time.perf_counter() - started
 
 
