@@ -29,7 +29,7 @@ from pydantic import Field
 
 from slipstream.errors import SchemaError, SlipstreamError
 from slipstream.frozen import Frozen
-from slipstream.monitor.shift import MMDDetector, OutputShiftDetector, ShiftResult
+from slipstream.monitor.shift import MMDDetector, OutputShiftDetector, ShiftResult, softmax
 
 EMBEDDING_OUTPUT = "slipstream.embedding"
 """Name of the monitoring-only output holding a classifier's penultimate activations (never shown to clients)."""
@@ -84,13 +84,6 @@ class ContentReference(Frozen):
     notes: list[str] = Field(default_factory=list, description="Why a sample is missing.")
 
 
-def softmax_rows(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    return np.asarray(p / p.sum(axis=1, keepdims=True))
-
-
 def _embedding_output(
     outputs: Mapping[str, np.ndarray], prediction_output: str | None, is_classifier: bool, chosen: str | None
 ) -> tuple[str, Literal["embedding_output", "penultimate"]] | None:
@@ -127,7 +120,7 @@ def build_content_reference(
         scores = np.asarray(outputs[prediction_output])[take]
         source: Literal["probabilities", "softmax_of_logits"] = "probabilities"
         if prediction_kind == "logits":
-            scores, source = softmax_rows(scores), "softmax_of_logits"
+            scores, source = softmax(scores), "softmax_of_logits"
         # float32: probabilities pile up near 0 and 1, where float16 rounding would itself look like a shift.
         probs = ReferenceSample(output=prediction_output, source=source, values=EncodedArray.encode(scores, "float32"))
     elif is_classifier:
@@ -222,7 +215,7 @@ class ContentDrift:
             else:
                 try:
                     if self.probabilities.source == "softmax_of_logits":
-                        window = softmax_rows(window)
+                        window = softmax(window)
                     out = self._output_shift.test(np.asarray(window))
                 except SlipstreamError as exc:
                     notes.append(f"output shift: the window could not be tested: {exc}")
