@@ -96,10 +96,6 @@ def calibrated(calibration: Calibration, confidence: np.ndarray) -> np.ndarray:
     return np.asarray(calibration.accuracy)[index]
 
 
-def estimate_accuracy(calibration: Calibration, confidence: np.ndarray) -> float:
-    return float(np.mean(calibrated(calibration, confidence))) if confidence.size else float("nan")
-
-
 _PRIOR_ROWS = 1.0  # at least one pseudo-row per bin, so that a bin the reference never visited is not exact
 
 
