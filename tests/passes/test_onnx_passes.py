@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +254,27 @@ def test_graph_optimize_after_binarize_warns_that_the_gain_is_lost(mlp_bundle_re
     run, warned = run_pass(packed.bundle, "graph.optimize", tmp_path / "g")
     assert run.bundle.size_bytes > 5 * packed.bundle.size_bytes
     assert any("unpacked compressed weights" in w for w in warned)
+
+
+@pytest.mark.slow
+def test_a_pass_leaves_the_callers_root_logger_as_it_was(cnn_bundle: Bundle, tmp_path: Path) -> None:
+    """onnxruntime's dynamic quantizer logs through the root logger, which installs a stderr handler on a bare
+    one; the pass runner takes it off again, so a CLI's or a server's output is not interleaved with it. Run in
+    a fresh interpreter: under pytest the root logger already has capture handlers, and nothing is installed."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, sys\n"
+        "from slipstream.passes.recipe import optimize\n"
+        "optimize(sys.argv[1], ['quantize.dynamic:per_channel=false'], sys.argv[2], cache=False)\n"
+        "print(len(logging.getLogger().handlers), logging.getLogger().level)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(cnn_bundle.path), str(tmp_path / "q")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.split() == ["0", str(logging.WARNING)], done.stdout + done.stderr

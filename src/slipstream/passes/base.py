@@ -15,6 +15,7 @@ import tempfile
 import time
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
@@ -196,6 +197,7 @@ class OnnxPass(Pass[C]):
         with (
             tempfile.TemporaryDirectory(prefix=f"slipstream-{self.name}-") as tmp,
             contextlib.redirect_stdout(io.StringIO()) as chatter,
+            _root_logging_kept(),
         ):
             # Some onnxruntime tools print progress to stdout, which would corrupt --json output.
             try:
@@ -220,6 +222,22 @@ class OnnxPass(Pass[C]):
         if chatter.getvalue().strip():
             log.debug("%s printed: %s", self.step_name, chatter.getvalue().strip())
         return result
+
+
+@contextlib.contextmanager
+def _root_logging_kept() -> Iterator[None]:
+    """Leave the caller's root logger as it was. Third-party tools call ``logging.basicConfig`` or the module-level
+    ``logging.warning`` (which installs a stderr handler on a bare root logger): quantize.dynamic did, and every
+    library's messages then reached the terminal, between a CLI's tables and a server's log lines."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
 
 
 def _output_manifest(parent: Manifest, result: PassOutput, key: str, *, cache_hit: bool, seed: int) -> Manifest:
