@@ -10,11 +10,8 @@ people and returns a :class:`~slipstream.demo.result.DemoResult` for code.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -121,17 +118,16 @@ def run_demo(workdir: Path, *, fast: bool = False, seed: int = 0) -> DemoResult:
     )
 
     _heading("5 · traffic: normal, drifted, biased, then attacks")
-    with _alerts_printed_by_the_demo():
-        traffic = serve_and_watch(
-            result.winner.path,
-            work,
-            x_test,
-            y_test,
-            seed=seed,
-            rows_per_phase=ROWS_PER_PHASE,
-            burst_requests=300 if fast else 400,
-            say=_say,
-        )
+    traffic = serve_and_watch(
+        result.winner.path,
+        work,
+        x_test,
+        y_test,
+        seed=seed,
+        rows_per_phase=ROWS_PER_PHASE,
+        burst_requests=300 if fast else 400,
+        say=_say,
+    )
     console.print(phase_table(traffic.phases))
 
     _heading("6 · what the server saw, and what the monitor made of it")
@@ -166,20 +162,6 @@ def run_demo(workdir: Path, *, fast: bool = False, seed: int = 0) -> DemoResult:
         traffic=traffic,
         seconds=seconds,
     )
-
-
-@contextmanager
-def _alerts_printed_by_the_demo() -> Iterator[None]:
-    """The demo prints every alert with its reason after each phase. The monitor also logs each transition
-    at WARNING, which shows up between the tables as soon as something has given the root logger a handler
-    (a candidate of the full build does); hold those lines back while the demo serves."""
-    logger = logging.getLogger("slipstream.monitor.alerts")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _show_tamper_check(bundle_dir: Path, copy: Path) -> bool:
