@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -15,8 +21,8 @@ from slipstream.serve.background import ServerThread as ServerThread  # re-expor
 from slipstream.serve.background import free_port as free_port
 from tests.onnx_models import build_mlp, build_token_scorer
 
-API_KEY = "test-key-123"
-ADMIN_KEY = "admin-key-456"
+API_KEY = "test-key-123-long-enough"  # keys need 16 characters or more
+ADMIN_KEY = "admin-key-456-long-enough"
 
 
 def scorer(scale: float) -> onnx.ModelProto:
@@ -105,3 +111,131 @@ class Reference:
         session = self._sessions[key]
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+# -- fuzzing over the OpenAPI document ---------------------------------------------------------------------------
+FUZZ_MODELS = ("mlp", "echo")  # served by fuzz_repository; "scorer" is the one the repository endpoints may unload
+
+
+def fuzz_repository(work: Path) -> Path:
+    """A repository for the fuzzer: the 8-feature MLP, the string/fp16 echo model, and a scorer to (un)load."""
+    root = work / "repo"
+    for name in (*FUZZ_MODELS, "scorer"):
+        add_version(root, name, "1", work)
+    return root
+
+
+def fuzz_document(doc: dict[str, Any]) -> dict[str, Any]:
+    """The served document with its names narrowed to ones this repository has (plus one that it has not),
+    so that generated requests reach the codec and the models instead of stopping at a 404."""
+    narrowed = copy.deepcopy(doc)
+    for path, item in narrowed["paths"].items():
+        for param in item.get("parameters", []):
+            if param["name"] == "model_name":
+                names = ["scorer", "ghost"] if path.startswith("/v2/repository") else [*FUZZ_MODELS, "ghost"]
+                param["schema"] = {"type": "string", "enum": names}
+            elif param["name"] == "model_version":
+                param["schema"] = {"type": "string", "enum": ["1", "9"]}
+    request_input = narrowed["components"]["schemas"]["RequestInput"]["properties"]
+    request_input["name"] = {"type": "string", "enum": ["pixels", "text", "half", "nope"]}
+    request_output = narrowed["components"]["schemas"]["RequestOutput"]["properties"]
+    request_output["name"] = {"type": "string", "enum": ["probabilities", "text_out", "half_out", "nope"]}
+    return narrowed
+
+
+@dataclass
+class FuzzReport:
+    """What one fuzzing run sent and got back."""
+
+    requests: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)  # each: operation, mode, status and the broken check
+    operations: int = 0
+    seconds: float = 0.0
+
+    @property
+    def server_errors(self) -> int:
+        return sum(n for status, n in self.statuses.items() if status >= 500)
+
+
+def fuzz_server(
+    url: str,
+    doc: dict[str, Any],
+    *,
+    examples: int,
+    infer_examples: int,
+    seed: int | None = 0,
+) -> FuzzReport:
+    """Property-based requests (schemathesis) for every operation in ``doc``, valid and invalid ones.
+
+    Each response must not be a 5xx, and its status, content type, headers and body must be what the
+    document says. Failures are collected (not raised, so hypothesis does not stop to shrink the first);
+    ``seed`` 0 replays the same inputs every run (derandomized), another int one fixed draw, None fresh ones.
+    """
+    import schemathesis
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_headers_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_headers_conformance,
+        response_schema_conformance,
+    ]
+    report = FuzzReport()
+    started = time.perf_counter()
+    schema = schemathesis.openapi.from_dict(doc)
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        report.operations += 1
+        key = ADMIN_KEY if operation.path.startswith("/v2/repository") else API_KEY
+        count = infer_examples if operation.path.endswith("/infer") else examples
+        takes_input = bool(list(operation.iter_parameters())) or bool(len(operation.body))
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) if takes_input else (GenerationMode.POSITIVE,):
+            _fuzz_test(operation, mode, url, key, report, checks, examples=count, seed=seed)()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _fuzz_test(
+    operation: Any,
+    mode: Any,
+    url: str,
+    key: str,
+    report: FuzzReport,
+    checks: list[Any],
+    *,
+    examples: int,
+    seed: int | None,
+) -> Callable[[], None]:
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as fixed_seed
+
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=seed == 0,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],
+    )
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def one(case: Any) -> None:
+        response = case.call(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        report.requests += 1
+        report.statuses[response.status_code] += 1
+        try:
+            case.validate_response(response, checks=checks)
+        except BaseException as exc:  # schemathesis raises a group of failures; keep them all
+            report.failures.append(
+                f"{operation.label} ({mode.value}) -> {response.status_code}: {str(exc).strip()[:600]}"
+            )
+
+    return one if seed in (None, 0) else fixed_seed(seed)(one)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -12,7 +16,8 @@ from slipstream.artifact import Bundle
 from slipstream.errors import RequestTimeoutError, ServerBusyError
 from slipstream.runtime import Engine, Target
 from slipstream.serve.batching import Batcher, BatchQueue, Pending, join_rows, split_rows
-from slipstream.serve.settings import BatchSettings
+from slipstream.serve.settings import BatchSettings, ServeSettings
+from tests.serve_support import ServerThread, add_version
 
 SETTINGS = BatchSettings(max_batch_size=8, max_queue_delay_ms=5, max_queue_length=4, timeout_ms=100)
 
@@ -192,3 +197,36 @@ def test_a_model_call_that_overruns_the_timeout_answers_504_and_the_batcher_reco
             await batcher.stop()
 
     asyncio.run(main())
+
+
+def test_a_client_that_sends_half_a_body_holds_no_batch(tmp_path: Path) -> None:
+    """A request joins the batcher only once its body is read and decoded (issue 18: one slow client made
+    every batch wait the full queue delay). The delay here is a minute: were the half-sent request counted
+    as arriving, the other callers' batches would wait for it."""
+    add_version(tmp_path / "repo", "mlp", "1", tmp_path)
+    settings = ServeSettings(
+        port=0, access_log=False, batching=BatchSettings(max_queue_delay_ms=60_000, timeout_ms=120_000)
+    )
+    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 8], "data": [0.5] * 8}]})
+    with (
+        ServerThread(tmp_path / "repo", settings) as server,
+        socket.create_connection((server.settings.host, server.settings.port)) as slow,
+    ):
+        head = (
+            f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        slow.sendall(head.encode() + body.encode()[: len(body) // 2])
+        deadline = time.monotonic() + 10
+        while server.app.metrics.in_flight < 1 and time.monotonic() < deadline:  # its handler is reading
+            time.sleep(0.01)
+        batcher = server.app.repository.get("mlp", None).batcher
+        assert server.app.metrics.in_flight == 1 and batcher is not None
+        assert batcher.queue.joining == 0
+        with httpx.Client(base_url=server.url, timeout=20) as client:
+            answers = [client.post("/v2/models/mlp/infer", content=body) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        assert batcher.queue.joining == 0 and server.app.metrics.in_flight == 1  # the slow one still reads
+        slow.sendall(body.encode()[len(body) // 2 :])
+        slow.settimeout(20)
+        assert slow.recv(65536).startswith(b"HTTP/1.1 200")

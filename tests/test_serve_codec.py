@@ -126,6 +126,9 @@ _HUGE_BYTES_HEAD = (
         (_json_body([-1, 8], [0] * 8), None, "got -1 in [-1, 8]"),
         (_json_body([1], [0], outputs=[{"name": "y"}] * 10_000), None, "Output 'y' is requested more than once"),
         (_json_body([1], [0], id="x" * 257), None, "'id' is 257 characters; this server accepts at most 256"),
+        # past the type's range a float became inf with only a RuntimeWarning (a 500 where warnings are errors)
+        (_json_body([2], [1e300, 0]), None, "Input 'a' holds a value outside the FP32 range"),
+        (_json_body([1], [1e39], "FP32"), None, "outside the FP32 range"),
     ],
 )
 def test_hostile_shapes_outputs_and_ids_are_400_not_500(body: bytes, length: int | None, fragment: str) -> None:

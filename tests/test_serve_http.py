@@ -34,6 +34,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[ServerThread]:
     settings = ServeSettings(
+        port=0,
         version_policy="all",
         guard=GuardSettings(
             api_key_hashes=frozenset({hash_key(API_KEY)}), admin_key_hashes=frozenset({hash_key(ADMIN_KEY)})
@@ -359,7 +360,8 @@ def test_unload_then_load_a_model(server: ServerThread, client: httpx.Client) ->
 # -- metrics ----------------------------------------------------------------------------------------------
 def test_metrics_expose_requests_latency_batches_and_process(client: httpx.Client) -> None:
     client.post("/v2/models/mlp/infer", json={"inputs": [_tensor("pixels", "FP32", np.zeros((1, 8), np.float32))]})
-    scrape = httpx.get(f"{client.base_url}/metrics")
+    assert httpx.get(f"{client.base_url}/metrics").status_code == 401  # as guarded as the API
+    scrape = client.get("/metrics")
     assert scrape.headers.get_list("content-type") == ["text/plain; version=0.0.4; charset=utf-8"]
     text = scrape.text
     for name in (
@@ -429,3 +431,61 @@ def test_1000_concurrent_mixed_requests_each_get_their_own_answer(server: Server
         want = next(iter(ref.run(name, version, feeds).values()))
         got = np.array(doc["outputs"][0]["data"], dtype=np.float32).reshape(doc["outputs"][0]["shape"])
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# -- the OpenAPI description ------------------------------------------------------------------------------------
+SERVED = {  # every (method, path) the router in slipstream.serve.app answers
+    ("GET", "/v2/health/live"),
+    ("GET", "/v2/health/ready"),
+    ("GET", "/v2"),
+    ("GET", "/v2/openapi.json"),
+    ("GET", "/v2/monitoring"),
+    ("POST", "/v2/repository/index"),
+    ("POST", "/v2/repository/models/{model_name}/load"),
+    ("POST", "/v2/repository/models/{model_name}/unload"),
+    ("GET", "/metrics"),
+    ("GET", "/dashboard"),
+    *(
+        (method, prefix + tail)
+        for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{model_version}")
+        for method, tail in (
+            ("GET", ""),
+            ("GET", "/ready"),
+            ("POST", "/infer"),
+            ("POST", "/feedback"),
+            ("GET", "/monitoring"),
+        )
+    ),
+}
+
+
+def test_every_route_is_in_the_openapi_document_and_answers_as_it_says(client: httpx.Client) -> None:
+    served = client.get("/v2/openapi.json")
+    assert served.status_code == 200 and httpx.get(f"{client.base_url}/v2/openapi.json").status_code == 200  # no key
+    doc = served.json()
+    documented = {
+        (method.upper(), path) for path, item in doc["paths"].items() for method in item if method != "parameters"
+    }
+    assert documented == SERVED
+    body = {"inputs": [_tensor("pixels", "FP32", np.zeros((1, 8), np.float32))]}
+    for method, template in sorted(SERVED, key=lambda route: route[1].endswith("/load")):  # unload before load
+        repository = template.startswith("/v2/repository")
+        path = template.replace("{model_name}", "scorer" if repository else "mlp").replace("{model_version}", "2")
+        headers = ADMIN if repository else AUTH
+        answer = client.request(method, path, headers=headers, json=body if method == "POST" else None)
+        operation = doc["paths"][template][method.lower()]
+        assert str(answer.status_code) in operation["responses"], (method, path, answer.status_code, answer.text)
+        wrong = client.request("GET" if method == "POST" else "POST", path, headers=headers)
+        assert wrong.status_code == 405, (path, wrong.status_code)  # routed: only the method is wrong
+    for unknown in ("/v2/models", "/v2/models/mlp/explain", "/v2/metrics", "/openapi.json", "/v2/health"):
+        assert client.get(unknown).status_code == 404, unknown
+    assert client.get("/v2/models/scorer/ready").json() == {"name": "scorer", "ready": True}  # loaded back
+
+
+def test_a_binary_reply_is_not_labelled_json(client: httpx.Client) -> None:
+    head = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 8], "parameters": {"binary_data_size": 32}}]}
+    head["parameters"] = {"binary_data_output": True}
+    content, headers = _binary_body(head, [np.zeros((1, 8), np.float32).tobytes()])
+    answer = client.post("/v2/models/mlp/infer", content=content, headers=headers)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/octet-stream"
+    assert _split_binary(answer)[0]["outputs"][0]["parameters"]["binary_data_size"] == 16

@@ -44,11 +44,11 @@ MODEL = "digits"
 POSITIVE_LABEL = 3  # the class of interest: a prediction of 3 counts as "selected" in the fairness report
 ROWS_PER_REQUEST = 16
 KEYS: dict[str, str] = {  # one key per client, so each stays within its own rate limit
-    "normal": "demo-key",
-    "drifted": "demo-shifted-key",
-    "biased": "demo-biased-key",
-    "burst": "demo-burst-key",
-    "ops": "demo-ops-key",  # labels and monitoring
+    "normal": "demo-normal-key-0001",
+    "drifted": "demo-shifted-key-0001",
+    "biased": "demo-biased-key-0001",
+    "burst": "demo-burst-key-00001",
+    "ops": "demo-ops-key-000001",  # labels and monitoring
 }
 Labelled = Literal["normal", "drifted", "biased"]
 PHASE_NAMES: dict[Labelled, str] = {
@@ -122,7 +122,9 @@ class DemoServer:
                 phases.append(send_unauthenticated(client, url, x))
                 phases.append(send_burst(client, url, x, self.key("burst", version), burst_requests))
                 look("attacks")
-            metrics = client.get(f"{self.url}/metrics").text
+            metrics = client.get(
+                f"{self.url}/metrics", headers={"Authorization": f"Bearer {self.key('ops', '1')}"}
+            ).text
         results = [p.result() for p in phases]
         final = views[-1].snapshot if views else {}
         return TrafficResult(

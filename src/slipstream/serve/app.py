@@ -25,6 +25,7 @@ from slipstream.errors import (
     InputError,
     ModelNotFoundError,
     ProtocolError,
+    ServerBusyError,
     ServingError,
     SlipstreamError,
 )
@@ -39,6 +40,7 @@ from slipstream.serve.replies import (
     error_reply,
     header_length,
     json_reply,
+    openapi_document,
     wanted_outputs,
 )
 from slipstream.serve.repository import Repository
@@ -165,7 +167,7 @@ class SlipstreamApp:
         try:
             reply = await self._route(scope, receive, headers, request_id, started)
         except SlipstreamError as exc:
-            reply = error_reply(exc)
+            reply = error_reply(exc, request_id)
         except Exception:
             log.exception("internal error in request %s", request_id, extra={"request_id": request_id})
             reply = json_reply({"error": f"Internal server error (request id {request_id}); see the server log."}, 500)
@@ -227,18 +229,19 @@ class SlipstreamApp:
     ) -> Reply:
         method: str = scope["method"]
         parts = scope["path"].strip("/").split("/")
-        if parts[0] == "metrics" and len(parts) == 1:
+        client = (scope.get("client") or ("local", 0))[0]
+        if parts[0] == "metrics" and len(parts) == 1:  # model names, drift, memory: as guarded as the API
             allow(method, "GET")
+            if not self.guard.settings.metrics_open:
+                self.guard.authenticate(headers, client)
             reply = Reply(self.metrics.render())
             reply.content_type = (b"content-type", CONTENT_TYPE.encode())
             return reply
-        if parts == ["dashboard"]:  # a static page: the data comes from the guarded JSON endpoints
+        if parts == ["dashboard"]:
             allow(method, "GET")
-            from slipstream.serve.dashboard import DASHBOARD_HTML
+            from slipstream.serve.dashboard import dashboard_reply
 
-            reply = Reply(DASHBOARD_HTML)
-            reply.content_type = (b"content-type", b"text/html; charset=utf-8")
-            return reply
+            return dashboard_reply(self.guard, headers, client)
         if parts[0] != "v2":
             raise ModelNotFoundError(f"No endpoint at {scope['path']}.", hint="The protocol's endpoints start at /v2.")
         rest = parts[1:]
@@ -247,8 +250,13 @@ class SlipstreamApp:
             if rest[1] == "live":
                 return json_reply({"live": True})
             ready = self.repository.ready() and not self.draining
-            return json_reply({"ready": ready}, 200 if ready else 503)
-        client = (scope.get("client") or ("local", 0))[0]
+            doc: dict[str, Any] = {"ready": ready}
+            if self.monitors is not None:  # a monitor process that is down degrades, never un-readies, the server
+                doc["details"] = {"monitoring": self.monitors.health}
+            return json_reply(doc, 200 if ready else 503)
+        if rest == ["openapi.json"]:  # the protocol's description: the same for every server, so no key
+            allow(method, "GET")
+            return Reply(openapi_document())
         if rest[:1] == ["repository"]:
             self.guard.authorize_admin(headers)
             return await self._repository(method, rest[1:], receive, headers)
@@ -331,9 +339,9 @@ class SlipstreamApp:
         if engine is None or batcher is None:
             raise ModelNotFoundError(f"Model '{name}' is not loaded.")
         self.metrics.in_flight += 1
-        batcher.arrive()
-        joined = False
         try:
+            # The body is read and decoded before the request arrives at the batcher: a client that sends
+            # half a body would otherwise count as "still joining" and hold every batch to the full delay.
             body = await self._read_body(receive, headers)
             request = decode_request(
                 body,
@@ -355,17 +363,21 @@ class SlipstreamApp:
             arrays = list(feeds.values())
             rows = arrays[0].shape[0] if entry.batchable else 1
             key = tuple((a.shape[1:], a.dtype.str) for a in arrays)
-            joined = True
+            if entry.state != "READY":  # retired while the body came in: its batcher may be stopped already
+                raise ServerBusyError(
+                    f"Model '{entry.name}' version {entry.version} was retired while the request was being read.",
+                    hint="Retry: the request goes to the version serving now.",
+                    retry_after_s=1.0,
+                )
+            batcher.arrive()  # with nothing awaited before infer() joins it: the queue never waits on a reader
             results, queue_s = await batcher.infer(feeds, rows, key)
         except SlipstreamError as exc:
-            reply = error_reply(exc)
+            reply = error_reply(exc, request_id)
             reply.model, reply.version = entry.name, entry.version
             if screening is not None and screening.reject:
                 reply.reason = "out_of_distribution"
             return reply
         finally:
-            if not joined:
-                batcher.depart()
             self.metrics.in_flight -= 1
         self.metrics.model(entry.name).queue.observe(queue_s)
         if monitor is not None:
@@ -386,8 +398,9 @@ class SlipstreamApp:
             entry.name, entry.version, request.id, results, wanted, request.binary_output
         )
         reply = Reply(payload)
-        if json_length is not None:
+        if json_length is not None:  # JSON, then raw tensors: not a JSON document any more
             reply.headers = [(b"inference-header-content-length", str(json_length).encode())]
+            reply.content_type = (b"content-type", b"application/octet-stream")
         reply.model, reply.version = entry.name, entry.version
         return reply
 

@@ -178,7 +178,14 @@ def _from_json(data: Any, dt: str, shape: tuple[int, ...], name: str) -> np.ndar
         if dt == "BYTES":
             flat = np.array(data, dtype=object).reshape(-1)
         else:
-            flat = np.array(data, dtype=NUMPY_OF[dt]).reshape(-1)
+            # A JSON number past the float type's range would become inf with only a RuntimeWarning.
+            with np.errstate(over="raise"):
+                flat = np.array(data, dtype=NUMPY_OF[dt]).reshape(-1)
+    except FloatingPointError as exc:
+        raise _fail(
+            f"Input '{name}' holds a value outside the {dt} range ({exc}).",
+            f"Send values that {dt} can hold, or send the data as the model's wider type if it has one.",
+        ) from exc
     except (ValueError, TypeError, OverflowError) as exc:
         raise _fail(f"Input '{name}': 'data' is not a regular array of {dt} values ({exc}).") from exc
     if flat.size != math.prod(shape):

@@ -5,9 +5,58 @@ It polls ``GET /v2/monitoring`` every two seconds (an API key, when the server n
 fragment: ``/dashboard#key=KEY``, which browsers never send to the server) and draws throughput and latency
 over time, drift per feature, realized vs estimated accuracy, per-group metrics, alerts and security events.
 The history lives in the page; the server keeps nothing for it.
+
+When the server needs a key, the page itself does too: a request without one gets :data:`KEY_PAGE_HTML`
+(401, no data), which takes the key from the fragment (or a form), fetches ``/dashboard`` with it in the
+``Authorization`` header, and replaces itself with the answer. Its script keeps to one function scope,
+because the dashboard's scripts then run in the same window.
 """
 
 from __future__ import annotations
+
+from slipstream.errors import UnauthorizedError
+from slipstream.serve.guard import Guard
+from slipstream.serve.replies import Reply
+
+
+def dashboard_reply(guard: Guard, headers: list[tuple[bytes, bytes]], client: str) -> Reply:
+    """The page, to a caller with a key (or to anyone when the server has none); without one, the
+    data-free page that asks for the key, since a browser cannot put a header on a navigation."""
+    try:
+        guard.authenticate(headers, client)
+    except UnauthorizedError:
+        reply = Reply(KEY_PAGE_HTML, 401)
+    else:
+        reply = Reply(DASHBOARD_HTML)
+    reply.content_type = (b"content-type", b"text/html; charset=utf-8")
+    return reply
+
+
+KEY_PAGE_HTML = b"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>slipstream dashboard: API key needed</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body style="font:14px/1.4 system-ui,sans-serif;margin:20px">
+<p id="need">This server needs an API key for its dashboard. Open it as <code>/dashboard#key=KEY</code>, or enter the key:</p>
+<form id="form"><input id="key" type="password" autocomplete="off" placeholder="API key"> <button>Open</button></form>
+<script>
+"use strict";
+(() => {
+  const form = document.getElementById("form");
+  form.onsubmit = e => {
+    e.preventDefault();
+    location.hash = "key=" + encodeURIComponent(document.getElementById("key").value);
+    location.reload();
+  };
+  const key = new URLSearchParams(location.hash.slice(1)).get("key");
+  if (!key) return;
+  fetch("/dashboard", {headers: {Authorization: "Bearer " + key}}).then(async r => {
+    if (!r.ok) { document.getElementById("need").textContent = "The server refused that key (" + r.status + "). Enter another:"; return; }
+    const page = await r.text();
+    document.open(); document.write(page); document.close();
+  });
+})();
+</script></body></html>
+"""
 
 DASHBOARD_HTML = b"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>slipstream dashboard</title>

@@ -1,4 +1,4 @@
-"""The server's end of monitoring: the monitor process, and one :class:`RemoteMonitor` per served version.
+"""The server's end of monitoring: one run of the monitor process, and one :class:`RemoteMonitor` per version.
 
 What stays in the server is what must answer before a reply: ``observe`` (a reference to the request's
 arrays appended to a bounded deque), the optional out-of-distribution screen (it may refuse the request),
@@ -9,16 +9,20 @@ process (:mod:`slipstream.serve.monitor_worker`) does the rest. A reader thread 
 periodic snapshots and its log records.
 
 Nothing is lost silently: a full deque, a sender backlog past ``max_backlog`` batches (the process is stuck)
-or a process that died drops the requests and counts them (``ingest_dropped``, an alert rule); the death is
-logged, ``slipstream_monitor_process_up`` drops to 0, and serving goes on.
+or a process that died drops the requests and counts them (``ingest_dropped``, an alert rule), and every
+row is counted exactly once as written, dropped or lost (:mod:`slipstream.serve.monitor_accounting`). A
+:class:`MonitorProcess` is one run of the process; :class:`slipstream.serve.monitor_supervisor.Supervisor`
+notices its death (its socket closes: at once), logs it, restarts it with backoff, and serving goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -30,32 +34,30 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slipstream.errors import ServerBusyError, ServingError
 from slipstream.monitor import MonitorConfig, MonitorSnapshot, OODScorer, Profile, SecurityCounters
 from slipstream.monitor.ingest import Pending, columns
 from slipstream.monitor.service import RequestPath, check_feedback
+from slipstream.serve.monitor_accounting import rows_of
 from slipstream.serve.monitor_worker import Key
 from slipstream.serve.placement import cpu_list
 from slipstream.serve.settings import MonitorSettings
+
+if TYPE_CHECKING:
+    from slipstream.serve.monitor_supervisor import Supervisor
 
 log = logging.getLogger("slipstream.serve")
 
 _STOP = ("stop",)
 
 
-class MonitorProcess:
-    """Starts the monitor process and talks to it: sends in order from one thread, reads on another."""
+class Spare:
+    """A monitor process started and waiting for its settings: imports done (numpy, scipy, the monitor: about
+    2 s of CPU), so that a restart under load takes seconds less. It waits using no CPU."""
 
-    def __init__(
-        self,
-        settings: MonitorSettings,
-        *,
-        cpus: frozenset[int] | None = None,
-        start_timeout_s: float = 120.0,
-        max_backlog: int = 200,
-    ) -> None:
+    def __init__(self, cpus: frozenset[int] | None = None) -> None:
         # A fresh interpreter (never a fork of a process running onnxruntime threads, and unlike
         # multiprocessing's spawn, no re-import of the caller's __main__), on one end of a socket pair.
         mine, theirs = socket.socketpair()
@@ -68,22 +70,73 @@ class MonitorProcess:
             "OMP_NUM_THREADS": "1",
             "MKL_NUM_THREADS": "1",
         }
+        where = [cpu_list(cpus)] if cpus else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "slipstream.serve.monitor_worker", str(theirs.fileno()), *_cpu_arg(cpus)],
+            [sys.executable, "-m", "slipstream.serve.monitor_worker", str(theirs.fileno()), *where],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             env=env,
         )
         theirs.close()
-        self._conn = Connection(mine.detach())
-        self._conn.send(settings.model_dump_json())
+        self.conn = Connection(mine.detach())
+        self._warm = False
+        self._lock = threading.Lock()  # the status endpoint and the supervisor both ask
+
+    def warm(self) -> bool:
+        """Whether it runs and has finished importing (else a fresh start is as quick, and surely alive)."""
+        if self.process.poll() is not None:
+            return False
+        with self._lock:
+            try:
+                while not self._warm and self.conn.poll(0):
+                    self._warm = self.conn.recv() == ("idle",)
+            except (EOFError, OSError):
+                return False
+            return self._warm
+
+    def discard(self) -> None:
+        self.conn.close()
+        if self.process.poll() is None:
+            self.process.kill()
+        _wait(self.process, 5)
+
+
+class MonitorProcess:
+    """Starts one run of the monitor process and talks to it: sends in order from one thread, reads on another.
+
+    ``sent_rows`` counts the rows of every batch this run took; ``acked`` is what it said it settled
+    (rows written, rows dropped by reason). ``on_exit`` is called once, from the thread that noticed, when
+    the run stops other than by :meth:`close`."""
+
+    def __init__(
+        self,
+        settings: MonitorSettings,
+        *,
+        run: str = "",
+        cpus: frozenset[int] | None = None,
+        start_timeout_s: float = 120.0,
+        max_backlog: int = 200,
+        on_exit: Callable[[MonitorProcess], None] = lambda process: None,
+        spare: Spare | None = None,
+    ) -> None:
+        if spare is None or not spare.warm():
+            if spare is not None:
+                spare.discard()
+            spare = Spare(cpus)
+        self.process, self._conn = spare.process, spare.conn
+        self.run = run
+        self.started = time.monotonic()
+        with contextlib.suppress(OSError):  # a spare that died idle: the reader below reports it
+            self._conn.send((settings.model_dump_json(), run))
         self.max_backlog = max_backlog
         self.on_snapshot: Callable[[Key, str], None] = lambda key, doc: None
+        self.on_exit = on_exit
         self.exit_reason: str | None = None
         self._closing = False
         self._outbox: queue.SimpleQueue[tuple[int | None, tuple[Any, ...]]] = queue.SimpleQueue()
         self._backlog = 0  # batches queued and not yet written to the pipe
-        self.lost = 0  # requests observed and never delivered because the process had stopped
+        self.sent_rows = 0  # rows of the batches this run took (final once exit_reason is set)
+        self.acked: tuple[int, dict[str, int]] = (0, {})  # (written, dropped by reason), cumulative
         self._lock = threading.Lock()
         self._tokens = itertools.count()
         self._replies: dict[int, Future[Any]] = {}
@@ -95,25 +148,32 @@ class MonitorProcess:
         try:
             self._ready.result(start_timeout_s)
         except FutureTimeout:
+            self._closing = True  # not a death to report: the caller gets the error
             self._fail(f"it did not start within {start_timeout_s:g} s")
+            self.stop()
             raise ServingError(
                 f"The monitor process did not start within {start_timeout_s:g} s.",
                 hint="Check the server's log; start without --monitor-db to serve unmonitored.",
             ) from None
+        except ServingError:
+            self._closing = True
+            self.stop()
+            raise
 
     @property
     def alive(self) -> bool:
         return self.exit_reason is None
 
     # -- sending (any thread) ---------------------------------------------------------------------
-    def send(self, message: tuple[Any, ...], *, requests: int | None = None) -> bool:
-        """Queue a message; False when the process is gone, or too far behind to take a batch of
-        ``requests`` (a batch of served requests is the only message that is ever refused for that)."""
+    def send(self, message: tuple[Any, ...], *, rows: int | None = None) -> bool:
+        """Queue a message; False when the process is gone, or too far behind to take a batch of ``rows``
+        rows (a batch of served requests is the only message that is ever refused for that)."""
         with self._lock:
-            if not self.alive or (requests is not None and self._backlog >= self.max_backlog):
+            if not self.alive or (rows is not None and self._backlog >= self.max_backlog):
                 return False
-            self._backlog += requests is not None
-        self._outbox.put((requests, message))
+            self._backlog += rows is not None
+            self.sent_rows += rows or 0
+        self._outbox.put((rows, message))
         return True
 
     def call(self, kind: str, *args: Any, timeout_s: float = 60.0) -> Any:
@@ -135,14 +195,11 @@ class MonitorProcess:
             with self._lock:
                 self._replies.pop(token, None)
 
-    def count_lost(self, requests: int) -> None:
-        with self._lock:
-            self.lost += requests
-
     def unavailable(self) -> ServerBusyError:
         return ServerBusyError(
-            f"The monitor process is not running ({self.exit_reason}); the server keeps serving unmonitored.",
-            hint="See the server's log for why it stopped; restart the server to monitor again.",
+            f"The monitor process is not running ({self.exit_reason}); the server keeps serving, and restarts it.",
+            retry_after_s=1.0,
+            hint="See the server's log for why it stopped; slipstream_monitor_process_up says when it is back.",
         )
 
     def _send_loop(self) -> None:
@@ -150,17 +207,15 @@ class MonitorProcess:
             requests, message = self._outbox.get()
             if message is _STOP:
                 return
-            sent = False
             try:
-                if self.alive:
+                if self.alive:  # what a dead run took and never got is counted lost by the supervisor
                     self._conn.send(message)
-                    sent = True
-            except (OSError, ValueError) as exc:  # the pipe broke: the process died
-                self._fail(f"the pipe to it broke: {exc}")
+            except (OSError, ValueError) as exc:  # the pipe broke: the process died (say how, when it did)
+                code = _wait(self.process, 1.0)
+                self._fail(exit_text(code) if code is not None else f"the pipe to it broke: {exc}")
             if requests is not None:
                 with self._lock:
                     self._backlog -= 1
-                    self.lost += 0 if sent else requests
 
     # -- receiving (the reader thread) ------------------------------------------------------------
     def _read_loop(self) -> None:
@@ -168,7 +223,7 @@ class MonitorProcess:
             try:
                 message = self._conn.recv()
             except (EOFError, OSError):
-                self._fail(f"it exited with code {_wait(self.process, 5)}")
+                self._fail(exit_text(_wait(self.process, 5)))
                 return
             try:
                 self._dispatch(message)
@@ -186,11 +241,17 @@ class MonitorProcess:
                     reply.set_result(payload)
                 else:
                     reply.set_exception(ServingError(f"The monitor process could not do it: {payload}."))
+        elif kind == "ack":
+            self.acked = (message[1], message[2])
         elif kind == "snapshot":
             self.on_snapshot(message[1], message[2])
         elif kind == "log":
             _, name, level, text = message
-            logging.getLogger(name).log(level, "%s", text, extra={"event": "monitor_process"})
+            # The text as the message (no "%s"): the server's rate limit keys on the message, and the
+            # process has already rate-limited by its own format strings.
+            logging.getLogger(name).log(level, text, extra={"event": "monitor_process"})
+        elif kind == "idle":  # imported (a fresh start says it too; a spare said it before it was taken)
+            pass
         elif kind == "ready":
             self._ready.set_result(None)
         elif kind == "failed":
@@ -202,14 +263,13 @@ class MonitorProcess:
                 return
             self.exit_reason = reason
             waiting = list(self._replies.values())
-        if not self._closing:
-            log.error("the monitor process stopped (%s); serving goes on, unmonitored", reason,
-                      extra={"event": "monitor_process_down"})  # fmt: skip
         for reply in waiting:
             if not reply.done():
                 reply.set_exception(self.unavailable())
         if not self._ready.done():
             self._ready.set_exception(ServingError(f"The monitor process stopped: {reason}."))
+        if not self._closing:
+            self.on_exit(self)
 
     # -- stopping ---------------------------------------------------------------------------------
     def close(self, timeout_s: float = 30.0) -> dict[str, int]:
@@ -231,12 +291,24 @@ class MonitorProcess:
         self._conn.close()
         return counts
 
+    def stop(self) -> int | None:
+        """End a run that is gone or must go (killed if it still runs), and its threads; its exit code."""
+        self._outbox.put((None, _STOP))
+        code = self.process.poll()
+        if code is None:
+            self.process.kill()
+            code = _wait(self.process, 5)
+        if self._reader is not threading.current_thread():  # it reads what is left (the last acks), then EOF
+            self._reader.join(5)
+        self._conn.close()
+        return code
+
 
 class RemoteMonitor(RequestPath):
     """What the server holds per monitored version; the work happens in the monitor process."""
 
     def __init__(
-        self, process: MonitorProcess, model: str, version: str, profile: Profile | None, config: MonitorConfig
+        self, process: Supervisor, model: str, version: str, profile: Profile | None, config: MonitorConfig
     ) -> None:
         self.process = process
         self.model, self.version = model, version
@@ -252,14 +324,18 @@ class RemoteMonitor(RequestPath):
 
     # -- per request (event loop): screen() and observe() come from RequestPath ----------------------
     def _submit(self, item: Pending) -> bool:
+        rows = rows_of(item)
         if len(self._pending) >= self.config.max_pending_requests:
             self._dropped += 1
+            self.process.accounting.observe(rows, dropped="queue_full")
             return False
+        self.process.accounting.observe(rows)
         self._pending.append(item)
         return True
 
     def _lost(self) -> None:
         self._dropped += 1
+        self.process.accounting.observe(1, dropped="observe_error")
 
     def feedback_many(self, items: Iterable[tuple[str, float]]) -> int:
         """Validate the labels here (a bad batch is a 400, refused whole) and send them to the log."""
@@ -280,14 +356,18 @@ class RemoteMonitor(RequestPath):
                 return 0
             batches, bad = columns(items)
             counts = {"security": security, "dropped": dropped, "screen_errors": screen_errors, "errors": bad}
-            if self.process.send(("batch", self.key, batches, counts), requests=len(items)):
+            rows = sum(int(c.counts.sum()) for c in batches)
+            acct = self.process.accounting
+            acct.drop("malformed", sum(map(rows_of, items)) - rows)  # the rows of requests columns() refused
+            if self.process.send(("batch", self.key, batches, counts), rows=rows):
                 return len(items)
             if self.process.alive:  # behind: counted as dropped, shipped with the next batch it takes
                 self._dropped += len(items) + dropped
                 self.screen_errors += screen_errors
                 self.counters.add(security)
+                acct.drop("backlog", rows)
             else:
-                self.process.count_lost(len(items))
+                acct.lose(rows)
             return 0
 
     def evaluate(self) -> MonitorSnapshot:
@@ -300,8 +380,16 @@ class RemoteMonitor(RequestPath):
         return snap
 
 
-def _cpu_arg(cpus: frozenset[int] | None) -> list[str]:
-    return [cpu_list(cpus)] if cpus else []
+def exit_text(code: int | None) -> str:
+    """How a process ended, for a person: 'it was killed by SIGKILL', 'it exited with code 1'."""
+    if code is None:
+        return "it stopped answering and still runs"
+    if code < 0:
+        try:
+            return f"it was killed by {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            return f"it was killed by signal {-code} (exit code {code})"
+    return f"it exited with code {code}"
 
 
 def _wait(process: subprocess.Popen[bytes], timeout_s: float) -> int | None:

@@ -14,11 +14,19 @@ The protocol, over one duplex pipe, in order (the server sends from one thread, 
                     ("batch", (model, version), [Columns], counts)    served requests + counter deltas
                     ("feedback", (model, version), [Feedback])        labels
                     ("evaluate", token, (model, version))             evaluate now, reply with the JSON
+                    ("flush", token)                                  write what was taken, reply, ack
                     ("close", token)                                  close everything, reply, exit
-    here → server   ("ready",) or ("failed", message)                 once, at start
+    here → server   ("idle",)                                         once imported, before the settings
+                    ("ready",) or ("failed", message)                 once, at start
                     ("reply", token, ok, payload)                     to each message with a token
+                    ("ack", written, {reason: dropped})               the rows settled so far (cumulative)
                     ("snapshot", (model, version), json)              after each periodic evaluation
                     ("log", logger name, level, message)              this process's log records
+
+Before all that, the server sends ``(settings JSON, run id)``. Every row of every batch ends in exactly one
+count of the acknowledgement: written, or dropped for a reason (``not_sampled``, ``ingest_error``,
+``buffer_full``, ``disk_full``, ``db_error``, ``no_monitor``, ``closed``); see
+:mod:`slipstream.serve.monitor_accounting` for how the server turns them into exact totals.
 """
 
 from __future__ import annotations
@@ -33,19 +41,20 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from slipstream.logs import RateLimitFilter
 from slipstream.monitor import (
     FairnessConfig,
     Monitor,
     MonitorConfig,
     Profile,
     QualityConfig,
-    SQLiteStore,
     StoreConfig,
     ThreatConfig,
 )
 from slipstream.monitor.alerts import DEFAULT_RULES, AlertRule, AlertsConfig
 from slipstream.monitor.drift import load_statistics
 from slipstream.monitor.ingest import Columns
+from slipstream.serve.monitor_accounting import AccountedStore
 from slipstream.serve.placement import parse_cpu_list, pin_thread
 from slipstream.serve.settings import MonitorSettings
 
@@ -102,6 +111,8 @@ class _ToServer(logging.Handler):
     def __init__(self, worker: Worker) -> None:
         super().__init__(logging.INFO)
         self._worker = worker
+        # A persistent fault (a full disk fails every write, five a second) is one line, then a count.
+        self.addFilter(RateLimitFilter())
 
     def emit(self, record: logging.LogRecord) -> None:
         # When the server is gone (this process is closing) there is no one left to tell.
@@ -112,14 +123,17 @@ class _ToServer(logging.Handler):
 class Worker:
     """One per server; see the module docstring."""
 
-    def __init__(self, conn: Connection, settings: MonitorSettings) -> None:
+    def __init__(self, conn: Connection, settings: MonitorSettings, run: str = "") -> None:
         self.conn = conn
         self.settings = settings
         self.config = monitor_config(settings)
         self._send_lock = threading.Lock()  # the webhook thread logs too: one message at a time on the pipe
-        self.store = SQLiteStore(store_config(settings))
+        cap = None if settings.log_max_mb is None else int(settings.log_max_mb * 1e6)
+        self.store = AccountedStore(store_config(settings), run=run, max_bytes=cap)
         self.monitors: dict[Key, Monitor] = {}
         self._due: dict[Key, float] = {}
+        self.dropped = dict.fromkeys(("not_sampled", "ingest_error", "buffer_full", "no_monitor", "closed"), 0)
+        self._acked: tuple[int, dict[str, int]] | None = None
 
     def send(self, message: tuple[Any, ...]) -> None:
         with self._send_lock:
@@ -130,6 +144,8 @@ class Worker:
         while True:
             now = time.monotonic()
             wait = max(0.0, min(self._due.values(), default=now + 1.0) - now)
+            if self.store.settled()[2]:  # rows on their way to the log: acknowledge them soon after
+                wait = min(wait, 0.05)
             try:
                 message = self.conn.recv() if self.conn.poll(wait) else None
             except (EOFError, OSError):  # the server died: write what was shipped, then stop
@@ -142,7 +158,20 @@ class Worker:
                 except Exception as exc:  # one bad message must not stop monitoring; logged with its traceback
                     log.exception("monitor process: %s failed: %s", message[0], exc)
             self._evaluate_due()
+            self.ack()
         self._close()
+
+    def accounting(self) -> tuple[int, dict[str, int]]:
+        """Rows written and rows dropped by reason, so far (see the module docstring)."""
+        written, failed, _ = self.store.settled()
+        return written, {**self.dropped, **failed}
+
+    def ack(self) -> None:
+        """Tell the server what was settled since the last acknowledgement (nothing when nothing was)."""
+        now = self.accounting()
+        if now != self._acked:
+            self.send(("ack", *now))
+            self._acked = now
 
     def handle(self, message: tuple[Any, ...]) -> bool:
         """Act on one message; True when it was ``close``."""
@@ -152,7 +181,7 @@ class Worker:
             self._ingest(key, batches, counts)
         elif kind == "feedback":
             self.store.put_feedback(message[2])
-        elif kind in ("attach", "detach", "evaluate", "close"):
+        elif kind in ("attach", "detach", "evaluate", "flush", "close"):
             token = message[1]
             try:
                 payload = getattr(self, f"_{kind}")(*message[2:])
@@ -170,14 +199,26 @@ class Worker:
         mon = self.monitors.get(key)
         if mon is None:
             lost = sum(c.requests for c in batches)
+            self.dropped["no_monitor"] += sum(int(c.counts.sum()) for c in batches)
             log.error("monitor process: %d request(s) of %s version %s arrived after its monitor closed", lost, *key)
             return
         mon.counters.add(counts["security"])
         mon.screen_errors += counts["screen_errors"]
-        mon.ingestor.dropped += counts["dropped"]
-        mon.ingestor.errors += counts["errors"]
+        ing = mon.ingestor
+        ing.dropped += counts["dropped"]
+        ing.errors += counts["errors"]
         for cols in batches:
-            mon.ingestor.ingest(cols)
+            # The fate of each row: the ingestor counts a failed batch in ``errors`` and the sampled rows in
+            # ``sampled``; the store counts the rows it accepted (the rest found its buffer full).
+            rows, errors, sampled = int(cols.counts.sum()), ing.errors, ing.sampled
+            accepted = self.store.counts()["accepted_predictions"]
+            ing.ingest(cols)
+            if ing.errors != errors:
+                self.dropped["ingest_error"] += rows
+                continue
+            took = ing.sampled - sampled
+            self.dropped["not_sampled"] += rows - took
+            self.dropped["buffer_full"] += took - (self.store.counts()["accepted_predictions"] - accepted)
 
     def _attach(self, key: Key, bundle_dir: str, profile: Profile | None) -> None:
         """The server read the profile (it screens with it) and sends it: no second read, one error path."""
@@ -209,28 +250,50 @@ class Worker:
             except Exception as exc:  # keep monitoring; logged with its traceback
                 log.exception("monitor evaluation of %s version %s failed: %s", *key, exc)
 
+    def _flush(self) -> tuple[int, dict[str, int]]:
+        """Write what was taken so far, then acknowledge it (so the server's accounting is settled)."""
+        self.store.flush()
+        self.ack()
+        return self.accounting()
+
     def _close(self) -> dict[str, int]:
         for key in list(self.monitors):
             self._detach(key)
         self.store.close()
+        self.dropped["closed"] += self.store.settled()[2]  # raced with the close: counted, never gone
+        with contextlib.suppress(Exception):  # the server may be gone already
+            self.ack()
         return self.store.counts()
 
 
+def niceness(settings: MonitorSettings) -> int:
+    """The monitor process's niceness: ``process_nice`` more than the server's (whose child it is)."""
+    return min(19, os.getpriority(os.PRIO_PROCESS, os.getppid()) + settings.process_nice)
+
+
 def run_worker(conn: Connection, cpus: frozenset[int] | None = None) -> None:
-    """Serve one server until it closes: the first message is its MonitorSettings as JSON. ``cpus``: where to
+    """Serve one server until it closes: the first message is its MonitorSettings as JSON and this run's id
+    (see slipstream.serve.monitor_accounting). ``cpus``: where to
     run (slipstream.serve.placement), set with the niceness before any thread starts."""
+    # Importing scipy took ~1 s of CPU at the first evaluation under load: done first, so that a spare
+    # (slipstream.serve.monitor_proxy.Spare) has it done before it is needed, while it waits for its settings.
+    load_statistics()
     try:
-        settings = MonitorSettings.model_validate_json(conn.recv())
+        conn.send(("idle",))  # warm: a spare that says so is taken over; one still importing is not
+        settings_json, run = conn.recv()
+    except (EOFError, OSError):  # a spare the server never needed: it went away first
+        return
+    try:
+        settings = MonitorSettings.model_validate_json(settings_json)
         # Serving first: this process catches up when a core is free. Linux keeps a niceness and a CPU
         # affinity per thread and a thread inherits its creator's, so both come before any thread starts (the
         # log's writer, the webhook's sender); before, the log's writer thread ran at the server's priority.
-        os.nice(settings.process_nice)
+        os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), niceness(settings)))
         pin_thread(cpus)
-        worker = Worker(conn, settings)
+        worker = Worker(conn, settings, run)
     except Exception as exc:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    load_statistics()  # measured: importing scipy at the first evaluation took ~1 s of CPU under load
     # Every batch allocates thousands of small acyclic objects; at the default thresholds the collector
     # walked the monitor's long-lived state often enough to add ~14 µs per request in spikes (measured).
     gc.freeze()

@@ -3,7 +3,8 @@
 Only built when ``ServeSettings.monitor.db_path`` is set; otherwise the server never imports the monitor
 and its request path pays one ``is None`` test. The monitors, their shared SQLite prediction log and their
 evaluations live in a separate process (:mod:`slipstream.serve.monitor_worker`), started with the first
-monitored version; the server keeps the cheap part (:mod:`slipstream.serve.monitor_proxy`). Feedback, the
+monitored version and restarted when it dies (:mod:`slipstream.serve.monitor_supervisor`); the server keeps
+the cheap part (:mod:`slipstream.serve.monitor_proxy`). Feedback, the
 JSON summaries and the dashboard's data are served from here; /metrics gains the monitor's families through
 collectors registered on the server's own registry (read at scrape time only).
 """
@@ -24,7 +25,8 @@ from prometheus_client.registry import Collector
 from slipstream.errors import InputError, ModelNotFoundError, ProtocolError, SlipstreamError, first_few
 from slipstream.monitor import SQLiteStore, load_profile
 from slipstream.monitor.prometheus import MonitorCollector
-from slipstream.serve.monitor_proxy import MonitorProcess, RemoteMonitor
+from slipstream.serve.monitor_proxy import RemoteMonitor
+from slipstream.serve.monitor_supervisor import Supervisor
 from slipstream.serve.monitor_worker import Key, monitor_config, store_config
 from slipstream.serve.placement import pin_thread, plan
 from slipstream.serve.settings import MonitorSettings
@@ -53,7 +55,7 @@ class ServeMonitors:
         SQLiteStore.prepare(store_config(settings))  # an unwritable log fails here, before anything is served
         self.active: dict[Key, RemoteMonitor] = {}
         self.screening = settings.ood_reject_above is not None
-        self.process: MonitorProcess | None = None
+        self.process: Supervisor | None = None
         self._start_lock = threading.Lock()
         self.placement = plan(settings.placement)
 
@@ -63,15 +65,37 @@ class ServeMonitors:
         log.info("monitoring placement: %s", self.placement.describe())
 
     # -- life cycle (worker threads) ---------------------------------------------------------------
-    def _process(self) -> MonitorProcess:
+    def _process(self) -> Supervisor:
         with self._start_lock:
             if self.process is None:
                 started = time.perf_counter()
-                self.process = MonitorProcess(self.settings, cpus=self.placement.monitor)
-                self.process.on_snapshot = self._on_snapshot
+                self.process = Supervisor(self.settings, cpus=self.placement.monitor, on_snapshot=self._on_snapshot)
                 log.info("monitor process %d started in %.2f s, logging to %s", self.process.process.pid,
                          time.perf_counter() - started, self.settings.db_path)  # fmt: skip
             return self.process
+
+    @property
+    def health(self) -> str:
+        """Readiness details: ``degraded`` while the monitor process is down (serving goes on), else ``ok``."""
+        return "ok" if self.process is None else self.process.state
+
+    def status(self) -> dict[str, Any]:
+        """The monitor process and the accounting of every observed prediction (row), for the JSON summary."""
+        return {"state": "not started", "restarts": 0} if self.process is None else process_status(self.process)
+
+    def flush(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Ship what was observed, have the process write it and acknowledge it; the accounting after
+        (blocking: worker threads). Settled: ``pending`` is 0 when traffic has stopped."""
+        for mon in list(self.active.values()):
+            mon.ship()
+        process = self.process
+        if process is None:
+            return {}
+        if process.alive:
+            process.call("flush", timeout_s=timeout_s)
+        else:
+            process.wait_settled(timeout_s)
+        return process.totals()
 
     def _on_snapshot(self, key: Key, doc: str) -> None:
         mon = self.active.get(key)
@@ -87,7 +111,7 @@ class ServeMonitors:
                       entry.version, exc, extra={"model": entry.name, "version": entry.version})  # fmt: skip
             profile = None
         process = self._process()
-        process.call("attach", (entry.name, entry.version), str(entry.path), profile)
+        process.attach((entry.name, entry.version), str(entry.path), profile)
         mon = RemoteMonitor(process, entry.name, entry.version, profile, self.config)
         self.active[mon.key] = mon
         return mon
@@ -100,8 +124,7 @@ class ServeMonitors:
         mon.ship()
         if self.active.get(mon.key) is mon:
             del self.active[mon.key]
-        if mon.process.alive:
-            mon.process.call("detach", mon.key)
+        mon.process.detach(mon.key)
 
     def close(self) -> None:
         """Ship what is left, let the process write it all and exit (blocking)."""
@@ -109,10 +132,11 @@ class ServeMonitors:
             mon.ship()
         self.active.clear()
         if self.process is not None:
-            counts = self.process.close()
-            if counts:
-                log.info("monitor process closed: %d prediction(s) written, %d dropped",
-                         counts.get("written_predictions", 0), counts.get("dropped", 0))  # fmt: skip
+            self.process.close()
+            t = self.process.totals()
+            log.info("monitor process closed: of %d prediction(s) observed, %d written, %d dropped %s, %d lost, "
+                     "%d unaccounted", t["observed"], t["written"], sum(t["dropped"].values()), t["dropped"],
+                     t["lost"], t["pending"], extra={"event": "monitor_accounting", **t})  # fmt: skip
 
     def monitors(self) -> list[RemoteMonitor]:
         return list(self.active.values())
@@ -135,6 +159,20 @@ class ServeMonitors:
         return entry.monitor
 
 
+def process_status(process: Supervisor) -> dict[str, Any]:
+    """Whether the monitor process runs, its restarts and why it last stopped, and the accounting of every
+    observed prediction: observed = written + dropped + lost + pending."""
+    return {
+        "state": process.state,
+        "pid": process.process.pid,
+        "restarts": process.restarts,
+        "last_exit": process.last_exit,
+        "standby": process.standby,
+        "last_outage_s": process.last_outage_s,
+        "predictions": process.totals(),
+    }
+
+
 def summary(mon: RemoteMonitor) -> dict[str, Any]:
     """The monitor's latest snapshot as JSON, with whether a reference profile backs it."""
     snap = mon.latest
@@ -143,8 +181,11 @@ def summary(mon: RemoteMonitor) -> dict[str, Any]:
     doc["profile"] = mon.profile is not None
     doc["notes"] = [] if mon.profile is not None else [NO_PROFILE]
     if not mon.process.alive:
-        doc["notes"].append(f"the monitor process stopped ({mon.process.exit_reason}): these numbers are stale")
+        doc["notes"].append(
+            f"the monitor process stopped ({mon.process.exit_reason}) and is restarting: these numbers are stale"
+        )
     doc["evaluated"] = snap is not None
+    doc["monitor_process"] = process_status(mon.process)
     return doc
 
 
@@ -170,6 +211,7 @@ def server_summary(metrics: ServeMetrics, monitors: list[RemoteMonitor]) -> dict
         "latency": latency,
         "rejections": rejections,
         "models": [summary(m) for m in monitors],
+        "monitor_process": process_status(monitors[0].process) if monitors else None,
     }
 
 
@@ -212,9 +254,11 @@ def parse_feedback(body: bytes) -> list[tuple[str, float]]:
 
 
 class ServerMonitorCollector(Collector):
-    """``slipstream_monitor_drift_psi{model,version,feature}`` for each monitor's top drifting features, and
-    whether the monitor process runs (``slipstream_monitor_process_up``) and what it never got
-    (``slipstream_monitor_requests_lost_total``)."""
+    """``slipstream_monitor_drift_psi{model,version,feature}`` for each monitor's top drifting features;
+    whether the monitor process runs (``slipstream_monitor_process_up``), its restarts
+    (``slipstream_monitor_restarts_total``), and the fate of every observed prediction
+    (``slipstream_monitor_predictions_total{outcome,reason}``: observed, written, dropped by reason, lost,
+    pending; ``slipstream_monitor_requests_lost_total`` is the lost ones, kept under its earlier name)."""
 
     def __init__(self, monitors: ServeMonitors) -> None:
         self._monitors = monitors
@@ -237,9 +281,28 @@ class ServerMonitorCollector(Collector):
                 "slipstream_monitor_process_up", "1 while the monitor process runs.", value=float(process.alive)
             )
             yield CounterMetricFamily(
+                "slipstream_monitor_restarts", "Restarts of the monitor process after it died.", value=process.restarts
+            )
+            totals = process.totals()
+            yield CounterMetricFamily(
                 "slipstream_monitor_requests_lost",
-                "Served requests never delivered to the monitor process because it had stopped.",
-                value=float(process.lost),
+                "Observed predictions (rows) lost to a monitor process that was down or died before writing them.",
+                value=float(totals["lost"]),
+            )
+            fates = CounterMetricFamily(
+                "slipstream_monitor_predictions",
+                "Observed predictions (rows) by fate: observed = written + dropped + lost + pending.",
+                labels=["outcome", "reason"],
+            )
+            for outcome in ("observed", "written", "lost"):
+                fates.add_metric([outcome, ""], float(totals[outcome]))
+            for reason, n in totals["dropped"].items():
+                fates.add_metric(["dropped", reason], float(n))
+            yield fates
+            yield GaugeMetricFamily(
+                "slipstream_monitor_predictions_pending",
+                "Observed predictions (rows) not yet written, dropped or lost (queued or in flight).",
+                value=float(totals["pending"]),
             )
 
 

@@ -1,7 +1,15 @@
-"""What the HTTP layer answers: replies, error mapping, and small request checks."""
+"""What the HTTP layer answers: replies, error mapping, and small request checks.
+
+An error body tells the caller what failed in general terms; what only the operator should see (file
+paths, digests, onnxruntime's own message) rides on the exception as a note (``add_note``) or is the
+message of an unexpected failure, and goes to the server log under the request id the body names.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+from importlib import resources
 from typing import Any
 
 import orjson
@@ -9,6 +17,8 @@ import orjson
 from slipstream.errors import MethodNotAllowedError, ProtocolError, ServingError, SlipstreamError
 from slipstream.serve.codec import RequestedOutput
 from slipstream.serve.repository import ModelVersion
+
+log = logging.getLogger("slipstream.serve")
 
 JSON_TYPE = (b"content-type", b"application/json")
 HEADER_LENGTH = b"inference-header-content-length"
@@ -45,9 +55,22 @@ def json_reply(doc: Any, status: int = 200) -> Reply:
     return Reply(orjson.dumps(doc), status)
 
 
-def error_reply(exc: SlipstreamError) -> Reply:
-    text = exc.message if not exc.hint else f"{exc.message} Hint: {exc.hint}"
-    reply = json_reply({"error": text}, exc.status_code or 500)
+def error_reply(exc: SlipstreamError, request_id: str) -> Reply:
+    """The reply for ``exc``; its private detail (notes, or a server fault's whole message) is logged."""
+    status = exc.status_code or 500
+    notes: list[str] = getattr(exc, "__notes__", [])
+    extra = {"request_id": request_id, "status": status}
+    if exc.status_code in (None, 500):  # the server's fault: its message is for the operator
+        log.error("request %s failed: %s", request_id, "; ".join([str(exc), *notes]), extra=extra)
+        text = f"Internal error while serving the request (request id {request_id}); the server log has the detail."
+    else:
+        text = exc.message if not exc.hint else f"{exc.message} Hint: {exc.hint}"
+        if notes:
+            log.warning(
+                "request %s answered %d: %s (%s)", request_id, status, exc.message, "; ".join(notes), extra=extra
+            )
+            text += f" (request id {request_id}; the server log has the detail)"
+    reply = json_reply({"error": text}, status)
     retry = exc.retry_after_s if isinstance(exc, ServingError) else None
     if retry is not None:
         reply.headers.append((b"retry-after", str(max(1, round(retry))).encode()))
@@ -78,3 +101,9 @@ def wanted_outputs(requested: tuple[RequestedOutput, ...] | None, entry: ModelVe
             hint="Ask for outputs by the names GET /v2/models/{name} lists.",
         )
     return requested
+
+
+@functools.cache
+def openapi_document() -> bytes:
+    """``openapi.json`` beside this module: the REST API this server speaks (read once, on first ask)."""
+    return resources.files("slipstream.serve").joinpath("openapi.json").read_bytes()

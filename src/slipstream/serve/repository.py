@@ -59,6 +59,7 @@ class ModelVersion:
     path: Path
     state: State = "LOADING"
     reason: str = ""
+    failure: str = ""  # what failed, in general terms, for callers (reason, with paths and digests, is logged)
     stamp: tuple[int, ...] = ()  # identity of the directory and manifest; a change makes a rescan retry at once
     attempts: int = 0  # failed loads of these same files so far
     retry_at: float = 0.0  # when a rescan may retry a failed version (Repository.clock)
@@ -118,7 +119,12 @@ def load_version(entry: ModelVersion, settings: ServeSettings) -> None:
             file=MANIFEST_FILE,
             hint="Convert it again with `slipstream convert` (which proves parity), without --skip-parity.",
         )
-    engine = Engine(bundle, Target(intra_op_threads=settings.intra_op_threads))
+    # The bundle's tuned thread count (resolved["session"], from the build) applies unless the server was
+    # given its own; without either, the server's default.
+    session = bundle.manifest.resolved.get("session")
+    tuned = isinstance(session, dict) and "intra_op_threads" in session
+    threads = None if tuned and "intra_op_threads" not in settings.model_fields_set else settings.intra_op_threads
+    engine = Engine(bundle, Target(intra_op_threads=threads))
     feeds = warm_up_feeds(bundle.manifest)
     calls = []
     for _ in range(5):
@@ -205,7 +211,7 @@ class Repository:
             versions = self.discover().get(name)
             if versions is None:
                 raise ModelNotFoundError(
-                    f"No model '{name}' in the repository at '{self.root}'.",
+                    f"No model '{name}' in the repository.",
                     hint="Add a <model>/<version>/ bundle directory, then load it.",
                 )
             self.unloaded.discard(name)
@@ -246,6 +252,8 @@ class Repository:
             await asyncio.to_thread(self._load, entry)
         except SlipstreamError as exc:
             entry.state, entry.reason = "UNAVAILABLE", str(exc).replace("\n", " ")
+            integrity = isinstance(exc, IntegrityError)
+            entry.failure = "its files failed their integrity check" if integrity else "it failed to load"
             entry.attempts += 1
             wait_s = self.settings.reload.backoff_s(entry.attempts)
             entry.retry_at = self.clock() + wait_s
@@ -370,11 +378,15 @@ class Repository:
                 hint="Leave the version out to use the newest ready one.",
             )
         if entry.state != "READY":
-            raise ServerBusyError(
+            # The reason names files, digests and onnxruntime's message: the log gets it, the caller does not.
+            busy = ServerBusyError(
                 f"Model '{name}' version {version} is {entry.state.lower()}"
-                + (f": {entry.reason}" if entry.reason else "."),
+                + (f": {entry.failure}." if entry.failure and entry.state == "UNAVAILABLE" else "."),
                 retry_after_s=1.0,
             )
+            if entry.reason:
+                busy.add_note(entry.reason)
+            raise busy
         return entry
 
     def ready(self) -> bool:

@@ -44,13 +44,21 @@ class GuardSettings(Frozen):
     """Authentication, rate limits, size limits and input value checks."""
 
     api_key_hashes: frozenset[str] = Field(
-        default=frozenset(), description="sha256 hex digests of the accepted API keys (never the keys)."
+        default=frozenset(),
+        description="Salted HMAC-SHA256 hashes of the accepted API keys (slipstream.serve.guard.hash_key; never "
+        "the keys).",
     )
     admin_key_hashes: frozenset[str] = Field(
-        default=frozenset(), description="sha256 hex digests of the keys allowed on the repository endpoints."
+        default=frozenset(),
+        description="Salted HMAC-SHA256 hashes of the keys allowed on the repository endpoints (hash_key).",
     )
     allow_anonymous: bool = Field(
         default=False, description="Serve without API keys on a non-loopback address (explicit opt-out)."
+    )
+    metrics_open: bool = Field(
+        default=False,
+        description="Answer GET /metrics without an API key (for a scrape network); otherwise /metrics and "
+        "/dashboard need a key whenever the API does.",
     )
     rate_per_s: float | None = Field(
         default=None, gt=0, description="Requests per second each key (or client address) may make; None: no limit."
@@ -64,6 +72,61 @@ class GuardSettings(Frozen):
     )
     non_finite: NonFinitePolicy = Field(default="reject", description="What to do with NaN/Inf in float inputs.")
     cors_origins: tuple[str, ...] = Field(default=(), description="Origins allowed by CORS; empty: CORS off.")
+
+
+class HttpSettings(Frozen):
+    """Limits of the HTTP layer, enforced before the app sees a request (slipstream.serve.http_limits).
+
+    They bound what one connection can make the server buffer or hold: uvicorn's httptools protocol on
+    its own buffers an unterminated header without limit and never times a slow client out.
+    """
+
+    limits: bool = Field(
+        default=True,
+        description="Enforce the limits below; False runs uvicorn's plain httptools protocol (unbounded header "
+        "buffering, no read timeouts), for comparison only.",
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        description="Most bytes of a request head (request line plus all headers); 431 beyond. Checked after "
+        "each socket read, so the most buffered is this plus one read.",
+    )
+    max_header_count: int = Field(default=100, ge=1, description="Most header lines in one request; 431 beyond.")
+    max_request_line_bytes: int = Field(
+        default=8 * 1024,
+        ge=64,
+        description="Longest request target (the path and query of the request line), bytes; 414 beyond.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest time from a new connection, or from the first byte of the next request on a kept-alive "
+        "one, until the request's headers are complete; beyond it the connection gets 408 and is closed.",
+    )
+    body_idle_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest gap between two pieces of a request body while the server is reading it; 408 and "
+        "close beyond.",
+    )
+    body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest time from the end of the headers to the end of the body, however steadily it "
+        "trickles in; 408 and close beyond.",
+    )
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0, description="How long an idle kept-alive connection waits for its next request."
+    )
+    max_connections: int = Field(
+        default=1024,
+        ge=1,
+        description="Most open connections; one more is answered 503 with Retry-After and closed (not reset).",
+    )
+    retry_after_s: float = Field(
+        default=1.0, gt=0, description="The Retry-After of a 503 beyond max_connections or while draining."
+    )
 
 
 class MonitorSettings(Frozen):
@@ -124,6 +187,32 @@ class MonitorSettings(Frozen):
         description="'auto': with two or more CPUs, the monitor process gets the last one and the event loop the "
         "others (see slipstream.serve.placement); 'none': the kernel places both.",
     )
+    restart_initial_s: float = Field(
+        default=0.5, gt=0, description="Wait before restarting a monitor process that died (the first time)."
+    )
+    restart_max_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="The longest wait between two restarts; a process that ran this long starts the backoff over.",
+    )
+    restart_factor: float = Field(default=2.0, ge=1, description="Each restart in a row multiplies the wait by this.")
+    standby: bool = Field(
+        default=True,
+        description="Keep a spare monitor process started (imports done, idle, about 150 MB) so that a restart "
+        "takes it over at once instead of starting an interpreter under load (seconds).",
+    )
+    log_max_mb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Cap on the prediction log's size (SQLite max_page_count): past it, writes fail as on a full "
+        "disk, and the rows are dropped and counted; None: no cap.",
+    )
+
+    def restart_backoff_s(self, restarts: int) -> float:
+        """The wait before restart number ``restarts`` in a row (1, 2, ...)."""
+        return float(
+            min(self.restart_max_s, self.restart_initial_s * self.restart_factor ** min(max(0, restarts - 1), 64))
+        )
 
     @property
     def enabled(self) -> bool:
@@ -164,6 +253,9 @@ class ServeSettings(Frozen):
     )
     batching: BatchSettings = Field(default_factory=BatchSettings, description="Dynamic batching per model.")
     guard: GuardSettings = Field(default_factory=GuardSettings, description="Safety settings.")
+    http: HttpSettings = Field(
+        default_factory=HttpSettings, description="HTTP limits: header size and count, read timeouts, connections."
+    )
     monitor: MonitorSettings = Field(default_factory=MonitorSettings, description="Monitoring; off by default.")
     access_log: bool = Field(default=True, description="Write one JSON line per request to 'slipstream.access'.")
     drain_timeout_s: float = Field(default=30.0, gt=0, description="How long SIGTERM waits for in-flight requests.")

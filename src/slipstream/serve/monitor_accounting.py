@@ -1,0 +1,132 @@
+"""Exact accounting of what the server observed: every prediction (row) written, dropped or lost, once.
+
+The server counts the rows it observed and the rows it shipped to each run of the monitor process; the
+process acknowledges, cumulatively, the rows whose fate it has settled: dropped (by reason) or written.
+What a run was sent and never acknowledged is *lost* when it dies. One gap remains in any acknowledgement
+sent after a commit: a process killed between the two would have its last rows counted lost though they
+are in the log. So the written count also lives in the log itself, in the transaction that writes the rows
+(table ``monitor_runs``, one row per run of the process): after a death the server reads it from there, and
+the rows it holds are counted written, exactly, whatever the moment of the kill.
+
+:class:`AccountedStore` (in the monitor process) is :class:`slipstream.monitor.SQLiteStore` with that count in
+each write transaction, the failed writes counted by cause (``disk_full``, ``db_error``), and the log's
+optional size cap (``MonitorSettings.log_max_mb``, SQLite's ``max_page_count``: past it a write fails exactly
+as on a full disk).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from slipstream.monitor import SQLiteStore, StoreConfig
+from slipstream.monitor.ingest import Pending
+from slipstream.monitor.records import PredictionBatch
+
+log = logging.getLogger("slipstream.monitor")
+
+RUNS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS monitor_runs (
+    run TEXT PRIMARY KEY,
+    started REAL NOT NULL,
+    written INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+_UPSERT = (
+    "INSERT INTO monitor_runs (run, started, written) VALUES (?, ?, ?) "
+    "ON CONFLICT(run) DO UPDATE SET written = written + excluded.written"
+)
+
+FULL = "database or disk is full"
+
+
+class AccountedStore(SQLiteStore):
+    """The prediction log of one run of the monitor process, counting its written rows in the log itself.
+
+    ``failed``: prediction rows the writer took and could not write, by cause; with the store's own
+    ``written_predictions`` and what waits in its buffer, every accepted row is accounted for."""
+
+    def __init__(self, config: StoreConfig, *, run: str, max_bytes: int | None = None) -> None:
+        self.run = run
+        self._max_pages: int | None = None
+        self.failed = {"disk_full": 0, "db_error": 0}
+        self._failed_lock = threading.Lock()
+        if max_bytes is not None:
+            conn = sqlite3.connect(config.path)
+            try:
+                page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            finally:
+                conn.close()
+            self._max_pages = max(1, max_bytes // page)
+        super().__init__(config)
+        try:
+            conn = self._connect()
+            try:
+                with conn:
+                    conn.executescript(RUNS_SCHEMA)
+                    conn.execute(_UPSERT, (run, time.time(), 0))
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:  # e.g. a full disk: the writes will fail and be counted too
+            log.warning("prediction log: could not record this run of the monitor process: %s", exc)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = super()._connect()
+        if self._max_pages is not None:
+            conn.execute(f"PRAGMA max_page_count={self._max_pages}")
+        return conn
+
+    def _write(self, conn: sqlite3.Connection, items: list[object]) -> None:
+        # Python's sqlite3 opens a transaction before this INSERT; the base class's ``with conn`` commits it
+        # with the rows (or rolls both back): the count in the log is the rows in the log.
+        rows = sum(len(b) for b in items if isinstance(b, PredictionBatch))
+        if rows:
+            conn.execute(_UPSERT, (self.run, time.time(), rows))
+        super()._write(conn, items)
+
+    def _write_batch(
+        self, conn: sqlite3.Connection | None, items: list[object], rows: int
+    ) -> sqlite3.Connection | None:
+        predictions = sum(len(b) for b in items if isinstance(b, PredictionBatch))
+        before = self.counts()["written_predictions"]
+        conn = super()._write_batch(conn, items, rows)
+        if predictions and self.counts()["written_predictions"] == before:  # only this thread writes
+            cause = "disk_full" if FULL in (self.last_error or "") else "db_error"
+            with self._failed_lock:
+                self.failed[cause] += predictions
+        return conn
+
+    def settled(self) -> tuple[int, dict[str, int], int]:
+        """Rows written, rows failed by cause, and rows accepted and not yet settled (waiting or in flight)."""
+        counts = self.counts()
+        with self._failed_lock:
+            failed = dict(self.failed)
+        written = counts["written_predictions"]
+        return written, failed, counts["accepted_predictions"] - written - sum(failed.values())
+
+
+def written_by_run(path: Path, run: str, timeout_s: float = 5.0) -> int | None:
+    """The rows run ``run`` committed to the log at ``path``, read from the log; None when unreadable."""
+    try:
+        conn = sqlite3.connect(path, timeout=timeout_s)
+        try:
+            row = conn.execute("SELECT written FROM monitor_runs WHERE run = ?", (run,)).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        log.warning("prediction log: could not read what run %s wrote: %s", run, exc)
+        return None
+    return int(row[0]) if row is not None else 0
+
+
+def rows_of(item: Pending) -> int:
+    """The rows of an observed request, as :func:`slipstream.monitor.ingest.columns` counts them (1 when it
+    cannot: such a request is malformed, and counted so)."""
+    try:
+        return len(next(iter(item.inputs.values())))
+    except Exception:  # no input, or a 0-d one
+        return 1
