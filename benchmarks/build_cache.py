@@ -27,7 +27,6 @@ import yaml  # noqa: E402
 
 from slipstream.build.recipe import load_recipe  # noqa: E402
 from slipstream.build.record import RunRecord  # noqa: E402
-from slipstream.build.report import source_comparison  # noqa: E402
 
 SLIPSTREAM = Path(sys.executable).with_name("slipstream")
 
@@ -56,11 +55,11 @@ def one_pair(work: Path) -> dict[str, object]:
         "cold": cold,
         "warm": warm,
         "winner": winner.name,
-        "vs_eager": eager.latency_p50_ms / winner.metrics.latency_p50_ms if eager and winner.metrics else float("nan"),
+        "vs_eager": eager.ratio if eager else float("nan"),  # torch eager vs the winner, side by side
         "drop": drop,
         "candidates": len(record.candidates),
         "rejected": len(sel.rejections) if sel else 0,
-        "line": source_comparison(record, winner) or "",
+        "line": eager.text() if eager else "",
     }
 
 

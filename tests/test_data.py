@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from slipstream.artifact import TensorSpec
-from slipstream.data.datasets import Dataset, check_dataset, load_dataset
+from slipstream.data.datasets import Dataset, check_dataset, load_dataset, precheck_data
+from slipstream.data.synthetic import DEFAULT_INT_RANGE, example_inputs
 from slipstream.errors import ConfigError, DataError
 
 PIXELS = TensorSpec(name="pixels", dtype="float32", shape=("batch", 4))
@@ -101,3 +102,26 @@ def test_rows_must_agree_and_take() -> None:
         )
     ds = Dataset({"pixels": _rows(5)}, np.arange(5))
     assert len(ds.take(2)) == 2 and ds.take(2).labels is not None
+
+
+def test_generated_inputs_follow_the_inputs_meaning() -> None:
+    """Masks are ones; integers stay in their recorded range (token ids below the vocabulary size)."""
+    ids = IDS.model_copy(update={"value_range": (0.0, 29.0)})
+    mask = TensorSpec(name="attention_mask", dtype="int64", shape=("batch", "seq"))
+    other = TensorSpec(name="bucket", dtype="int32", shape=("batch",))
+    feeds = example_inputs([ids, mask, other], 64, dims={"seq": 16}, seed=3)
+    assert feeds["input_ids"].min() >= 0 and feeds["input_ids"].max() == 29  # the whole range is used
+    assert feeds["attention_mask"].dtype == np.int64 and np.all(feeds["attention_mask"] == 1)
+    assert feeds["bucket"].min() >= DEFAULT_INT_RANGE[0] and feeds["bucket"].max() <= DEFAULT_INT_RANGE[1]
+
+
+def test_recipe_data_problems_are_found_before_any_model_work(tmp_path: Path) -> None:
+    np.savez(tmp_path / "eval.npz", input_ids=np.zeros((4, 8), np.int64))
+    np.savez(tmp_path / "calib.npz", tokens=np.zeros((4, 8), np.int64))
+    with pytest.raises(DataError, match=r"data.eval: no data file at '.*missing.npz'"):
+        precheck_data({"data.eval": str(tmp_path / "missing.npz")})
+    with pytest.raises(DataError, match=r"data.eval: metric 'accuracy' compares with labels, but .* no 'labels'"):
+        precheck_data({"data.eval": str(tmp_path / "eval.npz")}, labels_for="metric 'accuracy' compares with labels")
+    with pytest.raises(DataError, match=r"name different inputs .*data.eval: \['input_ids'\]; data.calibration"):
+        precheck_data({"data.eval": str(tmp_path / "eval.npz"), "data.calibration": str(tmp_path / "calib.npz")})
+    precheck_data({"data.eval": str(tmp_path / "eval.npz"), "data.train": None})  # label-free: nothing to refuse

@@ -100,7 +100,7 @@ def test_generated_inputs_when_no_sample_is_given(fitted: dict[str, Any], tmp_pa
 def test_a_regressor_gives_one_float_output(cancer: Data, tmp_path: Path) -> None:
     x_train, x_test, y_train, _ = cancer
     model = LinearRegression().fit(x_train, y_train.astype(np.float32))
-    bundle = import_sklearn(model, tmp_path / "b", sample_data={"input": x_test})
+    bundle = import_sklearn(model, tmp_path / "b", sample={"input": x_test})
     assert [s.name for s in bundle.manifest.outputs] == ["variable"]
     got = Engine(bundle).run({"input": x_test})["variable"]
     np.testing.assert_allclose(got[:, 0], model.predict(x_test), atol=1e-3)
@@ -264,3 +264,32 @@ def test_a_name_the_caller_vouches_for_is_allowed(tmp_path: Path, monkeypatch: p
     loaded = load_estimator(path, trust_pickle=True, allow_pickle_globals=["own_pkg.Scaler"])
     assert type(loaded).__name__ == "Scaler"
     monkeypatch.delitem(sys.modules, "own_pkg")
+
+
+def test_convert_prints_its_parity_summary(fitted: dict[str, Any], cancer: Data, tmp_path: Path) -> None:
+    path = tmp_path / "logistic.joblib"
+    joblib.dump(fitted["logistic"], path)
+    np.savez(tmp_path / "sample.npz", input=cancer[1])
+    sample = ["--sample", str(tmp_path / "sample.npz")]  # the name the not-informative warning gives
+    result = runner.invoke(app, ["convert", str(path), "-o", str(tmp_path / "b"), "--trust-pickle", *sample])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())  # rich wraps long lines
+    summary = r"parity: passed against scikit-learn Pipeline\.predict/predict_proba on 2 sample input sets"
+    assert re.search(summary + r" \(batch=1; batch=32\); max abs error [0-9.e-]+, max rel error [0-9.e-]+", text)
+    assert "not informative" not in text and "warning" not in text
+
+
+def test_a_constant_model_is_reported_not_informative_in_the_cli(cancer: Data, tmp_path: Path) -> None:
+    """A regressor fitted on a constant target outputs that constant for any input: parity cannot tell."""
+    x_train = cancer[0]
+    model = LinearRegression().fit(x_train, np.full(len(x_train), 3.0))
+    path = tmp_path / "flat.joblib"
+    joblib.dump(model, path)
+    result = runner.invoke(app, ["convert", str(path), "-o", str(tmp_path / "b"), "--trust-pickle"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "parity: passed, not informative" in text and "on 2 generated input sets" in text
+    assert re.search(r"warning: parity is not informative: output '\w+' was the same for every input", text)
+    assert "Pass real inputs with --sample" in text
+    parity = Bundle.load(tmp_path / "b").manifest.parity
+    assert parity is not None and not parity.informative and len(parity.warnings) == 1

@@ -104,6 +104,7 @@ def test_transformer_encoder_has_dynamic_batch_and_sequence(encoder: torch.nn.Mo
     m = encoder_bundle.manifest
     assert [(s.name, s.dtype, s.shape) for s in m.inputs] == [("tokens", "int64", ("batch", "seq"))]
     assert [(s.name, s.shape) for s in m.outputs] == [("states", ("batch", "seq", 16)), ("pooled", ("batch", 16))]
+    assert m.inputs[0].value_range == (0.0, 49.0)  # read from the graph: the embedding table has 50 rows
     assert m.parity is not None
     assert [(c.batch, c.dims) for c in m.parity.cases] == [
         (1, {"seq": 8}), (1, {"seq": 13}), (3, {"seq": 8}), (3, {"seq": 13}),
@@ -139,6 +140,7 @@ def test_skip_parity_writes_the_bundle_and_says_so(encoder: torch.nn.Module, tmp
     assert m.parity is not None and m.parity.status == "skipped" and m.parity.cases == ()
     assert m.parity.reason and "skip" in m.parity.reason
     assert (m.resolved["exporter"], m.resolved["opset"]) == ("torchscript", 17)
+    assert m.inputs[0].value_range == (0.0, 49.0)  # the TorchScript graph's Gather says the same
 
 
 def test_an_output_named_like_an_internal_value_is_refused(encoder: torch.nn.Module, tmp_path: Path) -> None:
@@ -290,3 +292,22 @@ def test_cli_entry_point_then_inspect(tmp_path: Path) -> None:
         [str(SLIPSTREAM), "convert", "my_model.py:build", "-o", "other"], cwd=tmp_path, capture_output=True, text=True
     )
     assert refused.returncode == 1 and "--input-shape" in refused.stderr and "Traceback" not in refused.stderr
+
+
+class _CountingMLP(MLP):
+    """The MLP, counting its forward() calls: a dry run or an export would call it."""
+
+    calls = 0
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        type(self).calls += 1
+        return super().forward(features)
+
+
+def test_a_sample_for_another_model_is_refused_before_the_export(tmp_path: Path) -> None:
+    model = _CountingMLP().eval()
+    sample = {"pixels": np.zeros((4, 8), np.float32)}
+    refused = r"Sample data has arrays \['pixels'\]; the model's inputs are \['features'\]"
+    with pytest.raises(ConfigError, match=refused):
+        slipstream.convert(model, tmp_path / "b", example_inputs=(torch.randn(2, 8),), sample=sample)
+    assert _CountingMLP.calls == 0 and not (tmp_path / "b").exists()

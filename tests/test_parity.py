@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -51,6 +51,7 @@ def test_every_mismatch_is_listed_in_one_error() -> None:
     assert "[batch=1] output 'probabilities': max abs error" in str(info.value)
     assert "[batch=3]" in str(info.value)
     assert "--skip-parity" in str(info.value)
+    assert "The inputs were generated" in str(info.value) and "--sample" in str(info.value)
 
 
 def test_a_baked_in_sequence_length_is_caught_and_explained() -> None:
@@ -136,3 +137,48 @@ def test_integer_outputs_can_be_given_a_tolerance() -> None:
     )  # fmt: skip
     (result,) = record.cases[0].outputs
     assert not result.exact and result.max_abs_error == 1.0
+
+
+def _zeroed_scorer() -> onnx.ModelProto:
+    """A model whose output ignores its input (x * 0 + 0.5): any conversion giving 0.5 would match it."""
+    zero = numpy_helper.from_array(np.zeros((1, 4), np.float32), "zero")
+    half = numpy_helper.from_array(np.full((1, 4), 0.5, np.float32), "half")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "zero"], ["dead"]), helper.make_node("Add", ["dead", "half"], ["y"])],
+        "constant",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[zero, half],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize(("build", "informative"), [(_zeroed_scorer, False), (build_token_scorer, True)])
+def test_a_constant_output_passes_but_is_reported_not_informative(
+    build: Callable[[], onnx.ModelProto], informative: bool
+) -> None:
+    model = build()
+    inputs, outputs = graph_io_specs(model.graph)
+    record = prove_parity(
+        _reference(model), model.SerializeToString(), outputs, generated_cases(inputs),
+        reference_name="onnx reference", data="generated",
+    )  # fmt: skip
+    assert record.status == "passed" and record.informative is informative
+    if informative:
+        assert record.warnings == ()
+    else:
+        (warning,) = record.warnings
+        assert warning.startswith("parity is not informative: output 'y'") and "--sample" in warning
+
+
+def test_one_row_is_no_evidence_of_a_constant() -> None:
+    """A single row cannot show that an output never moves: no warning from one case of batch 1."""
+    model = _zeroed_scorer()
+    _, outputs = graph_io_specs(model.graph)
+    case = [InputCase(feeds={"x": np.ones((1, 4), np.float32)}, batch=1)]
+    record = prove_parity(
+        _reference(model), model.SerializeToString(), outputs, case, reference_name="r", data="sample"
+    )
+    assert record.informative

@@ -10,7 +10,6 @@ import torch
 
 from slipstream.artifact import Bundle
 from slipstream.build.recipe import parse_recipe
-from slipstream.build.report import source_comparison
 from slipstream.build.search import BuildResult, run_build
 from slipstream.passes.torch_model import TorchData, TorchModel
 
@@ -64,7 +63,10 @@ def torch_build(
 def test_torch_source_is_timed_and_pruned(torch_build: tuple[BuildResult, BuildResult, Path]) -> None:
     first, _, work = torch_build
     record = first.record
-    assert record.source_timing is not None and record.source_timing.framework.startswith("torch eager")
+    src = record.source_timing
+    assert src is not None and src.reference.startswith("torch eager")
+    assert src.subject == (record.selection.winner if record.selection else "baseline")
+    assert src.threads == record.tuning["chosen"]["intra_op_threads"]  # type: ignore[index]  # matched
     assert record.baseline.lineage == ("import.torch@1",)
     pruned = record.candidate("pruned-50")
     assert pruned.status == "ok", pruned.error
@@ -72,8 +74,7 @@ def test_torch_source_is_timed_and_pruned(torch_build: tuple[BuildResult, BuildR
     assert pruned.metrics is not None and record.baseline.metrics is not None
     assert pruned.metrics.quality >= record.baseline.metrics.quality - 0.02
     assert pruned.metrics.size_bytes < record.baseline.metrics.size_bytes / 2.5  # really smaller
-    text = source_comparison(record, record.candidate(record.selection.winner if record.selection else "baseline"))
-    assert text is not None and "torch eager (fp32) at batch 256" in text
+    assert any(line.startswith(src.text()[:40]) for line in record.headline)  # shown side by side
     assert (work / "out" / "calibration.npz").is_file()
     Bundle.load(work / "out" / "winner")
 
@@ -100,6 +101,8 @@ def test_bench_compare_times_the_torch_source_on_the_same_inputs(
     result = CliRunner().invoke(app, [*args, "--compare", f"{work / 'model.py'}:build"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["source_framework"] == "torch eager"
-    assert [r["batch"] for r in report["source_results"]] == [1, 32]
-    assert all(r["p50_ms"] > 0 for r in report["source_results"])
+    assert report["source_framework"] == "torch eager (fp32)"
+    compared = report["comparisons"]
+    assert [c["subject"].rsplit(" ", 1)[1] for c in compared] == ["1", "32"]
+    assert all(c["threads"] == report["engine"]["intra_op_threads"] for c in compared)  # torch at the same threads
+    assert all(c["reference_timing"]["p50_ms"] > 0 and c["subject_timing"]["n"] >= 20 for c in compared)

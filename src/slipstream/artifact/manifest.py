@@ -73,6 +73,11 @@ class ParityRecord(Frozen):
     data: Literal["sample", "generated", "none"] = Field(description="Where the inputs came from.")
     cases: tuple[ParityCase, ...] = Field(default=())
     reason: str | None = Field(default=None, description="Why the proof was skipped, when it was.")
+    informative: bool = Field(
+        default=True,
+        description="False when an output did not vary over the parity inputs: a broken conversion could pass.",
+    )
+    warnings: tuple[str, ...] = Field(default=(), description="What weakens the proof, and what to pass instead.")
 
 
 class FileDigest(Frozen):

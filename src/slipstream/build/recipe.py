@@ -147,3 +147,13 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file} is not valid YAML: {exc}", field="recipe") from exc
     return parse_recipe(raw, str(file))
+
+
+def precheck_recipe_data(recipe: Recipe, *, needs_labels: bool) -> None:
+    """The recipe's data, checked before the source is converted: the files exist and read, the .npz files
+    name the same inputs, and the evaluation data has labels when the metric compares with labels."""
+    from slipstream.data.datasets import precheck_data
+
+    why = f"metric '{recipe.metric}' compares with labels" if needs_labels else None
+    refs = {"data.eval": recipe.data.eval, "data.calibration": recipe.data.calibration, "data.train": recipe.data.train}
+    precheck_data(refs, labels_for=why)

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
+from slipstream.evaluate.sidebyside import SideBySide
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -15,8 +17,10 @@ class _Frozen(BaseModel):
 
 class CandidateMetrics(_Frozen):
     quality: float = Field(description="The recipe's metric on the evaluation data.")
-    latency_p50_ms: float = Field(description="Median latency at the recipe's batch size.")
+    latency_p50_ms: float = Field(description="Median latency at the recipe's batch size (first pass, alone).")
+    latency_p90_ms: float | None = Field(default=None, description="90th percentile latency (the spread).")
     latency_p99_ms: float
+    timed_runs: int = Field(default=0, description="How many timed calls the percentiles are over.")
     throughput_sps: float = Field(description="Samples per second at the median latency.")
     size_bytes: int = Field(description="Bundle size on disk.")
 
@@ -24,8 +28,10 @@ class CandidateMetrics(_Frozen):
 class CandidateResult(_Frozen):
     name: str
     passes: tuple[str, ...] = Field(description="The pass chain as written in the recipe.")
-    status: Literal["ok", "failed"]
-    error: str | None = Field(default=None, description="The full error text when the candidate failed.")
+    status: Literal["ok", "failed", "skipped"]
+    error: str | None = Field(
+        default=None, description="The full error text when the candidate failed; the reason when it was skipped."
+    )
     metrics: CandidateMetrics | None = None
     bundle: str | None = Field(default=None, description="Where the candidate's bundle was written.")
     lineage: tuple[str, ...] = Field(default=(), description="Step names from the source to this candidate.")
@@ -35,16 +41,17 @@ class CandidateResult(_Frozen):
         default=None,
         description="Latency gain over the baseline when both were re-timed alternately in one run (noise check).",
     )
+    confirmation: SideBySide | None = Field(
+        default=None, description="The side-by-side re-timing behind confirmed_gain, with both spreads."
+    )
+    same_as: str | None = Field(
+        default=None, description="An earlier candidate whose model is byte-identical: measured once, shared."
+    )
+    signal: str | None = Field(default=None, description="The signal that killed the candidate's child process.")
+    graph_optimization: str = Field(
+        default="all", description="The onnxruntime graph-optimization level it was measured at (resolved)."
+    )
     warnings: tuple[str, ...] = ()
-
-
-class SourceTiming(_Frozen):
-    """The source framework's own speed on the same inputs (e.g. torch eager), for reference."""
-
-    framework: str
-    latency_p50_ms: float
-    latency_p99_ms: float
-    throughput_sps: float
 
 
 class LayerSensitivity(_Frozen):
@@ -106,9 +113,14 @@ class RunRecord(_Frozen):
     sensitivity: SensitivityReport | None = Field(
         default=None, description="Per-layer sensitivity, when the build computed it (see build/sensitivity.py)."
     )
-    source_timing: SourceTiming | None = Field(
-        default=None, description="The source framework's speed at the same batch size, when it could be run."
+    source_timing: SideBySide | None = Field(
+        default=None,
+        description="The source framework (torch eager) against the winner: interleaved, at the winner's threads.",
     )
+    headline: tuple[str, ...] = Field(
+        default=(), description="The summary lines the CLI and the report print; every ratio in them is side by side."
+    )
+    error: str | None = Field(default=None, description="Why the build stopped early, when it did.")
 
     def candidate(self, name: str) -> CandidateResult:
         if name == self.baseline.name:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,12 +130,16 @@ def _row(record: RunRecord, c: CandidateResult, decision: str) -> str:
             f"{m.latency_p99_ms:.3f}",
             f"{m.throughput_sps:,.0f}",
             f"{objective_gain(base, m, record.objective):.2f}×",
+            html.escape(c.confirmation.ratio_text()) if c.confirmation else ("same model" if c.same_as else "–"),
             f"{m.size_bytes / 1024:,.1f}",
         ]
     else:
-        cells += ["–"] * 7
+        cells += ["–"] * 8
     cls = "winner" if decision.startswith("winner") else ("failed" if c.status == "failed" else "")
-    detail = html.escape(decision if c.status == "ok" else f"failed: {c.error or ''}")
+    reason = c.error or "" if c.status == "skipped" else f"failed: {c.error or ''}"  # a skip reason says "skipped"
+    detail = html.escape(decision if c.status == "ok" else reason)
+    if c.status == "ok" and c.warnings:
+        detail += "<br>" + "<br>".join(html.escape(w) for w in c.warnings)
     cells.append(detail)
     return f'<tr class="{cls}">' + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
 
@@ -148,21 +153,43 @@ code{background:#f3f4f6;padding:1px 4px}
 """
 
 
-def source_comparison(record: RunRecord, winner: CandidateResult) -> str | None:
-    """'torch eager (fp32): p50 X ms; the winner is N× faster' when the source framework was timed."""
-    src = record.source_timing
-    if src is None or winner.metrics is None:
-        return None
-    gain = src.latency_p50_ms / winner.metrics.latency_p50_ms
-    return (
-        f"{src.framework} at batch {record.batch_size}: p50 {src.latency_p50_ms:.3f} ms, "
-        f"{src.throughput_sps:,.0f} samples/s; the winner is {gain:.2f}× faster"
-    )
+def headline(record: RunRecord) -> tuple[str, ...]:
+    """The summary lines the CLI prints and the report shows: every ratio in them was timed side by side
+    (the winner against the baseline, and torch eager against the winner), or is printed as 'unstable (...)'."""
+    lines: list[str] = []
+    sel = record.selection
+    if sel is not None:
+        lines.append(f"winner: {sel.winner} — {sel.reason}")
+        winner = record.candidate(sel.winner)
+        if winner.confirmation is not None:
+            lines.append(winner.confirmation.text())
+    if record.source_timing is not None:
+        lines.append(record.source_timing.text())
+    for c in (record.baseline, *record.candidates):
+        if c.signal is not None:
+            lines.append(f"{c.name} crashed its child process ({c.signal}); the build went on (see run.json)")
+        lines += [f"{c.name}: {w}" for w in c.warnings if w.startswith("onnxruntime crashed")]
+    if record.error is not None:
+        lines.append(f"the build stopped early: {record.error.splitlines()[0] if record.error else ''}")
+    return tuple(lines)
 
 
-def _source_line(record: RunRecord, winner: CandidateResult) -> str:
-    text = source_comparison(record, winner)
-    return f'<p id="source-comparison">{html.escape(text)}.</p>' if text else ""
+def headline_mismatches(record: RunRecord) -> list[str]:
+    """Every 'N.NN×' in the headline that is not a side-by-side ratio recorded in the run (empty: all match)."""
+    measured = {f"{c.confirmation.ratio:.2f}×" for c in record.candidates if c.confirmation is not None}
+    if record.source_timing is not None:
+        measured.add(f"{record.source_timing.ratio:.2f}×")
+    return [
+        f"{shown} in {line!r}"
+        for line in record.headline
+        for shown in re.findall(r"\d+(?:\.\d+)?×", line)
+        if shown not in measured
+    ]
+
+
+def _headline_html(record: RunRecord) -> str:
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in record.headline)
+    return f'<ul id="headline">{items}</ul>' if items else ""
 
 
 def _sensitivity_html(record: RunRecord) -> str:
@@ -197,7 +224,8 @@ def render_html(record: RunRecord) -> str:
     header = (
         "<tr><th>candidate</th><th>passes</th><th>status</th><th>"
         + html.escape(record.metric)
-        + "</th><th>drop</th><th>p50 ms</th><th>p99 ms</th><th>samples/s</th><th>gain</th><th>KiB</th>"
+        + "</th><th>drop</th><th>p50 ms</th><th>p99 ms</th><th>samples/s</th><th>first-pass gain</th>"
+        "<th>side by side</th><th>KiB</th>"
         "<th>decision</th></tr>"
     )
     rows = "".join(_row(record, c, decisions.get(c.name, "")) for c in (record.baseline, *record.candidates))
@@ -216,7 +244,7 @@ budget <code>{html.escape(json.dumps(record.recipe.get("budget")))}</code>; {len
 {record.duration_s:.1f} s.</p>
 <h2>Winner: {html.escape(winner.name)}</h2>
 <p>{html.escape(sel.reason if sel else "")}. Session settings: <code>{tuning}</code>.</p>
-{_source_line(record, winner)}
+{_headline_html(record)}
 <h2>Candidates</h2>
 <table id="candidates">{header}{rows}</table>
 <h2>Pareto plots</h2>

@@ -1,44 +1,47 @@
 """The build: import the source, try every candidate, measure each on the real target, select, report.
 
-A failed candidate never aborts the build: it is recorded in run.json with its error. Measurements of
-a bundle are cached by its content (model sha256, data, metric, batch size, target), so a second run of
-the same recipe re-uses both the pass cache and the measurements.
+A failed candidate never aborts the build: each candidate's passes and measurement run in a child process
+(build/isolate.py), so even a segfault in onnxruntime is recorded in run.json with its signal, and the build
+goes on. run.json and the report are written whatever happens after the import, with what the build has.
+Measurements of a bundle are cached by its content (model sha256, data, metric, batch size, target), so a
+second run of the same recipe re-uses both the pass cache and the measurements; byte-identical candidates
+are measured once. Every ratio in the headline is timed side by side (evaluate/sidebyside.py).
 """
 
 from __future__ import annotations
 
-import json
 import platform
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from slipstream.artifact.bundle import Bundle, Step, write_bundle
-from slipstream.artifact.hashing import sha256_file, sha256_json
+from slipstream.artifact.bundle import Bundle
+from slipstream.artifact.hashing import sha256_json
 from slipstream.build.ladder import auto_candidates
 from slipstream.build.measure import Measurer, first_rows
-from slipstream.build.recipe import Candidate, Recipe
-from slipstream.build.record import CandidateMetrics, CandidateResult, RunRecord, SensitivityReport, SourceTiming
+from slipstream.build.package import package, tune
+from slipstream.build.recipe import Candidate, Recipe, precheck_recipe_data
+from slipstream.build.record import CandidateMetrics, CandidateResult, RunRecord, SensitivityReport
 from slipstream.build.select import quality_drop, select
 from slipstream.build.sensitivity import analyze_sensitivity
 from slipstream.build.torch_source import (
     TorchSourceContext,
     is_torch_chain,
+    missing_labels,
     run_torch_candidate,
     torch_context,
     torch_eager_timing,
     torch_ladder,
 )
 from slipstream.data.datasets import Dataset, load_dataset
-from slipstream.errors import ConfigError, SlipstreamError
-from slipstream.evaluate.bench import BenchSettings, bench
+from slipstream.errors import ConfigError, EngineError, SlipstreamError
 from slipstream.evaluate.metrics import Metric, get_metric
-from slipstream.runtime.engine import Engine
+from slipstream.evaluate.sidebyside import SideBySide
 from slipstream.runtime.targets import physical_cores, target
 
 BASELINE = "baseline"
@@ -104,41 +107,18 @@ def _entry_point_module(recipe: Recipe) -> Any:
     return load_torch_module(recipe.model)
 
 
-def _source_key(recipe: Recipe, module: Any) -> str | None:
-    """What the baseline conversion depends on: the source file's bytes, or a torch entry point's weights."""
-    src = Path(recipe.model)
-    if src.is_file():
-        return sha256_json([sha256_file(src), recipe.input_shape, *recipe.dynamic_axes])
-    if module is None:
-        return None
-    from slipstream.passes.torch_base import weights_digest
-
-    code = Path(recipe.model.rpartition(":")[0])
-    code_digest = sha256_file(code) if code.is_file() else None
-    return sha256_json([weights_digest(module), code_digest, recipe.input_shape, *recipe.dynamic_axes])
-
-
-def _source_bundle(recipe: Recipe, dest: Path, index_file: Path, module: Any) -> Bundle:
-    """The baseline bundle: the recipe's bundle as is, or its source converted (re-used while unchanged)."""
+def _source_bundle(recipe: Recipe, dest: Path, module: Any) -> Bundle:
+    """The baseline bundle: the recipe's bundle as is, or its source converted by the pass runner (the
+    ``import@1`` step, cached by the pass cache while the source is unchanged)."""
     if Path(recipe.model).is_dir():
         return Bundle.load(recipe.model)
-    from slipstream.importers import convert
+    from slipstream.passes.export import import_source
 
-    key = _source_key(recipe, module)
-    if key is not None and dest.is_dir() and index_file.is_file() and json.loads(index_file.read_text()) == key:
-        try:
-            return Bundle.load(dest)  # same source: re-use the earlier conversion (verified)
-        except SlipstreamError:
-            pass
-    kwargs: dict[str, Any] = {"overwrite": True, "name": recipe.name}
-    if recipe.input_shape is not None:
-        kwargs["input_shapes"] = [recipe.input_shape]
-    if recipe.dynamic_axes:
-        kwargs["dynamic_axes"] = list(recipe.dynamic_axes)
-    bundle = convert(recipe.model, dest, **kwargs)
-    if key is not None:
-        index_file.write_text(json.dumps(key))
-    return bundle
+    shapes = (recipe.input_shape,) if recipe.input_shape is not None else ()
+    run = import_source(
+        recipe.model, dest, name=recipe.name, module=module, input_shapes=shapes, dynamic_axes=recipe.dynamic_axes
+    )
+    return run.bundle
 
 
 def _machine() -> dict[str, Any]:
@@ -159,20 +139,26 @@ def _versions() -> dict[str, str]:
     return {"slipstream": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+class _Run:
+    """The record as far as the build got: written as run.json even when a later stage fails."""
+
+    def __init__(self, record: RunRecord) -> None:
+        self.record = record
+
+
 def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResult:
     """Run the whole build described by ``recipe``; see the module docstring."""
-    from slipstream.passes.recipe import optimize
-
     started = time.perf_counter()
     notify = progress or (lambda event: None)
     out = Path(recipe.output)
     out.mkdir(parents=True, exist_ok=True)
     metric = get_metric(recipe.metric)
     tgt = target(recipe.target)
+    precheck_recipe_data(recipe, needs_labels=metric.against == "labels")  # before any conversion work
 
     notify(BuildEvent(stage="import"))
     module = _entry_point_module(recipe)
-    baseline_bundle = _source_bundle(recipe, out / BASELINE, out / ".source-key.json", module)
+    baseline_bundle = _source_bundle(recipe, out / BASELINE, module)
     dataset = load_dataset(recipe.data.eval, baseline_bundle.manifest.inputs).take(recipe.max_eval_rows)
     if metric.against == "labels" and dataset.labels is None:
         raise ConfigError(
@@ -180,66 +166,107 @@ def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResul
             field="data.eval",
             hint="Add labels to the data, or use metric: cosine or agreement.",
         )
-    measurer = Measurer(recipe, dataset, metric, tgt, out / ".measurements.json")
     calibration = _write_calibration(recipe, baseline_bundle, dataset, out / "calibration.npz")
     torch_ctx = torch_context(recipe, baseline_bundle, dataset, module)
+    run = _Run(
+        RunRecord(
+            name=recipe.name,
+            recipe=recipe.model_dump(mode="json"),
+            recipe_sha256=sha256_json(recipe.model_dump(mode="json")),
+            machine=_machine(),
+            versions=_versions(),
+            metric=recipe.metric,
+            higher_is_better=metric.higher_is_better,
+            objective=recipe.objective,
+            batch_size=recipe.batch_size,
+            baseline=CandidateResult(
+                name=BASELINE, passes=(), status="failed", error="not measured", bundle=str(baseline_bundle.path)
+            ),
+            candidates=(),
+        )
+    )
+    with tempfile.TemporaryDirectory(prefix=".children-", dir=out) as scratch:
+        measurer = Measurer(recipe, dataset, metric, tgt, out / ".measurements.json", Path(scratch))
+        try:
+            winner = _search(run, recipe, baseline_bundle, measurer, torch_ctx, calibration, notify)
+        except Exception as exc:  # write what the build has, then let the error reach the caller
+            text = str(exc) if isinstance(exc, SlipstreamError) else f"{type(exc).__name__}: {exc}"
+            _finish(run.record.model_copy(update={"error": text}), out, started, notify)
+            raise
+    record = _finish(run.record, out, started, notify)
+    return BuildResult(record=record, winner=winner, output=out)
+
+
+def _finish(record: RunRecord, out: Path, started: float, notify: Progress) -> RunRecord:
+    from slipstream.build.report import headline, write_report
+
+    record = record.model_copy(update={"duration_s": time.perf_counter() - started})
+    record = record.model_copy(update={"headline": headline(record)})
+    record.write(out / "run.json")
+    notify(BuildEvent(stage="report"))
+    write_report(record, out)
+    return record
+
+
+def _search(
+    run: _Run,
+    recipe: Recipe,
+    baseline_bundle: Bundle,
+    measurer: Measurer,
+    torch_ctx: TorchSourceContext | None,
+    calibration: Path,
+    notify: Progress,
+) -> Bundle:
+    """Baseline, candidates, selection with side-by-side confirmation, tuning, torch eager, packaging."""
+    out = Path(recipe.output)
     notify(BuildEvent(stage="baseline", candidate=BASELINE))
-    base_metrics, _ = measurer.measure(baseline_bundle)
-    source_timing = None
-    if torch_ctx is not None:
-        notify(BuildEvent(stage="torch eager", candidate=BASELINE))
-        eager_key = "torch-eager:" + measurer.key(baseline_bundle)
-        if eager_key in measurer.cache:
-            source_timing = SourceTiming.model_validate(measurer.cache[eager_key])
-        else:
-            source_timing = torch_eager_timing(torch_ctx, first_rows(dataset, recipe.batch_size), recipe)
-            measurer.remember(eager_key, source_timing.model_dump())
+    base = measurer.measure(baseline_bundle, reference=True)
+    if base.metrics is None:
+        run.record = run.record.model_copy(
+            update={"baseline": run.record.baseline.model_copy(update={"error": base.error, "signal": base.signal})}
+        )
+        raise EngineError(f"The baseline could not be measured: {base.error}")
     baseline = CandidateResult(
-        name=BASELINE, passes=(), status="ok", metrics=base_metrics, bundle=str(baseline_bundle.path),
-        lineage=tuple(e.step for e in baseline_bundle.manifest.lineage),
+        name=BASELINE, passes=(), status="ok", metrics=base.metrics, bundle=str(baseline_bundle.path),
+        lineage=tuple(e.step for e in baseline_bundle.manifest.lineage), graph_optimization=base.graph_optimization,
+        warnings=base.notes,
     )  # fmt: skip
+    run.record = run.record.model_copy(update={"baseline": baseline})
 
     if recipe.candidates == "auto":
         chosen = auto_candidates(recipe, str(calibration))
-        if torch_ctx is not None and torch_ctx.train is not None:
+        if torch_ctx is not None and recipe.data.train is not None:  # without labels: recorded as skipped
             chosen = (*chosen, *torch_ladder(str(calibration)))
     else:
         chosen = recipe.candidates
     results: list[CandidateResult] = []
+    seen = {baseline_bundle.model_sha256: BASELINE}
     best: tuple[float, str] | None = None
     for i, cand in enumerate(chosen):
         notify(BuildEvent("candidate", cand.name, i, len(chosen), best[1] if best else None))
-        result = _try_candidate(cand, baseline_bundle, out, measurer, recipe, optimize, torch_ctx)
+        result = _try_candidate(cand, baseline_bundle, out, measurer, recipe, torch_ctx, calibration, seen)
         results.append(result)
+        run.record = run.record.model_copy(update={"candidates": tuple(results)})
         if result.metrics is not None:
-            gain = base_metrics.latency_p50_ms / result.metrics.latency_p50_ms
+            gain = base.metrics.latency_p50_ms / result.metrics.latency_p50_ms
             if best is None or gain > best[0]:
-                best = (gain, f"{cand.name} {gain:.2f}×")
+                best = (gain, f"{cand.name} (first pass {gain:.2f}×)")
 
-    sensitivity = None
     if recipe.candidates == "auto":
-        rescue = _sensitivity_candidate(recipe, baseline_bundle, dataset, metric, base_metrics, results, calibration)
+        rescue = _sensitivity_candidate(
+            recipe, baseline_bundle, measurer.dataset, measurer.metric, base.metrics, results, calibration
+        )
         if rescue is not None:
             sensitivity, rescued = rescue
+            run.record = run.record.model_copy(update={"sensitivity": sensitivity})
             if rescued is not None:
                 notify(BuildEvent("candidate", rescued.name, len(chosen), len(chosen) + 1, best[1] if best else None))
-                results.append(_try_candidate(rescued, baseline_bundle, out, measurer, recipe, optimize, torch_ctx))
+                results.append(
+                    _try_candidate(rescued, baseline_bundle, out, measurer, recipe, torch_ctx, calibration, seen)
+                )
+                run.record = run.record.model_copy(update={"candidates": tuple(results)})
 
-    record = RunRecord(
-        name=recipe.name,
-        recipe=recipe.model_dump(mode="json"),
-        recipe_sha256=sha256_json(recipe.model_dump(mode="json")),
-        machine=_machine(),
-        versions=_versions(),
-        metric=recipe.metric,
-        higher_is_better=metric.higher_is_better,
-        objective=recipe.objective,
-        batch_size=recipe.batch_size,
-        baseline=baseline,
-        candidates=tuple(results),
-        source_timing=source_timing,
-        sensitivity=sensitivity,
-    )
+    record = run.record
     selection = select(record, recipe.budget)
     # Timings on a shared machine drift; re-time each would-be winner alternately with the baseline and
     # move on to the next one if the gain does not hold up side by side.
@@ -253,20 +280,32 @@ def run_build(recipe: Recipe, *, progress: Progress | None = None) -> BuildResul
             selection = again
             break
         selection = again
+    run.record = record = record.model_copy(update={"selection": selection})
     winner_result = record.candidate(selection.winner)
     winner_src = Bundle.load(winner_result.bundle) if winner_result.bundle else baseline_bundle
     notify(BuildEvent(stage="tune", candidate=selection.winner))
-    tuning = _tune(winner_src, recipe, measurer)
-    winner = _package(winner_src, out / "winner", recipe, winner_result, tuning, dataset)
-    record = record.model_copy(
-        update={"selection": selection, "tuning": tuning, "duration_s": time.perf_counter() - started}
-    )
-    record.write(out / "run.json")
-    from slipstream.build.report import write_report
+    tuning = tune(winner_src, recipe, measurer, winner_result.graph_optimization)
+    run.record = record = record.model_copy(update={"tuning": tuning})
+    if torch_ctx is not None:
+        notify(BuildEvent(stage="torch eager", candidate=selection.winner))
+        compared = _torch_side_by_side(torch_ctx, winner_src, selection.winner, tuning, measurer, recipe)
+        run.record = record = record.model_copy(update={"source_timing": compared})
+    return package(winner_src, out / "winner", recipe, winner_result, tuning, measurer.dataset)
 
-    notify(BuildEvent(stage="report"))
-    write_report(record, out)
-    return BuildResult(record=record, winner=winner, output=out)
+
+def _torch_side_by_side(
+    ctx: TorchSourceContext, bundle: Bundle, name: str, tuning: dict[str, Any], measurer: Measurer, recipe: Recipe
+) -> SideBySide:
+    """torch eager against the winner at the winner's tuned settings (cached by content, like every timing)."""
+    chosen = dict(tuning["chosen"])
+    key = "torch-eager:" + sha256_json([measurer.key(bundle), ctx.data_key, chosen, name])
+    if key in measurer.cache:
+        return SideBySide.model_validate(measurer.cache[key])
+    level = str(chosen.pop("graph_optimization", "all"))
+    engine = measurer.engine(bundle, level, **chosen)
+    compared = torch_eager_timing(ctx, engine, first_rows(measurer.dataset, recipe.batch_size), recipe, name)
+    measurer.remember(key, compared.model_dump(mode="json"))
+    return compared
 
 
 def _sensitivity_candidate(
@@ -305,18 +344,18 @@ def _try_candidate(
     out: Path,
     measurer: Measurer,
     recipe: Recipe,
-    optimize: Any,
     torch_ctx: TorchSourceContext | None,
+    calibration: Path,
+    seen: dict[str, str],
 ) -> CandidateResult:
+    """Build and measure one candidate in a child process (build/isolate.py): any failure, a crash included, is
+    recorded. The recipe's calibration data reaches every pass that takes data (quantize.static calibrates on
+    it unless the candidate names its own ``data``). A model byte-identical to an earlier one is measured once
+    and recorded as the same model (``seen`` maps model sha256 to the first candidate that made it)."""
     started = time.perf_counter()
     labels = tuple(_pass_label(p) for p in cand.passes)
-    hits = 0
-
-    def count_hits(event: Any) -> None:
-        nonlocal hits
-        if event.run is not None and event.run.cache_hit:
-            hits += 1
-
+    if (skip := missing_labels(cand, torch_ctx)) is not None:
+        return CandidateResult(name=cand.name, passes=labels, status="skipped", error=skip)
     try:
         refs = [_pass_ref(p) for p in cand.passes]
         dest = out / "candidates" / cand.name
@@ -327,16 +366,24 @@ def _try_candidate(
                     "PyTorch model.",
                     field="candidates",
                 )
-            bundle, reused = run_torch_candidate(torch_ctx, cand, refs, dest, recipe, out / ".torch-candidates.json")
-            hits = len(refs) if reused else 0
+            bundle, hits = run_torch_candidate(torch_ctx, refs, dest, recipe, str(calibration))
+            measured = measurer.measure(bundle)
+            measured = replace(measured, cache_hits=hits)
         else:
-            bundle = optimize(baseline, refs, dest, overwrite=True, seed=recipe.seed, progress=count_hits)
-        metrics, _ = measurer.measure(bundle)
+            as_json = tuple(r if isinstance(r, str) else [r[0], r[1]] for r in refs)
+            measured = measurer.produce_and_measure(baseline, as_json, dest, data=calibration)  # type: ignore[arg-type]
     except Exception as exc:  # a failed candidate is recorded with its error, never allowed to abort the build
         text = str(exc) if isinstance(exc, SlipstreamError) else f"{type(exc).__name__}: {exc}"
         return CandidateResult(
             name=cand.name, passes=labels, status="failed", error=text, duration_s=time.perf_counter() - started
         )
+    if measured.metrics is None or measured.bundle is None:
+        return CandidateResult(
+            name=cand.name, passes=labels, status="failed", error=measured.error, signal=measured.signal,
+            bundle=measured.bundle, cache_hits=measured.cache_hits, duration_s=time.perf_counter() - started,
+        )  # fmt: skip
+    bundle = Bundle.load(measured.bundle)
+    same_as = seen.setdefault(bundle.model_sha256, cand.name)
     warnings = [
         str(text)
         for entry in bundle.manifest.resolved.values()
@@ -347,96 +394,22 @@ def _try_candidate(
         name=cand.name,
         passes=labels,
         status="ok",
-        metrics=metrics,
+        metrics=measured.metrics,
         bundle=str(bundle.path),
         lineage=tuple(e.step for e in bundle.manifest.lineage),
         duration_s=time.perf_counter() - started,
-        cache_hits=hits,
-        warnings=tuple(warnings),
+        cache_hits=measured.cache_hits,
+        same_as=same_as if same_as != cand.name else None,
+        graph_optimization=measured.graph_optimization,
+        warnings=(*measured.notes, *warnings),
     )
 
 
 def _with_confirmed_gain(record: RunRecord, name: str, baseline: Bundle, measurer: Measurer) -> RunRecord:
     cand = record.candidate(name)
-    gain = measurer.confirm(baseline, Bundle.load(cand.bundle or ""))
-    confirmed = cand.model_copy(update={"confirmed_gain": gain})
+    levels = (record.baseline.graph_optimization, cand.graph_optimization)
+    compared = measurer.confirm(baseline, Bundle.load(cand.bundle or ""), name, levels=levels)
+    confirmed = cand.model_copy(update={"confirmed_gain": compared.ratio, "confirmation": compared})
     return record.model_copy(
         update={"candidates": tuple(confirmed if c.name == name else c for c in record.candidates)}
     )
-
-
-def _tune(bundle: Bundle, recipe: Recipe, measurer: Measurer) -> dict[str, Any]:
-    """Try thread counts and execution modes on the winner; keep the fastest at the recipe's batch size."""
-    cache_key = "tune:" + measurer.key(bundle)
-    if cache_key in measurer.cache:
-        cached: dict[str, Any] = measurer.cache[cache_key]
-        return cached
-    feeds = {recipe.batch_size: first_rows(measurer.dataset, recipe.batch_size)}
-    budget = recipe.bench_time_s / 2
-    settings = BenchSettings(batch_sizes=(recipe.batch_size,), warmup_runs=3, min_time_s=budget / 4, max_time_s=budget)
-    trials: list[dict[str, Any]] = []
-    for threads in sorted({1, physical_cores()}):
-        for mode in ("sequential", "parallel"):
-            tgt = target(recipe.target, intra_op_threads=threads, execution_mode=mode)
-            report = bench(partial(Engine, bundle, tgt), settings, feeds=feeds)
-            trials.append({"intra_op_threads": threads, "execution_mode": mode, "p50_ms": report.results[0].p50_ms})
-    best = min(trials, key=lambda t: t["p50_ms"])
-    tuning = {"chosen": {k: best[k] for k in ("intra_op_threads", "execution_mode")}, "trials": trials}
-    measurer.remember(cache_key, tuning)
-    return tuning
-
-
-def _package(
-    src: Bundle, dest: Path, recipe: Recipe, result: CandidateResult, tuning: dict[str, Any], dataset: Dataset
-) -> Bundle:
-    """The winner as its own bundle: measured metrics, tuned session settings, and the reference profile of
-    the evaluation data (profile.json), which drift, accuracy and OOD monitoring compare live traffic with. A
-    classifier also gets its penultimate activations as a monitoring-only output (monitor.penultimate), which
-    the profile samples for the embedding test; clients never see it."""
-    import shutil
-
-    from slipstream.monitor.penultimate import with_embedding_output
-
-    task = {"mae": "regression", "rmse": "regression", "cosine": "auto"}.get(recipe.metric, "classification")
-    staged = dest.parent / f".{dest.name}.embedding"
-    exposed = with_embedding_output(src.path, staged, overwrite=True) if task == "classification" else None
-    try:
-        return _package_profiled(Bundle.load(exposed) if exposed else src, dest, recipe, result, tuning, dataset, task)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-
-
-def _package_profiled(
-    src: Bundle,
-    dest: Path,
-    recipe: Recipe,
-    result: CandidateResult,
-    tuning: dict[str, Any],
-    dataset: Dataset,
-    task: str,
-) -> Bundle:
-    """:func:`_package` once the embedding step ran: profile ``src`` and write it as the winner."""
-    from slipstream.monitor.profile import PROFILE_FILE, ProfileConfig, profile_from_dataset
-
-    profile = profile_from_dataset(src.path, dataset, ProfileConfig(task=task))
-    m = result.metrics
-    metrics = dict(src.manifest.metrics)
-    if m is not None:
-        metrics["build"] = {
-            "metric": recipe.metric,
-            "quality": m.quality,
-            "latency_p50_ms": m.latency_p50_ms,
-            "latency_p99_ms": m.latency_p99_ms,
-            "throughput_sps": m.throughput_sps,
-            "batch_size": recipe.batch_size,
-            "target": recipe.target,
-        }
-    resolved = {**src.manifest.resolved, "session": tuning["chosen"], "build_candidate": result.name}
-    manifest = src.manifest.model_copy(update={"metrics": metrics, "resolved": resolved, "name": recipe.name})
-    step = Step(
-        name="build.select@1",
-        config={"candidate": result.name, "recipe": recipe.name},
-        input_sha256=src.model_sha256,
-    )
-    extra = {PROFILE_FILE: profile.to_json_bytes()}
-    return write_bundle(dest, src.load_model(), manifest, step=step, extra_files=extra, overwrite=True)

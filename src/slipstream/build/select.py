@@ -21,6 +21,13 @@ def objective_gain(baseline: CandidateMetrics, candidate: CandidateMetrics, obje
     return baseline.latency_p50_ms / candidate.latency_p50_ms
 
 
+def gain_text(cand: CandidateResult, first_pass: float) -> str:
+    """The side-by-side ratio (or 'unstable (...)') when the candidate was re-timed, else the first pass, said so."""
+    if cand.confirmation is not None:
+        return f"{cand.confirmation.ratio_text()} the baseline, timed side by side"
+    return f"{first_pass:.2f}× the baseline (first pass, not re-timed side by side)"
+
+
 def _fmt_drop(drop: float, relative: bool) -> str:
     return f"{100 * drop:.2f} %" if relative else f"{drop:.4f}"
 
@@ -34,8 +41,16 @@ def select(record: RunRecord, budget: Budget) -> Selection:
     eligible: list[tuple[float, float, CandidateResult]] = []
     rejections: list[Rejection] = []
     for cand in record.candidates:
+        if cand.status == "skipped":
+            rejections.append(Rejection(name=cand.name, reason=cand.error or "skipped"))
+            continue
         if cand.status == "failed" or cand.metrics is None:
             rejections.append(Rejection(name=cand.name, reason=f"failed: {cand.error or 'no metrics'}"))
+            continue
+        if cand.same_as is not None:
+            rejections.append(
+                Rejection(name=cand.name, reason=f"byte-identical to {cand.same_as} (the same model, measured once)")
+            )
             continue
         drop = quality_drop(
             base.quality, cand.metrics.quality, higher_is_better=record.higher_is_better, relative=relative
@@ -66,7 +81,9 @@ def select(record: RunRecord, budget: Budget) -> Selection:
                 )
             )
         else:
-            eligible.append((gain, -drop, cand))
+            # A side-by-side re-timing, when there is one, replaces the first-pass gain.
+            confirmed = cand.confirmed_gain if record.objective != "size" else None
+            eligible.append((gain if confirmed is None else confirmed, -drop, cand))
     if not eligible:
         return Selection(
             winner=record.baseline.name,
@@ -82,7 +99,7 @@ def select(record: RunRecord, budget: Budget) -> Selection:
             )
         )
     reason = (
-        f"best {record.objective} within budget: {best_gain:.2f}× the baseline, "
+        f"best {record.objective} within budget: {gain_text(best, best_gain)}, "
         f"{record.metric} drop {_fmt_drop(-best_neg_drop, relative)}"
     )
     return Selection(winner=best.name, reason=reason, rejections=tuple(rejections))

@@ -10,7 +10,7 @@ import typer
 from slipstream.cli.analyze import analyze_app
 from slipstream.cli.monitor import monitor_app
 from slipstream.cli.output import console, parse_dims, parse_ints, print_json, reporting, status
-from slipstream.cli.render import render_bench, render_summary
+from slipstream.cli.render import render_bench, render_parity, render_summary
 
 app = typer.Typer(
     name="slipstream",
@@ -82,7 +82,10 @@ def convert(
     exporter: Annotated[str | None, typer.Option(help="PyTorch exporter: dynamo (default) or torchscript.")] = None,
     opset: Annotated[int | None, typer.Option(min=7, help="ai.onnx opset to export to (default: exporter's).")] = None,
     sample_data: Annotated[
-        Path | None, typer.Option(help="An .npz of sample inputs (one array per input) for the parity proof.")
+        Path | None,
+        typer.Option(
+            "--sample-data", "--sample", help="An .npz of real inputs (one array per input) for the parity proof."
+        ),
     ] = None,
     output_name: Annotated[list[str] | None, typer.Option(help="PyTorch output names, in order.")] = None,
     as_json: JsonOpt = False,
@@ -105,6 +108,7 @@ def convert(
         print_json(bundle.manifest)
     else:
         console.print(f"[green]✓[/] wrote bundle [bold]{bundle.path}[/] ({bundle.manifest.name})", highlight=False)
+        render_parity(bundle.manifest.parity)
 
 
 def _exporter(value: str | None) -> Literal["dynamo", "torchscript"] | None:
@@ -162,12 +166,18 @@ def bench(
         tgt = target(target_name, intra_op_threads=threads, allow_fallback=allow_fallback)
         settings = BenchSettings(batch_sizes=batches, dims=dims, max_time_s=max_time)
         with status(f"Benchmarking {b.manifest.name} at batch {', '.join(map(str, batches))}…", quiet=as_json):
-            report = do_bench(lambda: Engine(b, tgt), settings)
-            if compare is not None:
-                from slipstream.evaluate.torch_eager import compare_torch_source
+            engines: list[Engine] = []  # bench builds it (timing the load); --compare re-uses it
 
-                timed = compare_torch_source(compare, b.manifest.inputs, settings, trust_pickle=trust_pickle)
-                report = report.model_copy(update={"source_framework": "torch eager", "source_results": timed})
+            def build_engine() -> Engine:
+                engines.append(Engine(b, tgt))
+                return engines[-1]
+
+            report = do_bench(build_engine, settings)
+            if compare is not None:  # side by side with the same engine, torch at its thread count
+                from slipstream.evaluate.torch_eager import TORCH_EAGER, compare_torch_source
+
+                timed = compare_torch_source(compare, engines[-1], settings, trust_pickle=trust_pickle)
+                report = report.model_copy(update={"source_framework": TORCH_EAGER, "comparisons": timed})
     if as_json:
         print_json(report)
     else:
@@ -184,6 +194,9 @@ def serve(
         Path | None, typer.Option(help="Keys for /v2/repository/* (or $SLIPSTREAM_ADMIN_KEYS).")
     ] = None,
     allow_anonymous: Annotated[bool, typer.Option(help="Serve off loopback without API keys.")] = False,
+    open_metrics: Annotated[
+        bool, typer.Option(help="Answer /metrics without a key (a scrape network); by default it needs one.")
+    ] = False,
     version_policy: Annotated[str, typer.Option(help="latest, all or specific.")] = "latest",
     model_version: Annotated[
         list[str] | None, typer.Option("--model-version", help="A version for --version-policy specific; repeatable.")
@@ -201,7 +214,21 @@ def serve(
     cors_origin: Annotated[
         list[str] | None, typer.Option(help="An origin CORS allows; repeatable. Off by default.")
     ] = None,
-    threads: Annotated[int, typer.Option(min=1, help="onnxruntime intra-op threads per model.")] = 1,
+    http_limits: Annotated[
+        bool, typer.Option(help="Enforce the HTTP limits below (off: plain uvicorn httptools, for comparison).")
+    ] = True,
+    max_header_bytes: Annotated[int, typer.Option(help="Most bytes of a request head (431 beyond).")] = 32 * 1024,
+    max_header_count: Annotated[int, typer.Option(help="Most header lines per request (431 beyond).")] = 100,
+    max_request_line_bytes: Annotated[int, typer.Option(help="Longest request target (414 beyond).")] = 8 * 1024,
+    header_timeout: Annotated[float, typer.Option(help="Seconds to send a request head (408 beyond).")] = 10.0,
+    body_idle_timeout: Annotated[float, typer.Option(help="Most seconds between body pieces (408).")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="Most seconds for a whole request body (408).")] = 60.0,
+    keep_alive_timeout: Annotated[float, typer.Option(help="Seconds an idle connection is kept.")] = 5.0,
+    max_connections: Annotated[int, typer.Option(help="Open connections before 503 + Retry-After.")] = 1024,
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="onnxruntime intra-op threads per model (default: the build's tuned count, else 1)."),
+    ] = None,
     poll_interval: Annotated[float, typer.Option(help="Seconds between repository rescans; 0: off.")] = 0.0,
     access_log: Annotated[bool, typer.Option(help="JSON access log lines on stderr.")] = True,
     monitor_db: Annotated[
@@ -240,6 +267,15 @@ def serve(
             "the kernel places both."
         ),
     ] = "auto",
+    monitor_standby: Annotated[
+        bool, typer.Option(help="Keep a spare monitor process (idle, ~150 MB) for a restart in a second.")
+    ] = True,
+    monitor_restart_max: Annotated[
+        float, typer.Option(help="Longest wait (s) before restarting a monitor process that keeps dying.")
+    ] = 30.0,
+    monitor_log_max_mb: Annotated[
+        float | None, typer.Option(help="Cap on the prediction log's size; past it rows are dropped and counted.")
+    ] = None,
 ) -> None:
     """Serve a bundle or a model repository over the Open Inference Protocol v2 (REST).
 
@@ -253,13 +289,19 @@ def serve(
 
     options = {
         "host": host, "port": port, "api_key_file": api_key_file, "admin_key_file": admin_key_file,
-        "allow_anonymous": allow_anonymous, "version_policy": version_policy, "versions": tuple(model_version or ()),
+        "allow_anonymous": allow_anonymous, "metrics_open": open_metrics,
+        "version_policy": version_policy, "versions": tuple(model_version or ()),
         "max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms,
         "max_queue_length": max_queue_length, "timeout_ms": timeout_ms, "compute": compute,
         "rate_per_s": rate_per_s, "burst": burst,
         "max_body_bytes": max_body_bytes, "max_id_chars": max_id_chars, "non_finite": non_finite,
         "cors_origins": tuple(cors_origin or ()),
         "intra_op_threads": threads, "poll_interval_s": poll_interval, "access_log": access_log,
+        "http_limits": http_limits, "http_max_header_bytes": max_header_bytes,
+        "http_max_header_count": max_header_count, "http_max_request_line_bytes": max_request_line_bytes,
+        "http_header_timeout_s": header_timeout, "http_body_idle_timeout_s": body_idle_timeout,
+        "http_body_timeout_s": body_timeout, "http_keep_alive_timeout_s": keep_alive_timeout,
+        "http_max_connections": max_connections,
         "monitor": {
             "db_path": monitor_db, "sample_rate": monitor_sample_rate, "log_raw_inputs": monitor_raw_inputs,
             "ood_reject_above": ood_reject, "group_parameter": group_parameter,
@@ -268,9 +310,12 @@ def serve(
             "fairness_confidence": fairness_confidence, "webhook_url": webhook,
             "retention_max_age_s": monitor_retention_days * 86400, "retention_max_rows": monitor_max_rows,
             "evaluate_interval_s": monitor_interval, "process_nice": monitor_nice,
-            "placement": monitor_placement,
+            "placement": monitor_placement, "standby": monitor_standby, "restart_max_s": monitor_restart_max,
+            "log_max_mb": monitor_log_max_mb,
         },
     }  # fmt: skip
+    if threads is None:  # unset: each bundle's tuned resolved["session"] applies (serve/repository.py)
+        options.pop("intra_op_threads")
     with reporting(as_json=False):
         do_serve(path, settings_from_options(options, os.environ))
 

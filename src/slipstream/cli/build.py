@@ -10,7 +10,6 @@ from rich.table import Table
 
 from slipstream.build.recipe import Recipe
 from slipstream.build.record import RunRecord
-from slipstream.build.report import source_comparison
 from slipstream.build.search import BuildEvent, BuildResult, run_build
 from slipstream.cli.output import console, err_console
 from slipstream.passes.base import PassWarning
@@ -79,12 +78,8 @@ def render_record(record: RunRecord) -> None:
     for c in record.candidates:
         for text in dict.fromkeys(c.warnings):
             console.print(f"[yellow]{escape(c.name)}:[/] {escape(text)}", highlight=False)
-    if sel:
-        console.print(f"[bold]winner:[/] {escape(sel.winner)} — {escape(sel.reason)}", highlight=False)
-    if sel is not None:
-        compared = source_comparison(record, record.candidate(sel.winner))
-        if compared:
-            console.print(escape(compared), highlight=False)
+    for line in record.headline:  # the winner line and every side-by-side ratio, as run.json records them
+        console.print(escape(line), highlight=False)
     chosen = record.tuning.get("chosen")
     if chosen:
         console.print(f"session settings: {escape(str(chosen))}", highlight=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
+from slipstream.artifact.manifest import ParityRecord
 from slipstream.artifact.summary import BundleSummary
 from slipstream.artifact.tensor import TensorSpec
 from slipstream.cli.output import console
@@ -29,20 +30,30 @@ def _io_table(title: str, specs: tuple[TensorSpec, ...]) -> Table:
     return table
 
 
-def _render_parity(s: BundleSummary) -> None:
-    p = s.parity
+def _inputs_used(p: ParityRecord) -> str:
+    sets = "; ".join(f"batch={c.batch}" + "".join(f", {k}={v}" for k, v in sorted(c.dims.items())) for c in p.cases)
+    return f"{len(p.cases)} {p.data} input sets ({sets})"
+
+
+def render_parity(p: ParityRecord | None) -> None:
+    """One line for the proof (largest errors, the inputs it ran on), then a warning line per weakness."""
     if p is None:
         console.print("parity: not applicable (the source is ONNX; nothing was converted)", highlight=False)
         return
     if p.status == "skipped":
         console.print(f"[yellow]parity: skipped[/] ({escape(p.reason or '')})", highlight=False)
         return
-    worst = max((o.max_abs_error for c in p.cases for o in c.outputs), default=0.0)
+    compared = [o for c in p.cases for o in c.outputs]
+    worst_abs = max((o.max_abs_error for o in compared), default=0.0)
+    worst_rel = max((o.max_rel_error for o in compared), default=0.0)
+    verdict = "[green]parity: passed[/]" if p.informative else "[yellow]parity: passed, not informative[/]"
     console.print(
-        f"[green]parity: passed[/] against {escape(p.reference)} on {len(p.cases)} input sets ({p.data} data); "
-        f"largest abs error {worst:.3g}",
+        f"{verdict} against {escape(p.reference)} on {escape(_inputs_used(p))}; "
+        f"max abs error {worst_abs:.3g}, max rel error {worst_rel:.3g}",
         highlight=False,
     )
+    for text in p.warnings:
+        console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
 
 
 def render_summary(s: BundleSummary) -> None:
@@ -54,7 +65,7 @@ def render_summary(s: BundleSummary) -> None:
         f" · bundle {_human_bytes(s.bundle_bytes)} · opsets {escape(str(s.opsets))}",
         highlight=False,
     )
-    _render_parity(s)
+    render_parity(s.parity)
     console.print(_io_table("inputs", s.inputs))
     console.print(_io_table("outputs", s.outputs))
     ops = Table(title="operators", title_justify="left")
@@ -106,13 +117,19 @@ def render_bench(r: BenchReport) -> None:
             "yes" if b.settled else "no",
         )
     console.print(table)
-    if r.source_results:
-        src = Table(title=f"against {r.source_framework} on the same inputs", title_justify="left")
-        for col in ("batch", "source p50 ms", "bundle p50 ms", "speed-up"):
+    if r.comparisons:
+        src = Table(title=f"against {r.source_framework} on the same inputs, timed side by side", title_justify="left")
+        for col in ("batch", "threads", "source p50 / p90 ms", "bundle p50 / p90 ms", "n", "speed-up"):
             src.add_column(col, justify="right")
-        for mine, theirs in zip(r.results, r.source_results, strict=True):
+        for mine, c in zip(r.results, r.comparisons, strict=True):
+            ref, sub = c.reference_timing, c.subject_timing
             src.add_row(
-                str(mine.batch), f"{theirs.p50_ms:.3f}", f"{mine.p50_ms:.3f}", f"{theirs.p50_ms / mine.p50_ms:.2f}×"
+                str(mine.batch),
+                str(c.threads),
+                f"{ref.p50_ms:.3f} / {ref.p90_ms:.3f}",
+                f"{sub.p50_ms:.3f} / {sub.p90_ms:.3f}",
+                str(sub.n),
+                escape(c.ratio_text()),
             )
         console.print(src)
     best = max((b.achieved_gflops or 0.0 for b in r.results), default=0.0)

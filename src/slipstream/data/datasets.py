@@ -231,3 +231,54 @@ def load_dataset(ref: str | Path, specs: Sequence[TensorSpec], **table_options: 
         f"Cannot read '{path}': expected .npz, .csv, .parquet or a 'file.py:fn' callable; got '{suffix}'.",
         source=text,
     )
+
+
+def peek_names(ref: str | Path, *, what: str) -> set[str] | None:
+    """Before any model work: check that ``ref`` exists and can be read, and return the array names it holds.
+
+    Only an .npz can be listed without reading it whole (its names are a zip directory); for tables and
+    callables this checks that the file is there and returns None. Full validation against the model's
+    input specs (shapes, dtypes) happens when the specs are known, with :func:`load_dataset`.
+    """
+    text = str(ref)
+    if ":" in text and not Path(text).exists():
+        code = text.rpartition(":")[0]
+        if code.endswith(".py") and not Path(code).is_file():
+            raise DataError(f"{what}: no Python file at '{code}' (from {text!r}).", source=text, hint="Check the path.")
+        return None
+    path = Path(text)
+    if not path.is_file():
+        raise DataError(f"{what}: no data file at '{path}'.", source=text, hint="Check the path in the recipe.")
+    if path.suffix.lower() != ".npz":
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return set(archive.files)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{what}: cannot read '{path}' as .npz: {exc}.", source=text) from exc
+
+
+def precheck_data(refs: Mapping[str, str | None], *, labels_for: str | None = None) -> None:
+    """Check every data reference (``field -> ref``) before conversion: it exists and reads; the .npz files
+    name the same inputs; with ``labels_for`` (why labels are needed), that the first one carries labels."""
+    names: dict[str, set[str]] = {}
+    for field, ref in refs.items():
+        if ref is None:
+            continue
+        found = peek_names(ref, what=field)
+        if found is not None:
+            names[field] = found - {LABELS}
+            if labels_for is not None and field == next(iter(refs)) and LABELS not in found:
+                raise DataError(
+                    f"{field}: {labels_for}, but '{ref}' has no '{LABELS}' array (it has {sorted(found)}).",
+                    source=str(ref),
+                    hint=f"Add a '{LABELS}' array to the file, or use a label-free metric (cosine or agreement).",
+                )
+    distinct = {frozenset(v) for v in names.values()}
+    if len(distinct) > 1:
+        listing = "; ".join(f"{field}: {sorted(v)}" for field, v in names.items())
+        raise DataError(
+            f"The data files name different inputs ({listing}).",
+            source=", ".join(str(refs[f]) for f in names),
+            hint="Every data file feeds the same model: name its arrays after the model's inputs.",
+        )

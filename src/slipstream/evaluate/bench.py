@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from slipstream.data.synthetic import example_inputs
 from slipstream.errors import ConfigError
 from slipstream.evaluate.flops import PeakEstimate, count_work, estimate_peak_gflops
+from slipstream.evaluate.sidebyside import SideBySide
 from slipstream.runtime.engine import Engine, EngineInfo
 
 Clock = Callable[[], float]
@@ -73,8 +74,9 @@ class BenchReport(BaseModel):
     peak: PeakEstimate = Field(description="This CPU's estimated fp32 peak, and how it was estimated.")
     counted_ops: dict[str, int] = Field(description="Node types counted in gflop_per_run.")
     source_framework: str | None = Field(default=None, description="What --compare timed beside the bundle.")
-    source_results: tuple[BatchResult, ...] | None = Field(
-        default=None, description="The source framework's timings on the same inputs, per batch size."
+    comparisons: tuple[SideBySide, ...] | None = Field(
+        default=None,
+        description="The source framework against the bundle per batch size: interleaved, at the bundle's threads.",
     )
 
 

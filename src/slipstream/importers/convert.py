@@ -11,6 +11,7 @@ import numpy as np
 
 from slipstream.artifact.bundle import Bundle
 from slipstream.errors import ConversionError
+from slipstream.importers.framing import ImportFraming
 from slipstream.importers.onnx import import_onnx
 from slipstream.importers.torch_sources import is_entry_point
 
@@ -83,29 +84,25 @@ def convert(
         chosen = detect_object(source) if framework == "auto" else framework
     else:
         chosen = detect_framework(Path(source)) if framework == "auto" else framework
+    framing = ImportFraming(
+        name=name, version=version, overwrite=overwrite, opset=opset, sample=sample, skip_parity=skip_parity
+    )
     if chosen == "torch":
         from slipstream.importers.torch import import_torch
 
         return import_torch(
             source, output, example_inputs=example_inputs, input_shapes=input_shapes, input_dtypes=input_dtypes,
-            dynamic_axes=dynamic_axes, exporter=exporter, opset=opset, input_names=input_names,
-            output_names=output_names, sample_data=sample, trust_pickle=trust_pickle, skip_parity=skip_parity,
-            name=name, version=version, overwrite=overwrite,
+            dynamic_axes=dynamic_axes, exporter=exporter, input_names=input_names, output_names=output_names,
+            trust_pickle=trust_pickle, **framing,
         )  # fmt: skip
     if chosen == "sklearn":
         from slipstream.importers.sklearn import import_sklearn
 
-        return import_sklearn(
-            source, output, opset=opset, sample_data=sample, trust_pickle=trust_pickle, skip_parity=skip_parity,
-            name=name, version=version, overwrite=overwrite,
-        )  # fmt: skip
+        return import_sklearn(source, output, trust_pickle=trust_pickle, **framing)
     if chosen == "keras":
         from slipstream.importers.keras import import_keras
 
-        return import_keras(
-            source, output, name=name, version=version, overwrite=overwrite, custom_objects=custom_objects,
-            trust_pickle=trust_pickle, opset=opset, sample=sample, skip_parity=skip_parity,
-        )  # fmt: skip
+        return import_keras(source, output, custom_objects=custom_objects, trust_pickle=trust_pickle, **framing)
     if not isinstance(source, str | os.PathLike):
         raise ConversionError(f"Framework {chosen!r} converts files; got an in-memory {type(source).__name__}.")
     path = Path(source)
@@ -114,15 +111,9 @@ def convert(
     if chosen == "tensorflow":
         from slipstream.importers.keras import import_saved_model
 
-        return import_saved_model(
-            path, output, signature=signature, name=name, version=version, overwrite=overwrite, opset=opset,
-            sample=sample, skip_parity=skip_parity,
-        )  # fmt: skip
+        return import_saved_model(path, output, signature=signature, **framing)
     if chosen == "tflite":
         from slipstream.importers.tflite import import_tflite
 
-        return import_tflite(
-            path, output, name=name, version=version, overwrite=overwrite, opset=opset, sample=sample,
-            skip_parity=skip_parity,
-        )  # fmt: skip
+        return import_tflite(path, output, **framing)
     raise ConversionError(f"Framework {chosen!r} is not supported.", source=str(path))

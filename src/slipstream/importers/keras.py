@@ -15,13 +15,12 @@ import importlib
 import logging
 import os
 import tempfile
-import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, Unpack
 
 import numpy as np
 import onnx
@@ -36,11 +35,13 @@ from slipstream.errors import (
     UnsupportedOpError,
     UntrustedPickleError,
 )
-from slipstream.importers.finish import ImportJob, SampleData, finish_import, load_sample_data
+from slipstream.importers.finish import ImportJob, finish_import
+from slipstream.importers.framing import Framing, ImportFraming
 from slipstream.importers.parity import Reference
 
 DEFAULT_OPSET = 17
 DEFAULT_SIGNATURE = "serving_default"
+T = TypeVar("T")
 Exporter = Literal["tf2onnx", "keras"]
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
@@ -71,6 +72,18 @@ def quiet_converter_logs() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+def converted(convert: Callable[[], T], label: str, *, failure: str, hint: str = "Try another opset.") -> T:
+    """Run one tf2onnx/Keras conversion with its logs kept quiet; whatever it raises becomes one ConversionError
+    that says what failed (``failure``) and keeps the cause."""
+    try:
+        with quiet_converter_logs():
+            return convert()
+    except ConversionError:
+        raise
+    except Exception as exc:  # tf2onnx/keras raise many unrelated types
+        raise ConversionError(f"{failure}: {type(exc).__name__}: {_first_line(exc)}", source=label, hint=hint) from exc
 
 
 def is_saved_model_dir(path: Path) -> bool:
@@ -265,23 +278,18 @@ def import_keras(
     model: Any,
     output: str | os.PathLike[str],
     *,
-    name: str | None = None,
-    version: str = "1",
-    overwrite: bool = False,
     custom_objects: str | Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
     exporter: Exporter = "tf2onnx",
-    opset: int | None = None,
-    sample: SampleData | str | os.PathLike[str] | None = None,
-    skip_parity: bool = False,
+    **framing: Unpack[ImportFraming],
 ) -> Bundle:
     """Make a bundle from a Keras model object or a ``.keras``/``.h5`` file, proven against ``model.predict``.
 
     Files with Lambda layers load only with ``trust_pickle=True``; custom layers need ``custom_objects``
     (a dict, or ``"module:dict"`` naming one).
     """
-    started = time.perf_counter()
-    opset = opset or DEFAULT_OPSET
+    frame = Framing.begin(framing, default_opset=DEFAULT_OPSET)
+    opset = frame.opset or DEFAULT_OPSET
     tf, tf2onnx = load_tensorflow()
     source_path: str | None = None
     source_sha: str | None = None
@@ -294,30 +302,24 @@ def import_keras(
     else:
         default_name = str(getattr(model, "name", "") or "keras-model")
         label = f"keras model {default_name!r}"
-    try:
-        with quiet_converter_logs():
-            proto, in_names, out_names = export_keras(model, exporter=exporter, opset=opset)
-    except ConversionError:
-        raise
-    except Exception as exc:  # tf2onnx/keras raise many unrelated types
-        raise ConversionError(
-            f"Converting {label} to ONNX with {exporter} failed: {type(exc).__name__}: {_first_line(exc)}",
-            source=label,
-            hint="Try the other exporter (exporter='keras' or 'tf2onnx'), or another opset.",
-        ) from exc
+    proto, in_names, out_names = converted(
+        lambda: export_keras(model, exporter=exporter, opset=opset),
+        label,
+        failure=f"Converting {label} to ONNX with {exporter} failed",
+        hint="Try the other exporter (exporter='keras' or 'tf2onnx'), or another opset.",
+    )
     reject_unsupported_ops(proto, label)
     name_batch_dims(proto)
     job = ImportJob(
-        framework="keras", step_name="import.keras@1", name=name or default_name, version=version,
-        source_path=source_path, source_sha256=source_sha, started=started,
+        framework="keras", step_name="import.keras@1", default_name=default_name,
+        source_path=source_path, source_sha256=source_sha,
         resolved={"exporter": exporter, **_versions(tf, tf2onnx)},
         step_config={"exporter": exporter, "opset": opset, "trust_pickle": trust_pickle,
                      "custom_objects": custom_objects if isinstance(custom_objects, str) else None},
     )  # fmt: skip
     return finish_import(
-        proto, output, job, reference=keras_reference(model, in_names, out_names),
-        reference_name="keras model.predict", sample=load_sample_data(sample), skip_parity=skip_parity,
-        overwrite=overwrite,
+        proto, output, job, frame, reference=keras_reference(model, in_names, out_names),
+        reference_name="keras model.predict",
     )  # fmt: skip
 
 
@@ -344,16 +346,11 @@ def import_saved_model(
     output: str | os.PathLike[str],
     *,
     signature: str = DEFAULT_SIGNATURE,
-    name: str | None = None,
-    version: str = "1",
-    overwrite: bool = False,
-    opset: int | None = None,
-    sample: SampleData | str | os.PathLike[str] | None = None,
-    skip_parity: bool = False,
+    **framing: Unpack[ImportFraming],
 ) -> Bundle:
     """Make a bundle from one signature of a TensorFlow SavedModel, proven against that signature."""
-    started = time.perf_counter()
-    opset = opset or DEFAULT_OPSET
+    frame = Framing.begin(framing, default_opset=DEFAULT_OPSET)
+    opset = frame.opset or DEFAULT_OPSET
     tf, tf2onnx = load_tensorflow()
     from tf2onnx import tf_loader
 
@@ -377,30 +374,26 @@ def import_saved_model(
             if signatures
             else "Re-save it with a serving signature (tf.saved_model.save(..., signatures=...)).",
         )
-    try:
-        with quiet_converter_logs():
-            graph_def, ins, outs, renames = tf_loader.from_saved_model(
-                str(src), None, None, tag="serve", signatures=[signature], return_tensors_to_rename=True
-            )
-            proto, _ = tf2onnx.convert.from_graph_def(
-                graph_def, input_names=ins, output_names=outs, opset=opset, tensors_to_rename=renames
-            )
-    except Exception as exc:  # tf2onnx raises many unrelated types
-        raise ConversionError(
-            f"tf2onnx could not convert signature {signature!r} of '{src}': {type(exc).__name__}: {_first_line(exc)}",
-            source=str(src),
-            hint="Try another opset.",
-        ) from exc
+
+    def convert() -> onnx.ModelProto:
+        graph_def, ins, outs, renames = tf_loader.from_saved_model(
+            str(src), None, None, tag="serve", signatures=[signature], return_tensors_to_rename=True
+        )
+        made: onnx.ModelProto = tf2onnx.convert.from_graph_def(
+            graph_def, input_names=ins, output_names=outs, opset=opset, tensors_to_rename=renames
+        )[0]
+        return made
+
+    proto = converted(convert, str(src), failure=f"tf2onnx could not convert signature {signature!r} of '{src}'")
     reject_unsupported_ops(proto, str(src))
     name_batch_dims(proto)
     job = ImportJob(
-        framework="tensorflow", step_name="import.tensorflow@1", name=name or src.name, version=version,
-        source_path=str(src), source_sha256=_dir_digest(src), started=started,
+        framework="tensorflow", step_name="import.tensorflow@1", default_name=src.name,
+        source_path=str(src), source_sha256=_dir_digest(src),
         resolved={"exporter": "tf2onnx", "signature": signature, **_versions(tf, tf2onnx)},
         step_config={"signature": signature, "opset": opset},
     )  # fmt: skip
     return finish_import(
-        proto, output, job, reference=saved_model_reference(signatures[signature], tf),
-        reference_name=f"SavedModel signature {signature}", sample=load_sample_data(sample),
-        skip_parity=skip_parity, overwrite=overwrite,
+        proto, output, job, frame, reference=saved_model_reference(signatures[signature], tf),
+        reference_name=f"SavedModel signature {signature}",
     )  # fmt: skip

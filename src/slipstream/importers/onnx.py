@@ -13,6 +13,7 @@ from slipstream.artifact.hashing import sha256_file
 from slipstream.artifact.manifest import Manifest, Source
 from slipstream.artifact.specs import graph_io_specs
 from slipstream.errors import InvalidModelError
+from slipstream.importers.input_ranges import with_graph_ranges
 
 STEP_NAME = "import.onnx@1"
 
@@ -87,6 +88,7 @@ def import_onnx(
     src = Path(path)
     model = check_model(load_onnx_file(src), str(src))
     inputs, outputs = graph_io_specs(model.graph)
+    inputs = with_graph_ranges(inputs, model)
     opsets = {imp.domain or "ai.onnx": imp.version for imp in model.opset_import}
     source_sha = sha256_file(src)
     manifest = Manifest(

@@ -4,6 +4,11 @@ Every importer calls :func:`prove_parity` after export. It runs several batch si
 model has other symbolic dims (a sequence length), several sizes of those too, so that a dynamic axis
 that the exporter baked in as a constant shows up as a failure instead of a surprise in production.
 All mismatches are collected first; then one :class:`~slipstream.errors.ParityError` lists them all.
+
+A proof is only as good as its inputs: an output that is the same for every input (a randomly initialised
+CNN whose activations die out, a classifier that predicts one class on noise) matches any conversion that
+also outputs that constant. Such a proof passes but is recorded as not informative, with a warning that
+says to pass real inputs (``--sample``).
 """
 
 from __future__ import annotations
@@ -133,6 +138,7 @@ def prove_parity(
     first_label = cases[0].label() if cases else ""
     mismatches: list[str] = []
     results: list[ParityCase] = []
+    seen: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for case in cases:
         expected = reference(case.feeds)
         try:
@@ -146,6 +152,7 @@ def prove_parity(
         for spec in outputs:
             ref = np.asarray(expected[spec.name])
             out = np.asarray(got[spec.name])
+            seen[spec.name].append(ref)
             if ref.shape != out.shape:
                 mismatches.append(
                     f"[{case.label()}] output '{spec.name}' has shape {list(out.shape)}, the source gives "
@@ -164,14 +171,64 @@ def prove_parity(
                 mismatches.append(f"[{case.label()}] output '{spec.name}': {detail}")
         results.append(ParityCase(batch=case.batch, dims=dict(case.dims), outputs=tuple(compared)))
     if mismatches:
+        generated = (
+            "The inputs were generated (masks all ones, integers within each input's recorded range, floats "
+            "standard normal); if the model needs realistic values, prove it on real ones with --sample. "
+            if data == "generated"
+            else ""
+        )
         raise ParityError(
             mismatches,
             source=source,
-            hint="Check that the model is in eval mode and deterministic; try another opset or exporter "
+            hint=generated + "Check that the model is in eval mode and deterministic; try another opset or exporter "
             "(--exporter torchscript / --opset N); widen the tolerance only if the difference is expected; "
             "--skip-parity writes the bundle without a proof (recorded in the manifest).",
         )
-    return ParityRecord(status="passed", reference=reference_name, data=data, cases=tuple(results))
+    constant = [n for n in names if _constant(seen[n], tol.get(_dtype_of(outputs, n)))]
+    warnings = tuple(_not_informative(n, len(cases), data) for n in constant)
+    return ParityRecord(
+        status="passed", reference=reference_name, data=data, cases=tuple(results),
+        informative=not constant, warnings=warnings,
+    )  # fmt: skip
+
+
+def _dtype_of(outputs: Sequence[TensorSpec], name: str) -> str:
+    return next(o.dtype for o in outputs if o.name == name)
+
+
+def _constant(values: Sequence[np.ndarray], tol: tuple[float, float] | None) -> bool:
+    """Whether an output took one value (within its parity tolerance) for every input row it was given.
+
+    Rows are compared along the batch axis, across all cases whose rows have the same shape. One row in all
+    gives no evidence either way, so it is not called constant.
+    """
+    by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for v in values:
+        if v.ndim == 0 or v.dtype.kind not in "biuf":
+            return False  # scalars and strings: no rows to compare
+        by_shape.setdefault(v.shape[1:], []).append(v.reshape(len(v), -1))
+    groups = [np.concatenate(g) for g in by_shape.values()]
+    if sum(len(g) for g in groups) < 2 or any(g.shape[1] == 0 for g in groups):
+        return False
+    for rows in groups:
+        if tol is None or rows.dtype.kind in "biu":
+            if not np.all(rows == rows[:1]):
+                return False
+            continue
+        r = rows.astype(np.float64)
+        spread = r.max(axis=0) - r.min(axis=0)  # NaN spread compares False: an all-NaN output is constant too
+        atol, rtol = tol
+        if np.any(spread > atol + rtol * np.abs(r[0])):
+            return False
+    return True
+
+
+def _not_informative(name: str, cases: int, data: str) -> str:
+    return (
+        f"parity is not informative: output '{name}' was the same for every input ({cases} {data} input sets), "
+        "so a wrong conversion that gives that constant would pass too. Pass real inputs with --sample "
+        "(an .npz with one array per model input; sample= in Python) to prove parity on data that moves the output."
+    )
 
 
 def skipped(reference_name: str, reason: str) -> ParityRecord:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import onnx
@@ -21,7 +20,8 @@ import onnx
 from slipstream.artifact.bundle import Bundle
 from slipstream.artifact.hashing import sha256_file
 from slipstream.errors import ConversionError, InvalidModelError, MissingDependencyError, UntrustedPickleError
-from slipstream.importers.finish import ImportJob, SampleData, finish_import, load_sample_data, name_batch_dims
+from slipstream.importers.finish import ImportJob, finish_import, name_batch_dims
+from slipstream.importers.framing import Framing, ImportFraming
 from slipstream.importers.parity import Reference
 from slipstream.importers.pickle_scan import load_sklearn_pickle
 
@@ -68,14 +68,9 @@ def import_sklearn(
     source: object,
     output: str | os.PathLike[str],
     *,
-    opset: int | None = None,
-    sample_data: SampleData | str | os.PathLike[str] | None = None,
     trust_pickle: bool = False,
     allow_pickle_globals: Iterable[str] = (),
-    skip_parity: bool = False,
-    name: str | None = None,
-    version: str = "1",
-    overwrite: bool = False,
+    **framing: Unpack[ImportFraming],
 ) -> Bundle:
     """Convert a fitted scikit-learn estimator or Pipeline (or a file holding one) into a bundle.
 
@@ -83,7 +78,7 @@ def import_sklearn(
     (scikit-learn classes, numpy arrays/dtypes/ufuncs, scipy sparse matrices, plain containers) or in
     ``allow_pickle_globals`` (``module.name`` entries the caller vouches for).
     """
-    started = time.perf_counter()
+    frame = Framing.begin(framing)
     _require("sklearn", "Converting a scikit-learn model")
     _require("skl2onnx", "Converting a scikit-learn model")
     import skl2onnx
@@ -108,15 +103,14 @@ def import_sklearn(
             source=str(path) if path else None,
             hint="Fit it before converting.",
         )
-    proto = _to_onnx(estimator, n_features, opset, str(path) if path else None)
+    proto = _to_onnx(estimator, n_features, frame.opset, str(path) if path else None)
     name_batch_dims(proto)
     classifier = bool(is_classifier(estimator))
     outputs = [o.name for o in proto.graph.output]
     job = ImportJob(
         framework="sklearn",
         step_name=STEP_NAME,
-        name=name or (path.stem if path else type(estimator).__name__.lower()),
-        version=version,
+        default_name=path.stem if path else type(estimator).__name__.lower(),
         source_path=str(path) if path else None,
         source_sha256=sha256_file(path) if path else None,
         resolved={
@@ -125,19 +119,16 @@ def import_sklearn(
             "zipmap": False,
             "input_dtype": "float32",
         },
-        step_config={"opset": opset, "zipmap": False, "classifier": classifier},
-        started=started,
+        step_config={"opset": frame.opset, "zipmap": False, "classifier": classifier},
     )
     return finish_import(
         proto,
         output,
         job,
+        frame,
         reference=sklearn_reference(estimator, outputs, classifier),
         reference_name=f"scikit-learn {type(estimator).__name__}.predict" + ("/predict_proba" if classifier else ""),
-        sample=load_sample_data(sample_data),
-        skip_parity=skip_parity,
         tolerances={"float32": PROBABILITY_TOLERANCE} if classifier else None,
-        overwrite=overwrite,
     )
 
 

@@ -8,24 +8,24 @@ quantization steps of the int8 tensor they are dequantized from (integer outputs
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 
 from slipstream.artifact.bundle import Bundle
 from slipstream.artifact.hashing import sha256_file
-from slipstream.errors import ConversionError, InvalidModelError
-from slipstream.importers.finish import ImportJob, SampleData, finish_import, load_sample_data
+from slipstream.errors import InvalidModelError
+from slipstream.importers.finish import ImportJob, finish_import
+from slipstream.importers.framing import Framing, ImportFraming
 from slipstream.importers.keras import (
     DEFAULT_OPSET,
+    converted,
     load_tensorflow,
     name_batch_dims,
-    quiet_converter_logs,
     reject_unsupported_ops,
     rename_tensors,
 )
@@ -116,17 +116,10 @@ def quantization_tolerances(interp: Any) -> dict[str, tuple[float, float]] | Non
 def import_tflite(
     path: str | os.PathLike[str],
     output: str | os.PathLike[str],
-    *,
-    name: str | None = None,
-    version: str = "1",
-    overwrite: bool = False,
-    opset: int | None = None,
-    sample: SampleData | str | os.PathLike[str] | None = None,
-    skip_parity: bool = False,
+    **framing: Unpack[ImportFraming],
 ) -> Bundle:
     """Make a bundle from a ``.tflite`` file; io tensors take the names of its serving signature."""
-    started = time.perf_counter()
-    opset = opset or DEFAULT_OPSET
+    frame = Framing.begin(framing, default_opset=DEFAULT_OPSET)
     tf, tf2onnx = load_tensorflow()
     src = Path(path)
     if not src.is_file():
@@ -134,28 +127,24 @@ def import_tflite(
     interp = open_interpreter(src)
     rename_in, rename_out, signature = _io_names(interp)
     tolerances = quantization_tolerances(interp)
-    try:
-        with _no_interpreter_deprecation(), quiet_converter_logs():
-            proto, _ = tf2onnx.convert.from_tflite(str(src), opset=opset)
-    except Exception as exc:  # tf2onnx raises many unrelated types
-        raise ConversionError(
-            f"tf2onnx could not convert '{src}': {type(exc).__name__}: {exc}",
-            source=str(src),
-            hint="Try another opset.",
-        ) from exc
+
+    def convert() -> Any:
+        with _no_interpreter_deprecation():
+            return tf2onnx.convert.from_tflite(str(src), opset=frame.opset)[0]
+
+    proto = converted(convert, str(src), failure=f"tf2onnx could not convert '{src}'")
     reject_unsupported_ops(proto, str(src))
     rename_tensors(proto, {**rename_in, **rename_out})
     name_batch_dims(proto)
     job = ImportJob(
-        framework="tflite", step_name="import.tflite@1", name=name or src.stem, version=version,
-        source_path=str(src), source_sha256=sha256_file(src), started=started,
+        framework="tflite", step_name="import.tflite@1", default_name=src.stem,
+        source_path=str(src), source_sha256=sha256_file(src),
         resolved={"exporter": "tf2onnx", "signature": signature, "quantized": tolerances is not None,
                   "parity_tolerances": {k: list(v) for k, v in (tolerances or {}).items()},
                   "tensorflow": tf.__version__, "tf2onnx": tf2onnx.__version__},
-        step_config={"opset": opset},
+        step_config={"opset": frame.opset},
     )  # fmt: skip
     return finish_import(
-        proto, output, job, reference=interpreter_reference(src, rename_in, rename_out),
-        reference_name="tf.lite.Interpreter", sample=load_sample_data(sample), skip_parity=skip_parity,
-        tolerances=tolerances, overwrite=overwrite,
+        proto, output, job, frame, reference=interpreter_reference(src, rename_in, rename_out),
+        reference_name="tf.lite.Interpreter", tolerances=tolerances,
     )  # fmt: skip

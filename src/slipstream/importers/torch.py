@@ -12,10 +12,9 @@ import importlib.util
 import io
 import os
 import re
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 import numpy as np
 import onnx
@@ -24,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from slipstream.artifact.bundle import Bundle
 from slipstream.artifact.tensor import Dim
 from slipstream.errors import ConfigError, ConversionError, MissingDependencyError
-from slipstream.importers.finish import ImportJob, SampleData, finish_import, load_sample_data
+from slipstream.importers.finish import ImportJob, finish_import
+from slipstream.importers.framing import Framing, ImportFraming, SampleData, match_sample_names
 from slipstream.importers.parity import Reference
 from slipstream.importers.torch_errors import export_failure, quiet_export
 from slipstream.importers.torch_inputs import (
@@ -75,23 +75,18 @@ def import_torch(
     input_dtypes: Sequence[str] | None = None,
     dynamic_axes: Mapping[str, Mapping[int, str]] | Sequence[str] | None = None,
     exporter: Exporter | None = None,
-    opset: int | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
-    sample_data: SampleData | str | os.PathLike[str] | None = None,
     trust_pickle: bool = False,
-    skip_parity: bool = False,
-    name: str | None = None,
-    version: str = "1",
-    overwrite: bool = False,
+    **framing: Unpack[ImportFraming],
 ) -> Bundle:
     """Convert a PyTorch model (module, entry point, TorchScript .pt, torch.export .pt2) into a bundle."""
-    started = time.perf_counter()
+    frame = Framing.begin(framing)
     require("torch", "Converting a PyTorch model")
     import torch
 
     src = load_torch_source(source, trust_pickle=trust_pickle)
-    sample = load_sample_data(sample_data)
+    sample, opset = frame.sample, frame.opset
     chosen, reason = choose_exporter(exporter, src)
     if chosen == "dynamo":
         require("onnxscript", "The dynamo ONNX exporter")
@@ -113,6 +108,8 @@ def import_torch(
                 f"Got {len(input_names)} input names for {len(args)} example inputs.", field="input_names"
             )
         names = list(input_names)
+    if sample is not None:
+        match_sample_names(sample, names)  # a sample for another model fails now, not after the export
     axes = {} if exported else resolve_axes(names, args, shapes=shapes, declared=dynamic_axes)
     if not exported:
         args = widen_examples(args, names, axes)
@@ -151,8 +148,7 @@ def import_torch(
         job = ImportJob(
             framework="torch",
             step_name=STEP_NAME,
-            name=name or src.name,
-            version=version,
+            default_name=src.name,
             source_path=src.path,
             source_sha256=src.sha256,
             resolved={
@@ -163,18 +159,11 @@ def import_torch(
                 "torch_version": torch.__version__,
             },
             step_config=recorded,
-            started=started,
         )
         return finish_import(
-            proto,
-            output,
-            job,
-            reference=torch_reference(module, names, outs),
+            proto, output, job, frame, reference=torch_reference(module, names, outs),
             reference_name=f"torch eager ({src.kind})",
-            sample=sample,
-            skip_parity=skip_parity,
-            overwrite=overwrite,
-        )
+        )  # fmt: skip
 
 
 @contextmanager

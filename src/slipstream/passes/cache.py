@@ -1,7 +1,10 @@
-"""The pass cache: results keyed by (input model sha256, pass name@version, config hash), on disk.
+"""The pass cache: results keyed by (input model digest, pass name@version, config hash), on disk.
 
 Each entry is a bundle, so it is written atomically and verified like one when read: an entry whose
-files do not match their recorded digests is dropped and recomputed, never returned.
+files do not match their recorded digests, or whose manifest was edited, is dropped and recomputed,
+never returned. Two kinds of entry: the model and payload of an ONNX pass (``get``/``put``), and the
+whole bundle of a step that makes one from something else, export or import (``get_bundle``/``put_bundle``),
+parity proof and lineage included. The build keeps no cache of its own beside this one.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from slipstream.artifact.specs import graph_io_specs
 from slipstream.errors import BundleError
 
 if TYPE_CHECKING:
+    import onnx
+
     from slipstream.passes.base import PassOutput
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,17 @@ def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
         return Path(env[ENV_VAR])
     base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
     return base / "slipstream" / "passes"
+
+
+def _without_entry(manifest: Manifest) -> Manifest:
+    resolved = {k: v for k, v in manifest.resolved.items() if k != "cache_entry"}
+    return manifest.model_copy(update={"resolved": resolved})
+
+
+def _manifest_digest(manifest: Manifest) -> str:
+    """The digest of what a cached bundle's manifest says (not what the writer sets: time, files, versions)."""
+    fields = {"created_at", "files", "slipstream_version", "schema_version"}
+    return sha256_json(_without_entry(manifest).model_dump(mode="json", exclude=fields))
 
 
 def _payload_digest(resolved: object, warnings: object, metrics: object) -> str:
@@ -110,6 +126,36 @@ class PassCache:
         try:
             write_bundle(self.entry_path(key), result.model, manifest, step=step, overwrite=True)
         except OSError as exc:  # a full or read-only cache must not fail the pass itself
+            log.warning("Could not write pass-cache entry %s: %s", key[:12], exc)
+
+    def get_bundle(self, key: str, pass_name: str) -> tuple[onnx.ModelProto, Manifest] | None:
+        """A cached bundle-writing result (export, import): its model and manifest as first written, or None
+        when absent or when the entry fails verification (then it is removed)."""
+        path = self.entry_path(key)
+        if not path.exists():
+            return None
+        try:
+            bundle = Bundle.load(path, verify=True)
+            entry = bundle.manifest.resolved.get("cache_entry")
+            manifest = _without_entry(bundle.manifest)
+            if not isinstance(entry, dict) or entry.get("key") != key or entry.get("pass") != pass_name:
+                raise BundleError(f"cache entry '{path}' does not belong to key {key[:12]}…", path=path)
+            if entry.get("manifest_sha256") != _manifest_digest(manifest):
+                raise BundleError(f"cache entry '{path}' has a manifest that was changed", path=path)
+            model = bundle.load_model()
+        except BundleError as exc:
+            log.warning("Dropping a damaged pass-cache entry and recomputing: %s", exc.message)
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        return model, manifest
+
+    def put_bundle(self, key: str, pass_name: str, bundle: Bundle) -> None:
+        """Keep ``bundle`` (lineage, parity proof and all) as the result of ``key``."""
+        marker = {"key": key, "pass": pass_name, "manifest_sha256": _manifest_digest(bundle.manifest)}
+        manifest = bundle.manifest.model_copy(update={"resolved": {**bundle.manifest.resolved, "cache_entry": marker}})
+        try:
+            write_bundle(self.entry_path(key), bundle.load_model(), manifest, overwrite=True)
+        except OSError as exc:  # a full or read-only cache must not fail the step itself
             log.warning("Could not write pass-cache entry %s: %s", key[:12], exc)
 
     def clear(self) -> None:

@@ -11,12 +11,12 @@ import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from slipstream.errors import ConfigError, MissingDependencyError
 
 if TYPE_CHECKING:
-    from slipstream.passes.base import ModelKind, Pass
+    from slipstream.passes.base import AnyPass, ModelKind
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def lookup(ref: str, catalogue: MappingProxyType[str, PassSpec] = CATALOGUE) -> 
     return spec
 
 
-def load_pass(spec: PassSpec) -> Pass[Any]:
+def load_pass(spec: PassSpec) -> AnyPass:
     """Import the pass's module and instantiate it; a missing extra raises MissingDependencyError."""
     for package in spec.requires:
         try:
@@ -107,7 +107,7 @@ def load_pass(spec: PassSpec) -> Pass[Any]:
             raise MissingDependencyError(package, extra=spec.extra or "all", feature=f"Pass {spec.step_name}") from exc
     module = importlib.import_module(spec.module)
     cls = getattr(module, spec.attr)
-    instance: Pass[Any] = cls()
+    instance: AnyPass = cls()
     return instance
 
 

@@ -16,6 +16,7 @@ from pydantic import Field, JsonValue
 
 from slipstream.errors import ConfigError
 from slipstream.passes.base import PassConfig
+from slipstream.passes.tolerance import Tolerance
 from slipstream.passes.torch_base import TorchContext, TorchPass, TorchPassOutput
 from slipstream.passes.torch_model import TorchData, TorchModel, evaluate, loss_fn, require_torch
 
@@ -168,13 +169,15 @@ class Finetune(TorchPass[FinetuneConfig]):
     name = "train.finetune"
     version = 1
     Config = FinetuneConfig
+    tolerance = Tolerance(min_top1=0.9)  # one epoch on a trained model moves few predictions
 
     def apply(self, model: TorchModel, config: FinetuneConfig, ctx: TorchContext) -> TorchPassOutput:
         if ctx.train is None:
             raise ConfigError(
-                "train.finetune needs training data; none was given.",
+                "train.finetune needs labeled training data; none was given.",
                 field="data",
-                hint="Give training data (recipe data.train, or --train-data).",
+                hint="Give training data with a 'labels' array (recipe data.train, or --train-data); a build with "
+                "a label-free metric (cosine, agreement) skips fine-tuning candidates when there are no labels.",
             )
         teacher = ctx.teacher if config.distill_alpha > 0 else None
         trained, report = finetune(model, config, ctx.train, ctx.eval, teacher=teacher)

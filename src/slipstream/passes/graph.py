@@ -9,6 +9,7 @@ from pydantic import Field, JsonValue
 
 from slipstream.passes._onnx import load, op_histogram, save
 from slipstream.passes.base import OnnxPass, PassConfig, PassContext, PassOutput
+from slipstream.passes.tolerance import Tolerance
 
 # Folding a packed weight back into fp32 makes the file much larger; below this, growth is noise.
 GROWTH_WARNING = 1.5
@@ -37,6 +38,8 @@ class GraphOptimize(OnnxPass[GraphOptimizeConfig]):
     name = "graph.optimize"
     version = 1
     Config = GraphOptimizeConfig
+    # Fusion and constant folding reorder float32 arithmetic only.
+    tolerance = Tolerance(max_rel_error=1e-5)
 
     def apply(self, model: onnx.ModelProto, config: GraphOptimizeConfig, ctx: PassContext) -> PassOutput:
         import onnxruntime as ort

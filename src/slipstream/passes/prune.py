@@ -16,6 +16,7 @@ from pydantic import Field, JsonValue
 
 from slipstream.passes._onnx import Weight, find_weights, replace_initializer
 from slipstream.passes.base import OnnxPass, PassConfig, PassContext, PassOutput
+from slipstream.passes.tolerance import Tolerance
 
 GZIP_LEVEL = 6
 
@@ -93,6 +94,7 @@ class PruneMagnitude(_Prune):
     """Zero the weights of smallest magnitude."""
 
     name = "prune.magnitude"
+    tolerance = Tolerance(min_top1=0.9)  # at half the weights of a trained model, before any retraining
     criterion = "magnitude |w|"
 
     def scores(self, weights: list[Weight], config: PruneConfig) -> list[np.ndarray]:
@@ -103,6 +105,7 @@ class PruneRandom(_Prune):
     """Zero weights chosen at random (a baseline for magnitude pruning); seeded."""
 
     name = "prune.random"
+    tolerance = Tolerance(min_top1=0.3)  # an ablation baseline: only above chance at half the weights
     criterion = "random"
 
     def scores(self, weights: list[Weight], config: PruneConfig) -> list[np.ndarray]:

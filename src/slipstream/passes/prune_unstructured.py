@@ -13,6 +13,7 @@ from pydantic import Field, JsonValue
 
 from slipstream.errors import ConfigError
 from slipstream.passes.base import PassConfig
+from slipstream.passes.tolerance import Tolerance
 from slipstream.passes.torch_base import TorchContext, TorchPass, TorchPassOutput
 from slipstream.passes.torch_model import TorchData, TorchModel, loss_fn, require_torch
 
@@ -123,6 +124,7 @@ class PruneUnstructured(TorchPass[PruneUnstructuredConfig]):
     name = "prune.unstructured"
     version = 1
     Config = PruneUnstructuredConfig
+    tolerance = Tolerance(min_top1=0.9)  # at 30 % of the weights, before fine-tuning
 
     def apply(self, model: TorchModel, config: PruneUnstructuredConfig, ctx: TorchContext) -> TorchPassOutput:
         pruned, report = prune_unstructured(model, config, ctx.train)

@@ -22,6 +22,7 @@ from slipstream.passes._onnx import load, op_histogram
 from slipstream.passes._quant import fused_warning, preprocess
 from slipstream.passes.base import OnnxPass, PassConfig, PassContext, PassOutput
 from slipstream.passes.fidelity import load_inputs, measure_fidelity
+from slipstream.passes.tolerance import Tolerance
 from slipstream.runtime.targets import has_int8_dot_product
 
 GENERATED_NOTE = (
@@ -75,6 +76,7 @@ class QuantizeStatic(OnnxPass[QuantizeStaticConfig]):
     name = "quantize.static"
     version = 1
     Config = QuantizeStaticConfig
+    tolerance = Tolerance(max_rel_error=0.2, min_top1=0.95)  # int8, calibrated: as quantize.dynamic
 
     def fingerprint_inputs(self, config: QuantizeStaticConfig) -> dict[str, JsonValue]:
         # 'auto' resolves per CPU, so a cache shared by two machines keeps one result for each choice.

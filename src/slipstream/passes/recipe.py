@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +12,7 @@ import yaml
 
 from slipstream.artifact.bundle import Bundle, refuse_existing
 from slipstream.errors import ConfigError
-from slipstream.passes.base import ModelKind, OnnxPass, Pass, PassConfig, PassRun
+from slipstream.passes.base import AnyPass, ModelKind, PassConfig, PassRun
 from slipstream.passes.cache import PassCache
 from slipstream.passes.catalogue import PassSpec, check_order, load_pass, lookup
 from slipstream.passes.fidelity import load_inputs
@@ -73,7 +71,7 @@ def parse_pass_ref(text: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), options
 
 
-def plan(passes: Sequence[PassRef], *, start: ModelKind = "onnx") -> list[tuple[PassSpec, Pass[Any], PassConfig]]:
+def plan(passes: Sequence[PassRef], *, start: ModelKind = "onnx") -> list[tuple[PassSpec, AnyPass, PassConfig]]:
     """Look up, order-check, import and configure every pass; raises before any model work."""
     if not passes:
         raise ConfigError("A recipe needs at least one pass; got none.", field="passes", hint="Add --pass NAME.")
@@ -82,17 +80,11 @@ def plan(passes: Sequence[PassRef], *, start: ModelKind = "onnx") -> list[tuple[
         name, options = parse_pass_ref(ref) if isinstance(ref, str) else (ref[0], ref[1])
         named.append((lookup(name), options))
     check_order([spec for spec, _ in named], start=start)
-    steps: list[tuple[PassSpec, Pass[Any], PassConfig]] = []
+    steps: list[tuple[PassSpec, AnyPass, PassConfig]] = []
     for spec, options in named:
         instance = load_pass(spec)
         steps.append((spec, instance, instance.make_config(options)))
     return steps
-
-
-def _onnx_pass(instance: Pass[Any]) -> OnnxPass[Any]:
-    if not isinstance(instance, OnnxPass):  # check_order(start="onnx") already refused torch passes
-        raise ConfigError(f"{instance.step_name} does not run on a bundle.", field="pass")
-    return instance
 
 
 def optimize(
@@ -115,29 +107,19 @@ def optimize(
     ``data`` is an .npz of real inputs named like the model's inputs: every pass measures its fidelity
     on it, and quantize.static calibrates on it unless given its own ``data``.
     """
+    from slipstream.passes.runner import PassRunner
+
     source = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
-    steps = [(spec, _onnx_pass(instance), config) for spec, instance, config in plan(passes)]
+    steps = plan(passes)
     data_path = Path(data) if data is not None else None
     if data_path is not None:
         load_inputs(data_path, source.manifest.inputs)  # refuse bad data before any work
-    store = PassCache.default() if cache is True else (cache or None)
     target = Path(output)
     refuse_existing(target, overwrite=overwrite, what="the optimized bundle")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    current = source
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}.steps-", dir=target.parent) as tmp:
-        for i, (spec, instance, config) in enumerate(steps):
-            if progress is not None:
-                progress(ProgressEvent(i, len(steps), spec.step_name))
-            last = i == len(steps) - 1
-            dest = target if last else Path(tmp) / f"{i:02d}-{spec.name}"
-            run = instance.run(
-                current, dest, config, cache=store, seed=seed, data=data_path, overwrite=overwrite if last else True
-            )
-            if progress is not None:
-                progress(ProgressEvent(i, len(steps), spec.step_name, run))
-            if not last and current is not source:
-                # Drop the previous intermediate as soon as the next one exists.
-                shutil.rmtree(current.path, ignore_errors=True)
-            current = run.bundle
-    return current
+    runner = PassRunner(cache=resolve_cache(cache), seed=seed, data=data_path)
+    return runner.run_chain(steps, source, target, overwrite=overwrite, progress=progress).bundle
+
+
+def resolve_cache(cache: PassCache | bool) -> PassCache | None:
+    """``True``: the default cache directory; ``False``: none; a PassCache: that one."""
+    return PassCache.default() if cache is True else (cache or None)

@@ -1,19 +1,18 @@
 """Torch passes: framework-model → framework-model steps that run before export.
 
-A torch pass works on a :class:`TorchModel` in memory. The base records one step per pass (name,
-config, duration, digests of the weights before and after, what it resolved and measured); the export
-step turns those records into lineage entries of the bundle, so a bundle says how it was pruned and
-trained before it became ONNX. Torch passes are not cached: their input lives in memory, and training
-is the point of running them.
+A torch pass works on a :class:`TorchModel` in memory. The runner records one typed step per pass
+(:class:`TorchStep`: name, config, duration, digests of the weights before and after, what it resolved
+and measured); the export step turns those into lineage entries of the bundle, so a bundle says how it
+was pruned and trained before it became ONNX. A torch pass's output is not stored in the cache (it
+lives in memory, and training is the point of running it); the export after it is, under a key
+that chains every torch step's fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
 from abc import abstractmethod
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from pydantic import JsonValue
@@ -49,8 +48,8 @@ def weights_digest(module: Any) -> str:
     return h.hexdigest()
 
 
-class TorchPass(Pass[C]):
-    """A pass from torch model to torch model; the base records the step."""
+class TorchPass(Pass[C, TorchModel, TorchContext, TorchPassOutput]):
+    """A pass from torch model to torch model."""
 
     input_kind: ClassVar[ModelKind] = "torch"
     output_kind: ClassVar[ModelKind] = "torch"
@@ -60,22 +59,8 @@ class TorchPass(Pass[C]):
         """Return a new model; ``model`` must not be changed (work on ``model.copy()``)."""
 
     def run(self, model: TorchModel, config: C | None = None, ctx: TorchContext | None = None) -> TorchModel:
-        cfg = config if config is not None else self.make_config()
-        started = time.perf_counter()
-        before = weights_digest(model.module)
-        result = self.apply(model, cfg, ctx or TorchContext())
-        out = result.model
-        out.steps = [
-            *model.steps,
-            {
-                "step": self.step_name,
-                "config": cfg.model_dump(mode="json"),
-                "duration_s": time.perf_counter() - started,
-                "input_sha256": before,
-                "output_sha256": weights_digest(out.module),
-                "at": datetime.now(UTC).isoformat(),
-                "resolved": result.resolved,
-                "metrics": result.metrics,
-            },
-        ]
-        return out
+        """A shorthand for :meth:`PassRunner.run_torch` with ``ctx``'s data, teacher and seed."""
+        from slipstream.passes.runner import PassRunner
+
+        c = ctx or TorchContext()
+        return PassRunner(seed=c.seed, train=c.train, eval=c.eval, teacher=c.teacher).run_torch(self, model, config)

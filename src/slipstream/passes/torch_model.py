@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from pydantic import JsonValue
 
+from slipstream.artifact.bundle import Step
+from slipstream.artifact.manifest import LineageEntry
 from slipstream.errors import ConfigError, MissingDependencyError
 
 if TYPE_CHECKING:
@@ -58,19 +62,51 @@ class TorchData:
             yield torch.from_numpy(self.inputs[idx]), torch.from_numpy(self.targets[idx])
 
 
+@dataclass(frozen=True)
+class TorchStep:
+    """One torch pass as it will appear in the bundle's lineage once exported.
+
+    ``step`` is the artifact's own :class:`Step` (name, config, duration, input digest); the output
+    digest is that of the weights the pass produced, since the model is not ONNX yet.
+    """
+
+    step: Step
+    output_sha256: str
+    at: datetime
+    resolved: dict[str, JsonValue] = field(default_factory=dict)
+    metrics: dict[str, JsonValue] = field(default_factory=dict)
+
+    def lineage_entry(self) -> LineageEntry:
+        return LineageEntry(
+            step=self.step.name,
+            config=self.step.config,
+            duration_s=self.step.duration_s,
+            input_sha256=self.step.input_sha256,
+            output_sha256=self.output_sha256,
+            at=self.at,
+        )
+
+
 @dataclass
 class TorchModel:
-    """A torch module with example inputs (for tracing and export) and the torch steps applied so far."""
+    """A torch module with example inputs (for tracing and export) and the torch steps applied so far.
+
+    ``fingerprint`` names the content for the pass cache: the source's weights digest (and its code's,
+    when the caller knows it), then, after each pass, the cache key of that pass. It lets the runner
+    find an exported result without running the torch passes that would produce it. None means "the
+    weights digest of ``module``", computed when first needed.
+    """
 
     module: Any
     example_inputs: tuple[Any, ...]
-    steps: list[dict[str, Any]] = field(default_factory=list)
+    steps: tuple[TorchStep, ...] = ()
+    fingerprint: str | None = None
 
     def copy(self) -> TorchModel:
         """A deep copy: passes never change the model they were given."""
         import copy
 
-        return TorchModel(copy.deepcopy(self.module), self.example_inputs, list(self.steps))
+        return TorchModel(copy.deepcopy(self.module), self.example_inputs, self.steps, self.fingerprint)
 
 
 def loss_fn(task: Task) -> Any:

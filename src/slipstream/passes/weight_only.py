@@ -17,6 +17,7 @@ from pydantic import Field, JsonValue
 
 from slipstream.passes._onnx import op_histogram
 from slipstream.passes.base import OnnxPass, PassConfig, PassContext, PassOutput
+from slipstream.passes.tolerance import Tolerance
 
 
 class Int4WeightsConfig(PassConfig):
@@ -96,6 +97,7 @@ class Int4Weights(OnnxPass[Int4WeightsConfig]):
     name = "weights.int4"
     version = 1
     Config = Int4WeightsConfig
+    tolerance = Tolerance(max_rel_error=0.2, min_top1=0.95)  # 4-bit blocks with fp32 scales
 
     def apply(self, model: onnx.ModelProto, config: Int4WeightsConfig, ctx: PassContext) -> PassOutput:
         MatMulNBitsQuantizer = import_matmul_nbits()  # noqa: N806 (a class)

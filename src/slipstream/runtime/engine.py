@@ -15,7 +15,7 @@ from slipstream.artifact.bundle import Bundle
 from slipstream.artifact.manifest import MONITORING_OUTPUTS
 from slipstream.artifact.tensor import TensorSpec, numpy_dtype
 from slipstream.errors import EngineError, InputError, ProviderUnavailableError
-from slipstream.runtime.targets import PROVIDER_PACKAGES, Target, int8_fusion
+from slipstream.runtime.targets import BUNDLE_SESSION_KEYS, PROVIDER_PACKAGES, Target, int8_fusion
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,9 @@ class EngineInfo(BaseModel):
     execution_mode: str
     graph_optimization: str
     int8_kernels: str = Field(default="", description="Whether int8 QDQ runs fused on this CPU, and why.")
+    from_bundle: tuple[str, ...] = Field(
+        default=(), description="Settings taken from the bundle's tuned resolved['session'] (not set by the caller)."
+    )
 
 
 class Engine:
@@ -91,7 +94,9 @@ class Engine:
 
     def __init__(self, bundle: Bundle, target: Target | None = None) -> None:
         self.bundle = bundle
-        self.target = target or Target()
+        # The build's tuned settings (resolved["session"]) apply wherever the caller did not set its own.
+        self.requested_target = target or Target()
+        self.target = self.requested_target.with_bundle_session(bundle.manifest.resolved.get("session"))
         requested, fallback = _choose_providers(self.target)
         started = time.perf_counter()
         # The bytes hashed are the bytes loaded: read once through the bundle directory (no symlinks, no
@@ -148,6 +153,9 @@ class Engine:
             execution_mode=self.target.execution_mode,
             graph_optimization=self.target.graph_optimization,
             int8_kernels=self.int8_kernels,
+            from_bundle=tuple(
+                k for k in BUNDLE_SESSION_KEYS if getattr(self.target, k) != getattr(self.requested_target, k)
+            ),
         )
 
     def check_inputs(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

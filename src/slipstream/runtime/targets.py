@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +31,10 @@ PROVIDER_PACKAGES: dict[str, str] = {
     "TensorrtExecutionProvider": "onnxruntime-gpu built with TensorRT, plus TensorRT itself",
     "OpenVINOExecutionProvider": "onnxruntime-openvino",
 }
+
+
+# The session settings a bundle may carry as tuned choices (resolved["session"]), which an Engine applies.
+BUNDLE_SESSION_KEYS = ("intra_op_threads", "inter_op_threads", "execution_mode", "graph_optimization")
 
 
 def physical_cores() -> int:
@@ -96,6 +101,20 @@ class Target(BaseModel):
     @property
     def providers(self) -> tuple[str, ...]:
         return PROVIDERS[self.name]
+
+    def with_bundle_session(self, session: object) -> Target:
+        """This target, with a bundle's tuned session settings (``resolved["session"]``, written by the build)
+        for every setting the caller left unset. A value set here (``--threads 4``) wins over the bundle's."""
+        if not isinstance(session, Mapping):
+            return self
+        mine = {k for k in self.model_fields_set if getattr(self, k) is not None}
+        taken = {k: session[k] for k in BUNDLE_SESSION_KEYS if k in session and k not in mine}
+        if not taken:
+            return self
+        try:
+            return Target.model_validate({**self.model_dump(), **taken})
+        except ValidationError as exc:
+            raise invalid_setting(exc, "resolved.session") from exc
 
     def resolved_intra_op_threads(self) -> int:
         if self.intra_op_threads is not None:
