@@ -197,6 +197,24 @@ def test_headline_takes_the_interleaved_ratio_not_the_first_pass() -> None:
     assert headline_mismatches(wrong) == ["10.00× in 'winner: fast — 10.00× the baseline'"]
 
 
+def test_an_unstable_gain_is_shown_without_any_number_of_times() -> None:
+    """A noisy re-timing shows no 'N×' at all, so nothing in the headline can disagree with run.json."""
+    shaky = side_by_side("baseline", "fast", [7.0] * 24 + [30.0] * 6, [2.0] * 30)
+    fast = CandidateResult(name="fast", passes=("x",), status="ok", metrics=_m(1.0)).model_copy(
+        update={"confirmed_gain": shaky.ratio, "confirmation": shaky}
+    )
+    base = CandidateResult(name="baseline", passes=(), status="ok", metrics=_m(10.0))
+    record = RunRecord(
+        name="r", recipe={}, recipe_sha256="0", metric="accuracy", higher_is_better=True, objective="latency",
+        batch_size=8, baseline=base, candidates=(fast,),
+    )  # fmt: skip
+    record = record.model_copy(update={"selection": select(record, Budget(max_accuracy_drop=0.01))})
+    lines = headline(record)
+    assert "its gain over the baseline, timed side by side, is unstable (" in lines[0]
+    assert "×" not in " ".join(lines)
+    assert headline_mismatches(record.model_copy(update={"headline": lines})) == []
+
+
 def test_a_wide_spread_is_shown_as_unstable_not_as_a_ratio() -> None:
     steady = [1.0] * 18 + [1.1, 1.2]
     noisy = [2.0] * 17 + [30.0, 40.0, 50.0]  # p90 far above 2× p50: torch under load

@@ -23,6 +23,8 @@ def objective_gain(baseline: CandidateMetrics, candidate: CandidateMetrics, obje
 
 def gain_text(cand: CandidateResult, first_pass: float) -> str:
     """The side-by-side ratio (or 'unstable (...)') when the candidate was re-timed, else the first pass, said so."""
+    if cand.confirmation is not None and cand.confirmation.unstable:
+        return f"its gain over the baseline, timed side by side, is {cand.confirmation.ratio_text()}"
     if cand.confirmation is not None:
         return f"{cand.confirmation.ratio_text()} the baseline, timed side by side"
     return f"{first_pass:.2f}× the baseline (first pass, not re-timed side by side)"

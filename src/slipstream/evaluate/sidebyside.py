@@ -54,7 +54,7 @@ class SideBySide(Frozen):
         if not self.unstable:
             return f"{self.ratio:.2f}×"
         wide = [
-            f"{name} p90 {t.p90_ms:.3f} ms > {UNSTABLE_SPREAD:g}× p50 {t.p50_ms:.3f} ms"
+            f"{name} p90 {t.p90_ms:.3f} ms is over {UNSTABLE_SPREAD:g} times its p50 {t.p50_ms:.3f} ms"
             for name, t in ((self.reference, self.reference_timing), (self.subject, self.subject_timing))
             if t.wide
         ]
