@@ -39,14 +39,9 @@ sys.path.insert(0, str(HERE))
 import serving  # noqa: E402  (benchmarks/serving.py: server start/stop, wrk, CPU accounting)
 from hostile_clients import INFER, Attack, RssSampler, bomb, protocol_cpu_us, rss_mb, slow  # noqa: E402
 
+from slipstream.runtime.targets import cpu_model  # noqa: E402
+
 TITLE = "Hostile clients (issue 18): benchmarks/hostile.py"
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def wrk(port: int, seconds: float, work: Path, c: int = 8) -> dict[str, float]:

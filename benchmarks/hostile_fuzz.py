@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -37,15 +36,9 @@ from tests.serve_support import (  # noqa: E402
     fuzz_server,
 )
 
+from slipstream.runtime.targets import cpu_model  # noqa: E402
 from slipstream.serve.guard import hash_key  # noqa: E402
 from slipstream.serve.settings import GuardSettings, ServeSettings  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def section(quick: bool) -> list[str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -41,16 +40,10 @@ import onnx
 
 from slipstream.demo import build_mlp
 from slipstream.importers import import_onnx
+from slipstream.runtime.targets import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESTORE_LIMIT_S = 5.0
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def free_port() -> int:

@@ -18,6 +18,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from slipstream.runtime.targets import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "benchmarks"
 RESULTS = HERE / "results"
@@ -29,16 +31,6 @@ ORDER = [
 # Modules another script runs as its sections (benchmarks/hostile.py), not benchmarks of their own.
 SECTIONS_OF_OTHERS = {"hostile_clients", "hostile_fuzz", "hostile_monitor"}
 PACKAGES = ["onnxruntime", "onnx", "numpy", "torch", "tensorflow-cpu", "scikit-learn", "fastapi", "uvicorn"]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _mem_gib() -> float:
@@ -86,7 +78,7 @@ def assemble(failures: list[str], *, ran: bool) -> str:
 
 {how} on {dt.date.today().isoformat()}.
 
-Machine: {_cpu_model()}, {os.cpu_count()} logical cores, {_mem_gib():.0f} GiB, no GPU; Python
+Machine: {cpu_model()}, {os.cpu_count()} logical cores, {_mem_gib():.0f} GiB, no GPU; Python
 {platform.python_version()}; {versions}.
 
 These machines are shared and noisy (±15-20 % run to run): every comparison below is made side by side

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,18 +32,9 @@ from slipstream.build.recipe import load_recipe  # noqa: E402
 from slipstream.build.record import RunRecord  # noqa: E402
 from slipstream.build.report import headline_mismatches  # noqa: E402
 from slipstream.build.search import run_build  # noqa: E402
+from slipstream.runtime.targets import cpu_model  # noqa: E402
 
 MAX_MOVE = 0.25
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _burn() -> None:

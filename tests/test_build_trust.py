@@ -178,18 +178,23 @@ def _m(p50: float) -> CandidateMetrics:
     return CandidateMetrics(quality=0.95, latency_p50_ms=p50, latency_p99_ms=p50 * 2, throughput_sps=1, size_bytes=1)
 
 
+def _selected(candidate: CandidateResult) -> RunRecord:
+    """A run of one candidate against a 10 ms baseline, with its selection made."""
+    base = CandidateResult(name="baseline", passes=(), status="ok", metrics=_m(10.0))
+    record = RunRecord(
+        name="r", recipe={}, recipe_sha256="0", metric="accuracy", higher_is_better=True, objective="latency",
+        batch_size=8, baseline=base, candidates=(candidate,),
+    )  # fmt: skip
+    return record.model_copy(update={"selection": select(record, Budget(max_accuracy_drop=0.01))})
+
+
 def test_headline_takes_the_interleaved_ratio_not_the_first_pass() -> None:
     """First pass says 10× (1.0 vs 10 ms); side by side it was 3.5×: only 3.50× is shown."""
     confirmed = side_by_side("baseline", "fast", [7.0] * 30, [2.0] * 30)
     fast = CandidateResult(name="fast", passes=("x",), status="ok", metrics=_m(1.0)).model_copy(
         update={"confirmed_gain": confirmed.ratio, "confirmation": confirmed}
     )
-    base = CandidateResult(name="baseline", passes=(), status="ok", metrics=_m(10.0))
-    record = RunRecord(
-        name="r", recipe={}, recipe_sha256="0", metric="accuracy", higher_is_better=True, objective="latency",
-        batch_size=8, baseline=base, candidates=(fast,),
-    )  # fmt: skip
-    record = record.model_copy(update={"selection": select(record, Budget(max_accuracy_drop=0.01))})
+    record = _selected(fast)
     lines = headline(record)
     assert "3.50× the baseline, timed side by side" in lines[0] and "10.00×" not in " ".join(lines)
     assert headline_mismatches(record.model_copy(update={"headline": lines})) == []
@@ -203,12 +208,7 @@ def test_an_unstable_gain_is_shown_without_any_number_of_times() -> None:
     fast = CandidateResult(name="fast", passes=("x",), status="ok", metrics=_m(1.0)).model_copy(
         update={"confirmed_gain": shaky.ratio, "confirmation": shaky}
     )
-    base = CandidateResult(name="baseline", passes=(), status="ok", metrics=_m(10.0))
-    record = RunRecord(
-        name="r", recipe={}, recipe_sha256="0", metric="accuracy", higher_is_better=True, objective="latency",
-        batch_size=8, baseline=base, candidates=(fast,),
-    )  # fmt: skip
-    record = record.model_copy(update={"selection": select(record, Budget(max_accuracy_drop=0.01))})
+    record = _selected(fast)
     lines = headline(record)
     assert "its gain over the baseline, timed side by side, is unstable (" in lines[0]
     assert "×" not in " ".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -39,6 +40,17 @@ BUNDLE_SESSION_KEYS = ("intra_op_threads", "inter_op_threads", "execution_mode",
 
 def physical_cores() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo), printed beside every measurement: speed depends on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
