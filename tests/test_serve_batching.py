@@ -230,3 +230,50 @@ def test_a_client_that_sends_half_a_body_holds_no_batch(tmp_path: Path) -> None:
         slow.sendall(body.encode()[len(body) // 2 :])
         slow.settimeout(20)
         assert slow.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_one_callers_bad_values_do_not_fail_the_callers_it_was_batched_with() -> None:
+    """A Gather on a 5-row table: an id of 7 makes onnxruntime fail the whole model call. The batcher then
+    runs each caller alone, so only the caller who sent 7 gets the error."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"])],
+        "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 1])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["batch", 1, 2])],
+        [numpy_helper.from_array(np.arange(10, dtype=np.float32).reshape(5, 2), "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    calls: list[int] = []
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls.append(len(feeds["ids"]))
+        return {"rows": session.run(None, feeds)[0]}
+
+    async def main() -> list[object]:
+        batcher = Batcher(run, BatchSettings(max_batch_size=8), batchable=True, inline="never")
+        batcher.start()
+        ids = [np.array([[1]]), np.array([[7]]), np.array([[4]])]
+
+        async def call(x: np.ndarray) -> object:
+            batcher.arrive()
+            await asyncio.sleep(0)  # all three arrive before any joins: one batch
+            try:
+                return (await batcher.infer({"ids": x}, 1, "k"))[0]["rows"]
+            except Exception as exc:  # the test looks at which caller got an error
+                return exc
+
+        try:
+            return await asyncio.gather(*(call(x) for x in ids))
+        finally:
+            await batcher.stop()
+
+    first, bad, last = asyncio.run(main())
+    assert calls[0] == 3  # they really shared one model call first
+    np.testing.assert_array_equal(first, [[[2.0, 3.0]]])
+    np.testing.assert_array_equal(last, [[[8.0, 9.0]]])
+    assert isinstance(bad, Exception) and "indices" in str(bad).lower()

@@ -66,7 +66,10 @@ def _threads_cpus() -> dict[int, str]:
     """Every thread of this process and its CPU list, from /proc."""
     out = {}
     for task in Path("/proc/self/task").iterdir():
-        lines = (task / "status").read_text().splitlines()
+        try:
+            lines = (task / "status").read_text().splitlines()
+        except FileNotFoundError:  # a thread (another test's, a pool's) that ended while we listed them
+            continue
         out[int(task.name)] = next(line.split()[1] for line in lines if line.startswith("Cpus_allowed_list"))
     return out
 

@@ -216,16 +216,21 @@ class Batcher:
     async def _flush(self, loop: asyncio.AbstractEventLoop, batch: list[Pending]) -> None:
         started = self._clock()
         for item in batch:
-            item.queue_s = started - item.enqueued_at
+            item.queue_s = item.queue_s or started - item.enqueued_at
         rows = sum(item.rows for item in batch)
         try:
             if self.inline == "always" or (self.inline == "alone" and not self.queue.items and not self.queue.joining):
                 outputs = self._run(join_rows(batch))
             else:
                 outputs = await loop.run_in_executor(self._executor, self._run, join_rows(batch))
-        except Exception as exc:  # every caller in the batch gets the model's error, typed by the engine
+        except Exception as exc:  # the model's error, typed by the engine
+            if len(batch) == 1:
+                _fail(batch[0], exc)
+                return
+            # One caller's bad values (an id past a table's end) must not fail the callers it shared the
+            # call with: run each alone, so each gets its own answer or its own error.
             for item in batch:
-                _fail(item, exc)
+                await self._flush(loop, [item])
             return
         if self._on_batch is not None:
             self._on_batch(rows, self._clock() - started)
