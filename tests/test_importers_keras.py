@@ -183,6 +183,16 @@ def test_int8_io_tflite_matches_the_interpreter_within_one_step(mlp: Any, tf_dir
     assert m.parity is not None
     results = [o for c in m.parity.cases for o in c.outputs]
     assert results and all(o.passed and o.atol == 1.0 and o.max_abs_error <= 1.0 for o in results)
+    # A client quantizes its floats with the input's scale and zero point: the spec carries the interpreter's.
+    from slipstream.importers.tflite import open_interpreter
+    from tests.test_serve_ranges import serve
+
+    scale, zero_point = open_interpreter(path).get_input_details()[0]["quantization"]
+    assert m.inputs[0].quantization is not None and scale > 0
+    assert (m.inputs[0].quantization.scale, m.inputs[0].quantization.zero_point) == (pytest.approx(scale), zero_point)
+    (meta,) = serve(bundle.path, [("GET", f"/v2/models/{m.name}", {})])
+    params = meta.json()["inputs"][0]["parameters"]
+    assert params == {"quantization_scale": pytest.approx(scale), "quantization_zero_point": zero_point}
 
 
 def test_custom_layer_needs_custom_objects(tf_dir: Path, tmp_path: Path) -> None:

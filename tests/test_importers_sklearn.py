@@ -7,21 +7,36 @@ import os
 import pickle
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import joblib
 import numpy as np
 import pytest
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.datasets import load_breast_cancer
 from sklearn.decomposition import PCA
-from sklearn.ensemble import GradientBoostingClassifier, HistGradientBoostingClassifier, RandomForestClassifier
-from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.ensemble import (
+    ExtraTreesClassifier,
+    GradientBoostingClassifier,
+    GradientBoostingRegressor,
+    HistGradientBoostingClassifier,
+    HistGradientBoostingRegressor,
+    IsolationForest,
+    RandomForestClassifier,
+    RandomForestRegressor,
+)
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
 from sklearn.model_selection import train_test_split
-from sklearn.neighbors import KNeighborsClassifier
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.naive_bayes import GaussianNB
+from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import FunctionTransformer, StandardScaler
-from sklearn.svm import SVC
+from sklearn.preprocessing import FunctionTransformer, SplineTransformer, StandardScaler
+from sklearn.svm import SVC, SVR, OneClassSVM
 from sklearn.tree import DecisionTreeClassifier
 from threadpoolctl import threadpool_limits
 from typer.testing import CliRunner
@@ -29,7 +44,7 @@ from typer.testing import CliRunner
 import slipstream
 from slipstream.artifact import Bundle
 from slipstream.cli import app
-from slipstream.errors import InvalidModelError, ParityError, UntrustedPickleError
+from slipstream.errors import InvalidModelError, ParityError, UnsupportedOpError, UntrustedPickleError
 from slipstream.importers.sklearn import import_sklearn, load_estimator
 from slipstream.runtime import Engine
 
@@ -139,6 +154,122 @@ def test_sample_data_with_labels_is_accepted(fitted: dict[str, Any], cancer: Dat
     np.savez(tmp_path / "eval.npz", input=x_test, labels=y_test)
     bundle = slipstream.convert(fitted["logistic"], tmp_path / "b", sample=tmp_path / "eval.npz")
     assert bundle.manifest.parity is not None and bundle.manifest.parity.data == "sample"
+
+
+# -- the estimators users bring, on small data ---------------------------------------------------------------
+
+ESTIMATORS: dict[str, Any] = {
+    "logistic": lambda: LogisticRegression(max_iter=1000),
+    "random-forest": lambda: RandomForestClassifier(n_estimators=9, random_state=0),
+    "extra-trees": lambda: ExtraTreesClassifier(n_estimators=9, random_state=0),
+    "gradient-boosting": lambda: GradientBoostingClassifier(n_estimators=10, random_state=0),
+    "hist-gradient-boosting": lambda: HistGradientBoostingClassifier(max_iter=10, random_state=0),
+    "svc": lambda: SVC(),  # label and decision_function (probability=True is deprecated in scikit-learn 1.9)
+    "calibrated-svc": lambda: CalibratedClassifierCV(SVC(), ensemble=False),
+    "knn": lambda: KNeighborsClassifier(),
+    "mlp": lambda: MLPClassifier(hidden_layer_sizes=(16,), max_iter=300, random_state=0),
+    "naive-bayes": lambda: GaussianNB(),
+    "ridge": lambda: Ridge(),
+    "hist-gradient-boosting-regressor": lambda: HistGradientBoostingRegressor(max_iter=10, random_state=0),
+    "random-forest-regressor": lambda: RandomForestRegressor(n_estimators=9, random_state=0),
+    "gradient-boosting-regressor": lambda: GradientBoostingRegressor(n_estimators=10, random_state=0),
+    "svr": lambda: SVR(),
+    "knn-regressor": lambda: KNeighborsRegressor(),
+    "isolation-forest": lambda: IsolationForest(n_estimators=10, random_state=0),
+    "one-class-svm": lambda: OneClassSVM(gamma="scale"),
+}
+
+
+@pytest.fixture(scope="session")
+def small(cancer: Data) -> Data:
+    """Eight standardized features: small enough that every estimator fits in well under a second."""
+    x_train, x_test, y_train, y_test = cancer
+    scaler = StandardScaler().fit(x_train[:, :8])
+    return (
+        scaler.transform(x_train[:, :8]).astype(np.float32),
+        scaler.transform(x_test[:40, :8]).astype(np.float32),
+        y_train,
+        y_test[:40],
+    )
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_common_estimators_convert_with_parity(name: str, small: Data, tmp_path: Path) -> None:
+    x_train, x_test, y_train, _ = small
+    model = ESTIMATORS[name]()
+    with threadpool_limits(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a short fit is enough to prove conversion
+        model.fit(x_train, None if name in ("isolation-forest", "one-class-svm") else y_train)
+    bundle = import_sklearn(model, tmp_path / "b", sample={"input": x_test})
+    m = bundle.manifest
+    assert m.parity is not None and m.parity.status == "passed" and m.parity.informative
+    assert m.resolved["target_opsets"] == {"ai.onnx": 22, "ai.onnx.ml": 3}
+    got = Engine(bundle).run({"input": x_test})
+    if hasattr(model, "predict_proba") or name == "svc":
+        np.testing.assert_array_equal(got["label"], model.predict(x_test))
+    elif hasattr(model, "score_samples"):  # outlier detectors: the label and the decision_function score
+        np.testing.assert_array_equal(got["label"].reshape(-1), model.predict(x_test))
+        np.testing.assert_allclose(got["scores"].reshape(-1), model.decision_function(x_test), atol=1e-4)
+    else:
+        np.testing.assert_allclose(got["variable"].reshape(-1), model.predict(x_test), rtol=1e-4, atol=1e-4)
+
+
+def test_isolation_forest_gets_the_ml_opset_it_needs(small: Data, tmp_path: Path) -> None:
+    """IsolationForest emits ai.onnx.ml 3 operators; a bare target_opset=N made skl2onnx refuse it."""
+    model = IsolationForest(n_estimators=10, random_state=0).fit(small[0])
+    bundle = import_sklearn(model, tmp_path / "b", sample={"input": small[1]})
+    assert bundle.manifest.resolved["opsets"] == {"ai.onnx": 22, "ai.onnx.ml": 3}
+    assert [o.name for o in bundle.manifest.outputs] == ["label", "scores"]
+
+
+def test_an_older_opset_is_paired_with_its_ml_opset(small: Data, tmp_path: Path) -> None:
+    model = RandomForestClassifier(n_estimators=5, random_state=0).fit(small[0], small[2])
+    bundle = import_sklearn(model, tmp_path / "b", opset=15, sample={"input": small[1]})
+    assert bundle.manifest.resolved["target_opsets"] == {"ai.onnx": 15, "ai.onnx.ml": 2}
+
+
+def test_why_hist_gradient_boosting_needs_the_wrapped_converter(small: Data) -> None:
+    """The root cause, pinned: skl2onnx 1.20 mixes a bool into an int attribute list that onnx 1.23 refuses.
+
+    When this starts passing conversion, the upstream bug is fixed and sklearn_convert._hgb_converters can go.
+    """
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    model = HistGradientBoostingClassifier(max_iter=3, random_state=0)
+    with threadpool_limits(1):
+        model.fit(small[0], small[2])
+    with pytest.raises(ValueError) as info:
+        convert_sklearn(model, initial_types=[("input", FloatTensorType([None, 8]))], target_opset=22)
+    assert "Expected an int, got a boolean" in str(info.value.__cause__)
+
+
+def test_a_step_without_a_converter_is_refused_by_name(small: Data, tmp_path: Path) -> None:
+    model = make_pipeline(SplineTransformer(), LogisticRegression()).fit(small[0], small[2])
+    with pytest.raises(UnsupportedOpError) as info:
+        import_sklearn(model, tmp_path / "b")
+    assert info.value.op == "sklearn.preprocessing.SplineTransformer"
+    assert "skl2onnx 1.20.0 has no converter for sklearn.preprocessing.SplineTransformer" in info.value.message
+    assert "Pipeline → splinetransformer" in info.value.message and "estimator classes" in info.value.message
+    assert "update_registered_converter" in (info.value.hint or "") and not (tmp_path / "b").exists()
+
+
+def test_a_child_without_a_converter_inside_a_meta_estimator_is_named(small: Data, tmp_path: Path) -> None:
+    model = OneVsRestClassifier(make_pipeline(SplineTransformer(), LogisticRegression())).fit(small[0], small[2])
+    with pytest.raises(UnsupportedOpError) as info:
+        import_sklearn(model, tmp_path / "b")
+    assert info.value.op == "sklearn.preprocessing.SplineTransformer"
+    assert "Every step must" not in (info.value.hint or "")
+
+
+def test_a_class_from_a_package_that_is_not_installed_says_install_it(tmp_path: Path) -> None:
+    path = tmp_path / "model.pkl"
+    path.write_bytes(b"cnot_installed_pkg.models\nBooster\n.")
+    with pytest.raises(InvalidModelError) as info:
+        load_estimator(path, trust_pickle=True, allow_pickle_globals=["not_installed_pkg.models.Booster"])
+    assert "the package 'not_installed_pkg', which is not installed" in info.value.message
+    assert "pip install not_installed_pkg" in (info.value.hint or "")
+    assert "scikit-learn version" not in (info.value.hint or "")
 
 
 # -- pickles are scanned even when trusted ----------------------------------------------------------------

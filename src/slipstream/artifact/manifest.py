@@ -23,7 +23,7 @@ def current_version() -> str:
     return __version__
 
 
-Framework = Literal["onnx", "torch", "keras", "tensorflow", "tflite", "sklearn"]
+Framework = Literal["onnx", "torch", "keras", "tensorflow", "tflite", "sklearn", "lightgbm", "xgboost", "catboost"]
 
 
 class Source(Frozen):

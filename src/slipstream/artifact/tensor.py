@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Literal, TypeAlias, get_args
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from slipstream.frozen import Frozen
 
 DType: TypeAlias = Literal[
     "bool",
@@ -60,6 +62,22 @@ def numpy_dtype(dtype: DType) -> np.dtype[np.generic]:
     return _NUMPY_DTYPES[dtype]
 
 
+class Quantization(Frozen):
+    """How an integer tensor maps to real numbers: ``real = scale * (q - zero_point)``.
+
+    A client holding float data needs both numbers to build the integers a quantized input takes
+    (``q = round(real / scale) + zero_point``, clipped to the dtype); without them it cannot call the model.
+    """
+
+    scale: float = Field(gt=0, description="Real-valued size of one integer step.")
+    zero_point: int = Field(description="The integer that stands for real 0.")
+
+
+# Fields added after manifests were first written: left out of the JSON while unset, so a manifest
+# that does not use them stays readable by earlier readers (which refuse unknown keys).
+_OMIT_WHEN_UNSET = ("max_shape", "quantization")
+
+
 class TensorSpec(BaseModel):
     """One model input or output."""
 
@@ -71,6 +89,24 @@ class TensorSpec(BaseModel):
     value_range: tuple[float, float] | None = Field(
         default=None, description="Inclusive [low, high] of valid values, when known."
     )
+    max_shape: tuple[int | None, ...] | None = Field(
+        default=None,
+        description="Largest size each axis accepts, read from the graph (a position table's rows bound the "
+        "sequence axis); None on an axis the graph does not bound. Unset when no axis is bounded.",
+    )
+    quantization: Quantization | None = Field(
+        default=None,
+        description="Scale and zero point of a quantized integer tensor (read from the DequantizeLinear that "
+        "consumes it), so a client can quantize float data; unset for tensors that are not quantized.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        data: dict[str, object] = handler(self)
+        for key in _OMIT_WHEN_UNSET:
+            if data.get(key, 0) is None:
+                del data[key]
+        return data
 
     @property
     def rank(self) -> int:

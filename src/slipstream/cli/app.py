@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, cast
+from typing import TYPE_CHECKING, Annotated, Literal, cast
 
 import typer
 
@@ -11,6 +11,9 @@ from slipstream.cli.analyze import analyze_app
 from slipstream.cli.monitor import monitor_app
 from slipstream.cli.output import console, parse_dims, parse_ints, print_json, reporting, status
 from slipstream.cli.render import render_bench, render_parity, render_summary
+
+if TYPE_CHECKING:
+    from slipstream.importers.transformers_dir import Task
 
 app = typer.Typer(
     name="slipstream",
@@ -46,6 +49,7 @@ def convert(
         Path,
         typer.Argument(
             help="The source model (.onnx, .keras, .h5, .tflite, SavedModel dir, .pt, .pt2, .joblib/.pkl, "
+            "a transformers save_pretrained dir, "
             "or a PyTorch entry point FILE.py:FACTORY)."
         ),
     ],
@@ -88,6 +92,13 @@ def convert(
         ),
     ] = None,
     output_name: Annotated[list[str] | None, typer.Option(help="PyTorch output names, in order.")] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="For a transformers model directory (save_pretrained): text-classification, feature-extraction "
+            "or text-generation (default: from its config.json). Never downloads."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert a model into a verified bundle."""
@@ -102,13 +113,21 @@ def convert(
             framework=cast(FrameworkChoice, framework), signature=signature, custom_objects=custom_objects,
             trust_pickle=trust_pickle, skip_parity=skip_parity, input_shapes=input_shape, input_dtypes=input_dtype,
             dynamic_axes=dynamic_axis, exporter=_exporter(exporter), opset=opset, sample=sample_data,
-            output_names=output_name,
+            output_names=output_name, task=_task(task),
         )  # fmt: skip
     if as_json:
         print_json(bundle.manifest)
     else:
         console.print(f"[green]✓[/] wrote bundle [bold]{bundle.path}[/] ({bundle.manifest.name})", highlight=False)
         render_parity(bundle.manifest.parity)
+
+
+def _task(value: str | None) -> Task | None:
+    from slipstream.importers.transformers_dir import TASKS
+
+    if value is None or value in TASKS:
+        return value
+    raise typer.BadParameter(f"expected one of {', '.join(TASKS)}; got {value!r}", param_hint="--task")
 
 
 def _exporter(value: str | None) -> Literal["dynamo", "torchscript"] | None:

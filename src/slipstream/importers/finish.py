@@ -25,7 +25,14 @@ from slipstream.artifact.tensor import TensorSpec, numpy_dtype
 from slipstream.importers.framing import Framing, SampleData, match_sample_names
 from slipstream.importers.input_ranges import with_graph_ranges
 from slipstream.importers.onnx import check_model
-from slipstream.importers.parity import Reference, generated_cases, prove_parity, sample_cases, skipped
+from slipstream.importers.parity import (
+    DEFAULT_DIM_SIZES,
+    Reference,
+    generated_cases,
+    prove_parity,
+    sample_cases,
+    skipped,
+)
 from slipstream.runtime.targets import int8_fusion
 
 
@@ -77,7 +84,12 @@ def finish_import(
         parity = skipped(reference_name, "skip_parity was requested (--skip-parity)")
     else:
         sample = frame.sample
-        cases = sample_cases(align_sample(sample, inputs)) if sample is not None else generated_cases(inputs)
+        lengths = frame.parity_lengths or DEFAULT_DIM_SIZES
+        cases = (
+            sample_cases(align_sample(sample, inputs))
+            if sample is not None
+            else generated_cases(inputs, dim_sizes=lengths)
+        )
         # Proven the way the engine will run it on this CPU (int8 fused or not; the engine decides the same).
         fuse_int8, _ = int8_fusion(job.resolved.get("quantized") is True)
         parity = prove_parity(

@@ -19,14 +19,22 @@ from __future__ import annotations
 
 import _compat_pickle
 import importlib
+import importlib.util
 import pickle
 import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from slipstream.errors import InvalidModelError, UntrustedPickleError
+from slipstream.errors import InvalidModelError, MissingDependencyError, UntrustedPickleError
 
+# The scikit-learn wrappers of the boosting libraries and the boosters they hold (their __setstate__ hands the
+# library's own model text or bytes to its loader), by exact name: nothing else of those packages is loaded.
+BOOSTING_CLASSES: frozenset[tuple[str, str]] = frozenset(
+    {("lightgbm.basic", "Booster"), ("lightgbm.sklearn", "LGBMClassifier"), ("lightgbm.sklearn", "LGBMRegressor")}
+    | {("xgboost.core", "Booster"), ("xgboost.sklearn", "XGBClassifier"), ("xgboost.sklearn", "XGBRegressor")}
+    | {("catboost.core", n) for n in ("CatBoost", "CatBoostClassifier", "CatBoostRegressor")}
+)
 _BUILTIN_TYPES: tuple[str, ...] = ("bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int")
 _BUILTIN_TYPES += ("list", "object", "range", "set", "slice", "str", "tuple")
 # Named reconstructors and plain types that pickles of scikit-learn models use, and nothing else.
@@ -46,6 +54,7 @@ _NAMED: frozenset[tuple[str, str]] = frozenset(
         *(("numpy.random._pickle", n) for n in ("__bit_generator_ctor", "__generator_ctor", "__randomstate_ctor")),
         ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"),
         ("joblib.numpy_pickle", "NumpyArrayWrapper"),  # joblib's placeholder for an array's raw bytes
+        *BOOSTING_CLASSES,
     }
 )
 _LOOKUP_PACKAGES = frozenset({"sklearn", "numpy", "scipy"})
@@ -118,6 +127,9 @@ def _checked_find_class(unpickler: Any, module: str, name: str, extra_allowed: f
     reason = refusal_reason(checked_module, checked_name, extra_allowed)
     if reason is not None:
         raise _RefusedError(f"{checked_module}.{checked_name}", reason)
+    top = checked_module.partition(".")[0]
+    if (checked_module, checked_name) in BOOSTING_CLASSES and importlib.util.find_spec(top) is None:
+        raise MissingDependencyError(top, extra="boosting", feature=f"Loading a pickled {checked_name} model")
     return pickle._Unpickler.find_class(unpickler, module, name)
 
 
@@ -168,8 +180,8 @@ def refusal_error(path: Path, qualified: str, reason: str) -> UntrustedPickleErr
     return UntrustedPickleError(
         f"'{path}' imports {qualified}, which slipstream does not load from a pickle ({reason}). The file was "
         "refused at that import, so nothing off the allow-list was imported or run. Trusting a pickle "
-        "(--trust-pickle) allows scikit-learn classes, numpy arrays, dtypes and ufuncs, scipy sparse matrices "
-        "and plain containers.",
+        "(--trust-pickle) allows scikit-learn classes, numpy arrays, dtypes and ufuncs, scipy sparse matrices, "
+        "the LightGBM/XGBoost/CatBoost scikit-learn wrappers and boosters, and plain containers.",
         source=str(path),
         hint=hint,
     )

@@ -4,10 +4,16 @@ Classifiers come out with two plain tensors, ``label`` and ``probabilities`` (no
 make a list of dicts that serving cannot carry). The parity proof compares ``predict`` exactly and
 ``predict_proba`` within 1e-5. Loading a file unpickles it, which runs code: only with ``trust_pickle``,
 and even then only behind an allow-list of the globals it may import (pickle_scan).
+
+A model fitted on a DataFrame through a ``ColumnTransformer`` takes one input per column, typed and named
+after it (sklearn_columns); its parity proof runs on real rows given as a DataFrame or a .parquet/.csv
+sample. Opsets, HistGradientBoosting and refusals by name are handled in sklearn_convert. LightGBM,
+XGBoost and CatBoost models (their scikit-learn wrappers included) go to importers.boosting.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from collections.abc import Iterable, Mapping
@@ -15,18 +21,19 @@ from pathlib import Path
 from typing import Any, Unpack
 
 import numpy as np
-import onnx
 
 from slipstream.artifact.bundle import Bundle
 from slipstream.artifact.hashing import sha256_file
-from slipstream.errors import ConversionError, InvalidModelError, MissingDependencyError, UntrustedPickleError
+from slipstream.errors import InvalidModelError, MissingDependencyError, UntrustedPickleError
+from slipstream.importers.boosting import boosting_library, import_loaded
 from slipstream.importers.finish import ImportJob, finish_import, name_batch_dims
 from slipstream.importers.framing import Framing, ImportFraming
 from slipstream.importers.parity import Reference
 from slipstream.importers.pickle_scan import load_sklearn_pickle
+from slipstream.importers.sklearn_columns import Layout, layout_of, require_rows_for_text, sample_for
+from slipstream.importers.sklearn_convert import target_opsets, to_onnx
 
 STEP_NAME = "import.sklearn@1"
-INPUT_NAME = "input"
 # The issue's bar for probabilities; labels are integers or strings and are compared exactly.
 PROBABILITY_TOLERANCE = (1e-5, 0.0)
 
@@ -54,8 +61,15 @@ def load_estimator(path: Path, *, trust_pickle: bool, allow_pickle_globals: Iter
         )
     try:
         return load_sklearn_pickle(path, extra_allowed=allow_pickle_globals)
-    except UntrustedPickleError:
+    except (UntrustedPickleError, MissingDependencyError):
         raise
+    except ModuleNotFoundError as exc:  # a class from a package that is not installed here
+        package = (exc.name or "").partition(".")[0]
+        raise InvalidModelError(
+            f"'{path}' holds an object from the package '{package}', which is not installed.",
+            source=str(path),
+            hint=f"Install it (pip install {package}), at the version that saved the file, and convert again.",
+        ) from exc
     except Exception as exc:  # unpickling raises anything the pickled code raises
         raise InvalidModelError(
             f"'{path}' could not be unpickled ({type(exc).__name__}: {exc}).",
@@ -90,20 +104,21 @@ def import_sklearn(
         estimator = load_estimator(path, trust_pickle=trust_pickle, allow_pickle_globals=allow_pickle_globals)
     else:
         estimator = source
+    if boosting_library(estimator) is not None:  # a LightGBM/XGBoost/CatBoost wrapper: its own converter
+        return import_loaded(estimator, output, frame, path)
+    label = str(path) if path else None
     if not hasattr(estimator, "predict") and not hasattr(estimator, "transform"):
         raise InvalidModelError(
             f"Expected a fitted scikit-learn estimator; got a {type(estimator).__name__}.",
-            source=str(path) if path else None,
+            source=label,
             hint="Pass the estimator (or Pipeline) after .fit().",
         )
-    n_features = getattr(estimator, "n_features_in_", None)
-    if not isinstance(n_features, int):
-        raise InvalidModelError(
-            f"The {type(estimator).__name__} is not fitted (it has no n_features_in_).",
-            source=str(path) if path else None,
-            hint="Fit it before converting.",
-        )
-    proto = _to_onnx(estimator, n_features, frame.opset, str(path) if path else None)
+    layout = layout_of(estimator, frame.sample, label)
+    if not frame.skip_parity:
+        require_rows_for_text(layout, frame.sample)
+    frame = dataclasses.replace(frame, sample=sample_for(layout, frame.sample))
+    opsets = target_opsets(frame.opset)
+    proto = to_onnx(estimator, layout, opsets, label)
     name_batch_dims(proto)
     classifier = bool(is_classifier(estimator))
     outputs = [o.name for o in proto.graph.output]
@@ -111,13 +126,15 @@ def import_sklearn(
         framework="sklearn",
         step_name=STEP_NAME,
         default_name=path.stem if path else type(estimator).__name__.lower(),
-        source_path=str(path) if path else None,
+        source_path=label,
         source_sha256=sha256_file(path) if path else None,
         resolved={
             "converter": f"skl2onnx {skl2onnx.__version__}",
             "estimator": type(estimator).__name__,
             "zipmap": False,
-            "input_dtype": "float32",
+            "input_dtype": "per column" if layout.by_column else "float32",
+            "columns": dict(layout.describe()),
+            "target_opsets": {"ai.onnx": opsets[""], "ai.onnx.ml": opsets["ai.onnx.ml"]},
         },
         step_config={"opset": frame.opset, "zipmap": False, "classifier": classifier},
     )
@@ -126,70 +143,43 @@ def import_sklearn(
         output,
         job,
         frame,
-        reference=sklearn_reference(estimator, outputs, classifier),
-        reference_name=f"scikit-learn {type(estimator).__name__}.predict" + ("/predict_proba" if classifier else ""),
+        reference=sklearn_reference(estimator, outputs, classifier, layout),
+        reference_name=f"scikit-learn {type(estimator).__name__}.{_methods(estimator, classifier)}",
         tolerances={"float32": PROBABILITY_TOLERANCE} if classifier else None,
     )
 
 
-def _to_onnx(estimator: Any, n_features: int, opset: int | None, source: str | None) -> onnx.ModelProto:
-    from skl2onnx import convert_sklearn
-    from skl2onnx.common.data_types import FloatTensorType
-
-    try:
-        proto = convert_sklearn(
-            estimator,
-            initial_types=[(INPUT_NAME, FloatTensorType([None, n_features]))],
-            options=_no_zipmap(estimator),
-            target_opset=opset,
-        )
-    except Exception as exc:  # skl2onnx raises RuntimeError, NotImplementedError, MissingShapeCalculator...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ConversionError(
-            f"skl2onnx cannot convert the {type(estimator).__name__}: {type(exc).__name__}: {first}",
-            source=source,
-            hint="Every step must have a skl2onnx converter (see skl2onnx's supported list); for a custom "
-            "transformer, register a converter with skl2onnx.update_registered_converter.",
-        ) from exc
-    if not isinstance(proto, onnx.ModelProto):
-        raise ConversionError("skl2onnx returned no ONNX model.", source=source)
-    _dedupe_opsets(proto)
-    return proto
+def _methods(estimator: Any, classifier: bool) -> str:
+    if classifier:
+        return "predict/predict_proba" if hasattr(estimator, "predict_proba") else "predict/decision_function"
+    return "predict" if hasattr(estimator, "predict") else "transform"
 
 
-def _no_zipmap(estimator: Any) -> dict[int, dict[str, bool]]:
-    """Plain label + probability tensors for every classifier in the model (ZipMap makes a list of dicts)."""
-    from sklearn.base import is_classifier
+def sklearn_reference(estimator: Any, outputs: list[str], classifier: bool, layout: Layout | None = None) -> Reference:
+    """``predict`` (and ``predict_proba`` for classifiers), keyed by the ONNX output names.
 
-    parts = [estimator]
-    if hasattr(estimator, "get_params"):
-        parts += [v for v in estimator.get_params(deep=True).values() if hasattr(v, "predict_proba")]
-    # A Pipeline is a classifier when its last step is; the option belongs to that step, not the Pipeline.
-    return {id(p): {"zipmap": False} for p in parts if is_classifier(p) and not hasattr(p, "steps")}
-
-
-def _dedupe_opsets(proto: onnx.ModelProto) -> None:
-    """skl2onnx can list the same domain twice in opset_import; keep the highest version once."""
-    best: dict[str, int] = {}
-    for imp in proto.opset_import:
-        best[imp.domain] = max(best.get(imp.domain, 0), imp.version)
-    if len(best) != len(proto.opset_import):
-        del proto.opset_import[:]
-        for domain, ver in best.items():
-            proto.opset_import.add(domain=domain, version=ver)
-
-
-def sklearn_reference(estimator: Any, outputs: list[str], classifier: bool) -> Reference:
-    """``predict`` (and ``predict_proba`` for classifiers), keyed by the ONNX output names."""
+    The feeds are turned back into what the model was fitted on (a DataFrame for the per-column layout).
+    An outlier detector's ONNX model gives its label and its ``decision_function`` score.
+    """
+    shape = layout or Layout(int(getattr(estimator, "n_features_in_", 0)))
 
     def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = np.asarray(feeds[INPUT_NAME])
-        if classifier:
+        x = shape.frame(feeds)
+        n = len(x)
+        if classifier and hasattr(estimator, "predict_proba"):
             label, proba = outputs
             return {label: np.asarray(estimator.predict(x)), proba: np.asarray(estimator.predict_proba(x), np.float32)}
+        if classifier:  # no probabilities (SVC): skl2onnx gives decision_function scores, [d, -d] when binary
+            label, scores = outputs
+            d = np.asarray(estimator.decision_function(x), np.float32)
+            return {label: np.asarray(estimator.predict(x)), scores: np.column_stack([d, -d]) if d.ndim == 1 else d}
+        if len(outputs) == 2 and hasattr(estimator, "decision_function"):
+            label, scores = outputs  # IsolationForest, OneClassSVM: the label and the decision_function score
+            score = np.asarray(estimator.decision_function(x), np.float32).reshape(n, -1)
+            return {label: np.asarray(estimator.predict(x)).reshape(n, -1).astype(np.int64), scores: score}
         method = estimator.predict if hasattr(estimator, "predict") else estimator.transform
         result = np.asarray(method(x))
         # skl2onnx returns a regressor's prediction as [batch, 1]
-        return {outputs[0]: result.reshape(len(x), -1).astype(np.float32)}
+        return {outputs[0]: result.reshape(n, -1).astype(np.float32)}
 
     return run

@@ -3,7 +3,9 @@
 The dynamo exporter (``torch.export`` + ``torch.onnx``) is the default; the TorchScript exporter runs
 when asked for, and for TorchScript sources, which only it can read. The batch axis of every input is
 dynamic, and so is every axis the caller declares; the ONNX dims carry the caller's symbol names.
-torch is imported here only, and lazily.
+Example inputs given as a dict are matched to forward() by argument name. A transformers model is
+exported through a view that turns its cache off and returns its logits, with a dynamic sequence (see
+:mod:`slipstream.importers.transformers_dir`). torch is imported here only, and lazily.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 import numpy as np
@@ -30,13 +33,20 @@ from slipstream.importers.torch_errors import export_failure, quiet_export
 from slipstream.importers.torch_inputs import (
     MISSING_EXAMPLES_HINT,
     DynamicAxes,
+    bind_examples,
     examples_from_shapes,
-    normalize_examples,
     parse_shape,
     resolve_axes,
     widen_examples,
 )
 from slipstream.importers.torch_sources import TorchSource, load_torch_source
+from slipstream.importers.transformers_dir import (
+    SEQUENCE,
+    example_tokens,
+    is_transformers_model,
+    text_parity_lengths,
+    transformers_view,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -101,7 +111,15 @@ def import_torch(
     module = src.model.module() if exported else src.model
     shapes = [parse_shape(s) if isinstance(s, str) else tuple(s) for s in input_shapes or ()]
     examples = _pick_examples(example_inputs, src, shapes, input_dtypes or (), sample, module)
-    names, args = normalize_examples(module, examples)
+    source_module = module
+    module, names, args = bind_examples(module, examples)
+    # A transformers model is wrapped whole, whatever bind_examples did: its own keywords, no cache, one output.
+    view = None if exported else transformers_view(source_module, names, args, output_names)
+    if view is not None:  # a transformers model: no cache, its logits (or hidden states), dynamic sequence
+        module, picked = view
+        output_names = picked if output_names is None else output_names
+        dynamic_axes = dynamic_axes or [f"1={SEQUENCE}"]
+        frame = replace(frame, parity_lengths=frame.parity_lengths or text_parity_lengths(source_module))
     if input_names is not None:
         if len(input_names) != len(args):
             raise ConfigError(
@@ -157,6 +175,7 @@ def import_torch(
                 "dynamic_axes": recorded["dynamic_axes"],
                 "source_kind": src.kind,
                 "torch_version": torch.__version__,
+                **src.details,
             },
             step_config=recorded,
         )
@@ -221,6 +240,8 @@ def _pick_examples(
         return src.example_inputs
     if sample is not None:
         return {k: torch.from_numpy(np.array(v[:2])) for k, v in sample.items()}
+    if is_transformers_model(module):
+        return example_tokens(module)  # what its tokenizer would give: ids in the vocabulary, masks of ones
     raise ConfigError(
         f"PyTorch export runs the model once on example inputs, and none were given for '{src.path or src.name}'.",
         field="example_inputs",

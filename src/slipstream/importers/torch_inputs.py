@@ -85,28 +85,105 @@ def forward_names(model: Any, count: int) -> list[str]:
     return names + [f"input_{i}" for i in range(len(names), count)]
 
 
-def normalize_examples(model: Any, examples: Any) -> tuple[list[str], tuple[torch.Tensor, ...]]:
-    """Example inputs as forward() argument names and a positional tuple of tensors."""
+def bind_examples(model: Any, examples: Any) -> tuple[Any, list[str], tuple[torch.Tensor, ...]]:
+    """Example inputs as (module to export, input names, positional tensors).
+
+    A dict is matched to forward() by argument name, wherever those arguments sit: GPT-2 takes
+    ``(input_ids, cache, attention_mask, ...)``, and ``{input_ids, attention_mask}`` must not feed the
+    cache. When the names are not the first positional arguments, the module is wrapped so that the
+    exported graph takes exactly the given inputs, in forward() order, and passes them by keyword.
+    """
     import torch
 
     if isinstance(examples, torch.Tensor):
         examples = (examples,)
     if isinstance(examples, Mapping):
-        names = forward_names(model, len(examples))
-        if set(examples) != set(names):
-            raise ConfigError(
-                f"Example inputs are keyed {sorted(examples)}; forward() takes {names} first.",
-                field="example_inputs",
-                hint="Key example inputs by the first forward() argument names, or pass a tuple in order.",
-            )
-        examples = tuple(examples[n] for n in names)
+        names = _names_by_keyword(model, examples)
+        args = tuple(examples[n] for n in names)
+        _check_tensors(args)
+        if names == forward_names(model, len(names)):
+            return model, names, args
+        return keyword_module(model, names), names, args
+    _check_tensors(examples)
+    return model, forward_names(model, len(examples)), tuple(examples)
+
+
+def _check_tensors(examples: Any) -> None:
+    import torch
+
     if not isinstance(examples, tuple | list) or not all(isinstance(t, torch.Tensor) for t in examples):
         raise ConfigError(
             f"Example inputs must be a tensor, a tuple of tensors or a dict of tensors; got {type(examples).__name__}.",
             field="example_inputs",
             hint=MISSING_EXAMPLES_HINT,
         )
-    return forward_names(model, len(examples)), tuple(examples)
+
+
+def _names_by_keyword(model: Any, examples: Mapping[Any, Any]) -> list[str]:
+    """The dict's keys in forward() order; unknown keys and missing required arguments fail by name."""
+    keys = [str(k) for k in examples]
+    if getattr(getattr(model, "forward", model), "schema", None) is not None:  # TorchScript: by position only
+        names = forward_names(model, len(keys))
+        if set(keys) != set(names):
+            raise ConfigError(
+                f"Example inputs are keyed {sorted(keys)}; the TorchScript forward() takes {names} first.",
+                field="example_inputs",
+                hint="Key example inputs by the first forward() argument names, or pass a tuple in order.",
+            )
+        return names
+    try:
+        params = list(inspect.signature(getattr(model, "forward", model)).parameters.values())
+    except (TypeError, ValueError):
+        return keys  # no signature to check against: the keys are the names, in the dict's order
+    named = [p for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    known = {p.name for p in named}
+    unknown = [k for k in keys if k not in known]
+    required = [p.name for p in named if p.default is p.empty and p.name not in keys]
+    if (unknown and not takes_any) or required:
+        problem = (
+            f"{unknown} are not forward() arguments" if unknown and not takes_any else f"forward() requires {required}"
+        )
+        raise ConfigError(
+            f"Example inputs are keyed {keys}; forward() takes {[p.name for p in named]}: {problem}.",
+            field="example_inputs",
+            hint="Key example inputs by forward() argument names (any order; arguments with defaults may be "
+            "left out), or pass a tuple in forward() order.",
+        )
+    return [p.name for p in named if p.name in keys] + unknown
+
+
+def keyword_module(
+    model: Any, names: Sequence[str], *, fixed: Mapping[str, Any] | None = None, pick: Sequence[str] = ()
+) -> Any:
+    """``model`` behind a forward() that takes ``names`` positionally and calls it by keyword.
+
+    ``fixed`` keywords are added to every call (``use_cache=False``); ``pick`` selects fields of the
+    output mapping (``logits``), so that the graph returns those tensors only. The wrapper's forward()
+    carries a real signature (``input_ids, attention_mask``): torch.export binds dynamic shapes and input
+    names to it, and a ``*args`` forward would nest them one level deeper.
+    """
+    import torch
+
+    call_names, extra, fields = tuple(names), dict(fixed or {}), tuple(pick)
+
+    class KeywordInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+            self.train(bool(getattr(model, "training", False)))  # wrapping must not change the model's mode
+
+        def forward(self, *tensors: Any) -> Any:
+            out = self.inner(**dict(zip(call_names, tensors, strict=True)), **extra)
+            if not fields:
+                return out
+            picked = tuple(out[f] for f in fields)
+            return picked[0] if len(picked) == 1 else picked
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter(n, kind) for n in ("self", *call_names)]
+    KeywordInputs.forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return KeywordInputs()
 
 
 def examples_from_shapes(shapes: Sequence[tuple[Dim, ...]], dtypes: Sequence[str]) -> tuple[torch.Tensor, ...]:

@@ -5,7 +5,9 @@
 - a TorchScript ``.pt`` file;
 - a ``torch.export`` ``.pt2`` file (it carries its own example inputs and dynamic shapes);
 - a pickled whole model (``torch.save(model)``), which runs code when loaded: only with ``trust_pickle``;
-- an in-memory module, passed straight through.
+- an in-memory module, passed straight through;
+- a :class:`TorchSource` already loaded elsewhere (a transformers model directory, see
+  :mod:`slipstream.importers.transformers_dir`), also passed through.
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ import sys
 import warnings
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
+
+from pydantic import JsonValue
 
 from slipstream.artifact.hashing import sha256_file
 from slipstream.errors import ConversionError, InvalidModelError, UntrustedPickleError
 from slipstream.importers.pickle_torch import load_torch_pickle, scan_torch_archive
 
-SourceKind = Literal["module", "entry_point", "torchscript", "exported_program", "pickle"]
+SourceKind = Literal["module", "entry_point", "torchscript", "exported_program", "pickle", "transformers_dir"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class TorchSource:
     path: str | None = None
     sha256: str | None = None
     example_inputs: Any = None  # tensor, tuple/list of tensors, or dict name -> tensor
+    details: dict[str, JsonValue] = field(default_factory=dict)  # recorded in the manifest's resolved choices
 
 
 def is_entry_point(text: str) -> bool:
@@ -52,6 +57,8 @@ def load_torch_source(source: object, *, trust_pickle: bool) -> TorchSource:
     """Load ``source`` (a module object, an entry point string or a model file) into memory."""
     import torch
 
+    if isinstance(source, TorchSource):
+        return source
     if isinstance(source, torch.nn.Module | torch.export.ExportedProgram):
         kind: SourceKind = "exported_program" if isinstance(source, torch.export.ExportedProgram) else "module"
         if isinstance(source, torch.jit.ScriptModule):
@@ -82,7 +89,7 @@ def _load_file(path: Path, *, trust_pickle: bool) -> TorchSource:
     import torch
 
     digest = sha256_file(path)
-    common = {"name": path.stem, "path": str(path), "sha256": digest}
+    common: dict[str, Any] = {"name": path.stem, "path": str(path), "sha256": digest}
     if path.suffix.lower() == ".pt2":
         # torch.export.load unpickles parts of the archive with weights_only=False: scan them all first, then
         # load the very bytes that were scanned.
@@ -174,7 +181,8 @@ def _load_entry_point(text: str) -> TorchSource:
     return TorchSource(
         model=model,
         kind="entry_point",
-        name=Path(target).stem if target.endswith(".py") else target.rpartition(".")[2],
+        # file-factory: two factories in one file must not both be named after the file
+        name=f"{Path(target).stem if target.endswith('.py') else target.rpartition('.')[2]}-{factory_name}",
         path=str(path) if path else text,
         sha256=sha256_file(path) if path else None,
         example_inputs=examples,

@@ -16,7 +16,8 @@ The effect sizes are reported for every feature: PSI, Jensen-Shannon distance an
 distance in reference standard deviations; ``decide_by`` set to one of them restores the older rule (that
 effect size's threshold decides windows of ``small_window_rows`` or more). One multivariate signal watches
 all input features together: the PCA reconstruction error of the window against the reference's held-out
-error. Every result names the method that decided it.
+error. Every result names the method that decided it. String input columns are tested the same way on their
+category buckets, unseen values counted apart (:mod:`slipstream.monitor.categorical`).
 
 Cost: binning is vectorized over all columns (see :mod:`slipstream.monitor.binning`); the reference side
 (edges, fractions, bin centres) is prepared once when the detector is built.
@@ -34,6 +35,7 @@ from pydantic import Field
 from slipstream.errors import InputError
 from slipstream.frozen import Frozen
 from slipstream.monitor import binning
+from slipstream.monitor.categorical import CategoricalDrift, CategoricalWindow, by_tensor, count_window, is_categorical
 from slipstream.monitor.features import featurize
 from slipstream.monitor.profile import Multivariate, Profile, TensorProfile, predictions, reconstruction_error
 
@@ -122,6 +124,9 @@ class DriftReport(Frozen):
     multivariate: MultivariateDrift | None = None
     drifted_features: list[str] = Field(description="Every drifted input feature, by name.")
     drifted_outputs: list[str] = Field(description="Every drifted output feature (and 'prediction').")
+    categorical: list[CategoricalDrift] = Field(
+        default_factory=list, description="String input columns: window shares and unseen values (tables in inputs)."
+    )
 
     @property
     def drifted_share(self) -> float:
@@ -159,6 +164,10 @@ class _Ref:
             scale=np.where(std > 1e-12, std, 1.0),
             quantiles=np.asarray(f.quantiles, dtype=np.float64),
         )
+
+
+# One tested tensor: side, reference (bins or category buckets), psi, js, wasserstein, counts, p-values.
+_Row = tuple[str, _Ref | CategoricalWindow, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]
 
 
 def load_statistics() -> None:
@@ -205,6 +214,7 @@ class DriftDetector:
         self._inputs = [_Ref.of(t) for t in profile.inputs]
         self._outputs = [_Ref.of(t) for t in profile.outputs]
         spec = profile.prediction
+        self._categorical = by_tensor(profile.categorical)
         self._classes = np.asarray(spec.classes if spec else [], dtype=np.float64)
         self._class_p = np.asarray(spec.class_fractions if spec else [], dtype=np.float64)
         mv = profile.multivariate
@@ -259,7 +269,7 @@ class DriftDetector:
 
     def compare(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None = None) -> DriftReport:
         """Drift of a window (rows stacked along axis 0) of model inputs and, optionally, outputs."""
-        feats_in = {k: featurize(np.asarray(v)) for k, v in inputs.items()}
+        feats_in = {k: v if is_categorical(v) else featurize(np.asarray(v)) for k, v in inputs.items()}
         feats_out = {k: featurize(np.asarray(v)) for k, v in (outputs or {}).items()}
         spec = self.profile.prediction
         predicted = None
@@ -274,16 +284,19 @@ class DriftDetector:
         predicted: np.ndarray | None = None,
     ) -> DriftReport:
         """Like :meth:`compare`, on already featurized ``[rows, features]`` matrices (see ``features``) and
-        the predicted classes; the server's rolling window keeps exactly these."""
+        the predicted classes; the server's rolling window keeps exactly these. String inputs come as the
+        strings or as their bucket codes (:func:`~slipstream.monitor.categorical.tensor_codes`)."""
         c = self.config
         missing = [r.name for r in self._inputs if r.name not in inputs]
+        missing += [name for name in self._categorical if name not in inputs]
         if missing:
             raise InputError(f"The window lacks inputs {missing}; the profile has them.", input_name=missing[0])
-        rows = int(np.asarray(inputs[self._inputs[0].name]).shape[0])
+        first = self._inputs[0].name if self._inputs else next(iter(self._categorical), "")
+        rows = int(np.asarray(inputs[first]).shape[0]) if first else 0
         method = self._method(rows)
         judged = rows >= c.min_rows
         tested = judged and self._tested(rows)
-        raw: list[tuple[str, _Ref, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        raw: list[_Row] = []
         feats_in: list[np.ndarray] = []
         for side, refs, arrays in (("in", self._inputs, inputs), ("out", self._outputs, outputs or {})):
             for ref in refs:
@@ -301,6 +314,13 @@ class DriftDetector:
                         else _ks_p(x, ref, self._levels, self.profile.rows)
                     )
                 raw.append((side, ref, psi, js, ws, counts, pv))
+        # String columns: category buckets, tested and measured like bins (monitor.categorical).
+        windows = [count_window(f, inputs[name]) for name, f in self._categorical.items()]
+        for w in windows:
+            q = w.counts / max(rows, 1)
+            psi, js = binning.psi(w.fractions, q, c.epsilon), binning.jensen_shannon(w.fractions, q)
+            pv = binning.chi2_p(w.counts, w.fractions, self.profile.rows) if tested else None
+            raw.append(("in", w, psi, js, np.zeros_like(psi), w.counts, pv))
         pred_row = self._prediction_effects(predicted, rows, tested) if predicted is not None else None
         # One correction over the whole family of tests in this window.
         corrected: list[np.ndarray] = []
@@ -315,13 +335,13 @@ class DriftDetector:
                 offset += part.size
         tables_in: list[DriftTable] = []
         tables_out: list[DriftTable] = []
-        for i, (side, ref, psi, js, ws, _, _) in enumerate(raw):
+        for i, (side, tested_ref, psi, js, ws, _, _) in enumerate(raw):
             pv_adj = corrected[i] if tested else None
             drifted = self._verdict(judged, psi, js, ws, pv_adj)
             table = DriftTable(
-                tensor=ref.name,
+                tensor=tested_ref.name,
                 method=method,
-                features=ref.names,
+                features=tested_ref.names,
                 psi=psi.tolist(),
                 jensen_shannon=js.tolist(),
                 wasserstein=ws.tolist(),
@@ -343,7 +363,7 @@ class DriftDetector:
                 p_value=None if pv_adj is None else pv_adj.tolist(),
                 drifted=self._verdict(judged, psi, js, np.zeros_like(ws), pv_adj).tolist(),
             )
-        mv = self._multivariate(np.concatenate(feats_in, axis=1), judged, self._mv) if self._mv is not None else None
+        mv = self._multivariate(np.concatenate(feats_in, axis=1), judged, self._mv) if self._mv and feats_in else None
         drifted_in = [n for t in tables_in for n, d in zip(t.features, t.drifted, strict=True) if d]
         drifted_out = [n for t in tables_out for n, d in zip(t.features, t.drifted, strict=True) if d]
         if prediction is not None and prediction.drifted[0]:
@@ -358,6 +378,7 @@ class DriftDetector:
             multivariate=mv,
             drifted_features=drifted_in,
             drifted_outputs=drifted_out,
+            categorical=[d for w in windows for d in w.details],
         )
 
     def _verdict(

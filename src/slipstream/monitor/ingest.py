@@ -19,6 +19,7 @@ from operator import attrgetter
 
 import numpy as np
 
+from slipstream.monitor.categorical import by_tensor, tensor_codes
 from slipstream.monitor.content import EMBEDDING_OUTPUT
 from slipstream.monitor.features import featurize
 from slipstream.monitor.profile import Profile, predictions
@@ -224,7 +225,8 @@ class Ingestor:
         self._widths = (
             {t.name: len(t.features.names) for t in (*profile.inputs, *profile.outputs)} if profile is not None else {}
         )
-        self._inputs: dict[str, Ring] = {}
+        self._inputs: dict[str, Ring] = {}  # numeric features, and string columns as bucket codes (2 bytes/value)
+        self._categorical = by_tensor(profile.categorical) if profile is not None else {}
         self._outputs: dict[str, Ring] = {}
         self._predicted = Ring(settings.window_rows)
         self._ood = Ring(settings.window_rows)
@@ -281,6 +283,7 @@ class Ingestor:
         total = int(counts.sum())
         feats_in = {k: featurize(v) for k, v in raw_in.items() if v.dtype.kind in "biuf"}
         feats_out = {k: featurize(v) for k, v in raw_out.items() if v.dtype.kind in "biuf"}
+        codes_in = {k: tensor_codes(f, raw_in[k]) for k, f in self._categorical.items() if k in raw_in}
         for k, f in (*feats_in.items(), *feats_out.items()):
             if f.shape[0] != total or (k in self._widths and f.shape[1] != self._widths[k]):
                 raise ValueError(f"'{k}' has shape {f.shape}; expected {total} rows × {self._widths.get(k)} features")
@@ -302,7 +305,7 @@ class Ingestor:
             self.requests += cols.requests
             self.rows += total
             self.sampled += int(sampled.sum())
-            for k, f in feats_in.items():
+            for k, f in (*feats_in.items(), *codes_in.items()):
                 self._inputs.setdefault(k, Ring(self.s.window_rows)).add(f)
             for k, f in feats_out.items():
                 self._outputs.setdefault(k, Ring(self.s.window_rows)).add(f)

@@ -22,6 +22,7 @@ from slipstream.errors import ConfigError, DataError, SchemaError
 from slipstream.frozen import Frozen
 from slipstream.monitor import binning
 from slipstream.monitor._blas import cross
+from slipstream.monitor.categorical import CategoricalFeature, categorical_inputs, is_categorical
 from slipstream.monitor.content import EMBEDDING_OUTPUT, ContentReference, build_content_reference
 from slipstream.monitor.features import TensorKind, channel_pixels, feature_names, featurize, tensor_kind
 
@@ -29,27 +30,10 @@ if TYPE_CHECKING:
     from slipstream.data.datasets import Dataset
 
 PROFILE_FILE = "profile.json"
-PROFILE_SCHEMA_VERSION = 2  # 2: ``content`` (reference samples for content drift); version 1 still loads
+PROFILE_SCHEMA_VERSION = 3  # 2: ``content``; 3: ``categorical`` (string columns); versions 1 and 2 still load
 PROFILE_STEP = "profile@1"
-QUANTILE_LEVELS: tuple[float, ...] = (
-    0.0,
-    0.01,
-    0.05,
-    0.1,
-    0.2,
-    0.25,
-    0.3,
-    0.4,
-    0.5,
-    0.6,
-    0.7,
-    0.75,
-    0.8,
-    0.9,
-    0.95,
-    0.99,
-    1.0,
-)
+QUANTILE_LEVELS: tuple[float, ...] = (0.0, 0.01, 0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
+QUANTILE_LEVELS += (0.95, 0.99, 1.0)
 DECILE_LEVELS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 Task = Literal["classification", "regression"]
@@ -78,6 +62,12 @@ class ProfileConfig(Frozen):
         default=10.0, ge=0, description="Pseudo-rows pulling each bin's accuracy towards its mean confidence."
     )
     seed: int = Field(default=0, description="Seed for the PCA fit/held-out split and the content samples.")
+    categorical_top_k: int = Field(
+        default=20, ge=1, description="String columns: categories kept by name; the rest share an 'other' bucket."
+    )
+    categorical_max_vocabulary: int = Field(
+        default=10_000, ge=0, description="String columns: 'other' names stored to tell rare values from unseen."
+    )
     content_sample_rows: int = Field(
         default=1000, ge=0, description="Reference rows kept for the output-shift and embedding tests (0: none)."
     )
@@ -166,6 +156,9 @@ class Profile(Frozen):
     multivariate: Multivariate | None = None
     content: ContentReference | None = Field(
         default=None, description="Samples for the content tests; None in profiles from before schema 2."
+    )
+    categorical: list[CategoricalFeature] = Field(
+        default_factory=list, description="String (BYTES) input columns as categories (monitor.categorical)."
     )
 
     def to_json_bytes(self) -> bytes:
@@ -364,7 +357,8 @@ def build_profile(
     n = next(iter(rows.values()))
     if n < 2:
         raise DataError(f"A profile needs at least 2 reference rows; got {n}.")
-    in_profiles = [_tensor_profile(k, v) for k, v in inputs.items()]
+    numeric = {k: v for k, v in inputs.items() if not is_categorical(np.asarray(v))}
+    in_profiles = [_tensor_profile(k, v) for k, v in numeric.items()]
     # The monitoring-only embedding is no prediction and no per-value drift feature: only the MMD test reads it.
     served = {k: v for k, v in outputs.items() if k != EMBEDDING_OUTPUT} or dict(outputs)
     out_profiles = [_tensor_profile(k, v) for k, v in served.items() if np.asarray(v).dtype.kind in "biuf"]
@@ -392,7 +386,8 @@ def build_profile(
                 calibration = _calibration(conf, correct, cfg.calibration_bins, cfg.calibration_prior_rows)
         else:
             metrics = {"mae": float(np.mean(np.abs(pred - y))), "labeled_rows": float(n)}
-    feats = np.concatenate([featurize(np.asarray(v)).astype(np.float64) for v in inputs.values()], axis=1)
+    feats = [featurize(np.asarray(v)).astype(np.float64) for v in numeric.values()]
+    categorical = categorical_inputs(inputs, top_k=cfg.categorical_top_k, max_vocabulary=cfg.categorical_max_vocabulary)
     if cfg.embedding_output is not None and cfg.embedding_output not in outputs:
         raise ConfigError(
             f"embedding_output {cfg.embedding_output!r} is not an output; outputs are {list(outputs)}.",
@@ -416,8 +411,9 @@ def build_profile(
         prediction=spec,
         metrics=metrics,
         calibration=calibration,
-        multivariate=_multivariate(feats, cfg),
+        multivariate=_multivariate(np.concatenate(feats, axis=1), cfg) if feats else None,
         content=content,
+        categorical=categorical,
     )
 
 

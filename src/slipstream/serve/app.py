@@ -37,10 +37,12 @@ from slipstream.serve.replies import (
     REJECTION_REASONS,
     Reply,
     allow,
+    client_fault,
     error_reply,
     header_length,
     json_reply,
     openapi_document,
+    tensor_parameters,
     wanted_outputs,
 )
 from slipstream.serve.repository import Repository
@@ -309,6 +311,8 @@ class SlipstreamApp:
                     "name": s.name,
                     "datatype": datatype(s.dtype),
                     "shape": [d if isinstance(d, int) else -1 for d in s.shape],
+                    # ranges, axis limits, quantization: only where the graph told us (plain OIP otherwise)
+                    **({"parameters": p} if (p := tensor_parameters(s)) else {}),
                 }
                 for s in specs
             ]
@@ -371,8 +375,8 @@ class SlipstreamApp:
                 )
             batcher.arrive()  # with nothing awaited before infer() joins it: the queue never waits on a reader
             results, queue_s = await batcher.infer(feeds, rows, key)
-        except SlipstreamError as exc:
-            reply = error_reply(exc, request_id)
+        except SlipstreamError as exc:  # onnxruntime failing on the request's values is the client's 400
+            reply = error_reply(client_fault(exc, engine.inputs), request_id)
             reply.model, reply.version = entry.name, entry.version
             if screening is not None and screening.reject:
                 reply.reason = "out_of_distribution"

@@ -243,9 +243,14 @@ class Guard:
             )
 
     def check_values(self, feeds: Mapping[str, np.ndarray], specs: Iterable[TensorSpec]) -> None:
-        """NaN/Inf policy and each input's value range; raises a 400 that says where and how many."""
+        """NaN/Inf policy, each input's value range and axis limits; raises a 400 that says where and how many.
+
+        The range and the limits come from the graph (an embedding table's rows, a position table's
+        length): past them onnxruntime fails mid-graph, and that is the client's error, not the server's.
+        """
         for spec in specs:
             array = feeds[spec.name]
+            check_sizes(spec, array.shape)
             if array.dtype.kind not in "fiu" or array.size == 0:
                 continue
             if array.dtype.kind == "f" and self.settings.non_finite == "reject":
@@ -261,8 +266,29 @@ class Guard:
                 low, high = spec.value_range
                 lo, hi = float(array.min()), float(array.max())
                 if lo < low or hi > high or math.isnan(lo) or math.isnan(hi):
+                    bad = int(array.size - np.count_nonzero((array >= low) & (array <= high)))  # NaN counts
                     raise InputError(
-                        f"Input '{spec.name}' must lie in [{low:g}, {high:g}]; got values in [{lo:g}, {hi:g}].",
+                        f"Input '{spec.name}' must lie in [{low:g}, {high:g}]; got values in [{lo:g}, {hi:g}] "
+                        f"({bad} outside).",
                         input_name=spec.name,
-                        hint="Scale the data the way the model was trained.",
+                        hint=(
+                            f"These ids index a table of {high - low + 1:g} rows: take them from the model's own "
+                            "vocabulary (its tokenizer), and map unknown tokens to its unknown-token id."
+                            if array.dtype.kind in "iu"
+                            else "Scale the data the way the model was trained."
+                        ),
                     )
+
+
+def check_sizes(spec: TensorSpec, shape: tuple[int, ...]) -> None:
+    """Refuse an axis longer than the graph can take (``spec.max_shape``), naming the limit."""
+    if spec.max_shape is None:
+        return
+    for axis, (limit, size) in enumerate(zip(spec.max_shape, shape, strict=False)):
+        if limit is not None and size > limit:
+            raise InputError(
+                f"Input '{spec.name}' axis {axis} ('{spec.shape[axis]}') has size {size}; this model takes at most "
+                f"{limit} there (a table in the graph holds {limit} positions along it).",
+                input_name=spec.name,
+                hint=f"Truncate the sequence to {limit}, or split it into windows of at most {limit}.",
+            )

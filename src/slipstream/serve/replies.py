@@ -14,7 +14,15 @@ from typing import Any
 
 import orjson
 
-from slipstream.errors import MethodNotAllowedError, ProtocolError, ServingError, SlipstreamError
+from slipstream.artifact.tensor import TensorSpec
+from slipstream.errors import (
+    EngineError,
+    InputError,
+    MethodNotAllowedError,
+    ProtocolError,
+    ServingError,
+    SlipstreamError,
+)
 from slipstream.serve.codec import RequestedOutput
 from slipstream.serve.repository import ModelVersion
 
@@ -75,6 +83,69 @@ def error_reply(exc: SlipstreamError, request_id: str) -> Reply:
     if retry is not None:
         reply.headers.append((b"retry-after", str(max(1, round(retry))).encode()))
     return reply
+
+
+# onnxruntime's words for a run that failed on what the request held, and ours for the client. Its
+# exceptions are untyped here; INVALID_ARGUMENT is the status its kernels give a bad input value.
+_INPUT_FAULTS = (
+    ("out of data bounds", "an id or index is outside the table it indexes"),
+    ("out of range", "a value is outside the range the model accepts"),
+    ("broadcast", "the input's sizes do not fit together inside the model"),
+    ("invalid dimensions", "an input's shape does not fit the model"),
+    ("invalid input shape", "an input's shape does not fit the model"),
+)
+
+
+def client_fault(exc: SlipstreamError, specs: tuple[TensorSpec, ...]) -> SlipstreamError:
+    """``exc`` as a 400 when onnxruntime failed on what the request held; any other error unchanged.
+
+    The body says what the model takes (ranges and limits where the graph told us); onnxruntime's own
+    text, with its node names and source paths, goes to the log under the request id as a note.
+    """
+    cause = exc.__cause__
+    if type(exc) is not EngineError or cause is None:  # a subclass (no provider) is not about the input
+        return exc
+    if not type(cause).__module__.startswith("onnxruntime"):
+        return exc
+    text = str(cause)
+    what = next((ours for theirs, ours in _INPUT_FAULTS if theirs in text.lower()), None)
+    if what is None and type(cause).__name__ != "InvalidArgument":
+        return exc  # a failure that says nothing about the input is the server's (500, logged)
+    fault = InputError(
+        f"The model could not run on this input: {what or 'onnxruntime refused the input values'}. "
+        f"It takes {'; '.join(_takes(s) for s in specs)}.",
+        hint="Send inputs within these shapes and ranges (GET /v2/models/{name} lists them).",
+    )
+    fault.add_note(f"onnxruntime: {text.strip()}")
+    fault.__cause__ = exc
+    return fault
+
+
+def _takes(spec: TensorSpec) -> str:
+    text = f"'{spec.name}' {spec.dtype} {spec.shape_text()}"
+    if spec.value_range is not None:
+        text += f" with values in [{spec.value_range[0]:g}, {spec.value_range[1]:g}]"
+    for axis, limit in enumerate(spec.max_shape or ()):
+        if limit is not None:
+            text += f", axis {axis} at most {limit}"
+    return text
+
+
+def tensor_parameters(spec: TensorSpec) -> dict[str, float | int]:
+    """What the metadata endpoint adds to an input's OIP description, as flat OIP ``parameters`` (scalars):
+    the value range, each bounded axis's limit, and a quantized input's scale and zero point."""
+    out: dict[str, float | int] = {}
+    if spec.value_range is not None:
+        low, high = spec.value_range
+        integral = spec.dtype.startswith(("int", "uint")) and low.is_integer() and high.is_integer()
+        out["value_min"], out["value_max"] = (int(low), int(high)) if integral else (low, high)
+    for axis, limit in enumerate(spec.max_shape or ()):
+        if limit is not None:
+            out[f"max_size_axis_{axis}"] = limit
+    if spec.quantization is not None:
+        out["quantization_scale"] = spec.quantization.scale
+        out["quantization_zero_point"] = spec.quantization.zero_point
+    return out
 
 
 def allow(method: str, allowed: str) -> None:
