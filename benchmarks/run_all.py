@@ -26,7 +26,7 @@ RESULTS = HERE / "results"
 # Order of sections in BENCHMARKS.md; scripts not listed run after these, alphabetically.
 ORDER = [
     "model_speed", "passes", "pruning", "build", "serving", "monitoring", "monitor_overhead", "drift",
-    "torch-import", "keras-export", "trust", "hostile",
+    "torch-import", "keras-export", "trust", "hostile", "zoo",
 ]  # fmt: skip
 # Modules another script runs as its sections (benchmarks/hostile.py), not benchmarks of their own.
 SECTIONS_OF_OTHERS = {"hostile_clients", "hostile_fuzz", "hostile_monitor"}
