@@ -201,3 +201,31 @@ def test_a_request_past_its_timeout_answers_504_and_the_server_stays_healthy(tmp
         assert response.status_code == 504 and "timeout" in response.json()["error"]
         assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
         assert 'slipstream_rejections_total{reason="timeout"} 1.0' in httpx.get(f"{server.url}/metrics").text
+
+
+def test_gc_freeze_after_a_load_is_a_setting(tmp_path: Path) -> None:
+    """gc.freeze() is process-wide: on by default (steadier p99), off for an application that embeds the app."""
+    import gc
+
+    from slipstream.serve import create_app
+
+    add_version(tmp_path / "repo", "mlp", "1", tmp_path)
+
+    def frozen_after_startup(settings: ServeSettings) -> int:
+        app = create_app(tmp_path / "repo", settings)
+
+        async def go() -> int:
+            gc.unfreeze()
+            await app.startup()
+            try:
+                return gc.get_freeze_count()
+            finally:
+                await app.shutdown()
+
+        return asyncio.run(go())
+
+    try:
+        assert frozen_after_startup(ServeSettings(gc_freeze=False)) == 0
+        assert frozen_after_startup(ServeSettings()) > 0
+    finally:
+        gc.freeze()  # leave the process as the other serve tests expect it

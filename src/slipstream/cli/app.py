@@ -250,6 +250,9 @@ def serve(
     ] = None,
     poll_interval: Annotated[float, typer.Option(help="Seconds between repository rescans; 0: off.")] = 0.0,
     access_log: Annotated[bool, typer.Option(help="JSON access log lines on stderr.")] = True,
+    gc_freeze: Annotated[
+        bool, typer.Option(help="gc.freeze() after each model load: steadier p99 (process-wide).")
+    ] = True,
     monitor_db: Annotated[
         Path | None, typer.Option(help="Monitor into this SQLite prediction log (off when not given).")
     ] = None,
@@ -315,7 +318,7 @@ def serve(
         "rate_per_s": rate_per_s, "burst": burst,
         "max_body_bytes": max_body_bytes, "max_id_chars": max_id_chars, "non_finite": non_finite,
         "cors_origins": tuple(cors_origin or ()),
-        "intra_op_threads": threads, "poll_interval_s": poll_interval, "access_log": access_log,
+        "intra_op_threads": threads, "poll_interval_s": poll_interval, "access_log": access_log, "gc_freeze": gc_freeze,
         "http_limits": http_limits, "http_max_header_bytes": max_header_bytes,
         "http_max_header_count": max_header_count, "http_max_request_line_bytes": max_request_line_bytes,
         "http_header_timeout_s": header_timeout, "http_body_idle_timeout_s": body_idle_timeout,

@@ -305,7 +305,8 @@ class Repository:
         # collector's sight. Full collections then walk only per-request garbage: measured on the digits MLP
         # at 64 connections, p99 fell from ~30 to ~10 ms and the CPU a monitored request adds from ~15 to ~0 µs
         # (requests held for the monitor's 50 ms batches survive into the old generation and trigger them).
-        gc.freeze()
+        if self.settings.gc_freeze:
+            gc.freeze()
         self.metrics.load_seconds.labels(entry.name, entry.version).set(entry.load_s)
         self.metrics.model_ready.labels(entry.name, entry.version).set(1)
         log.info(

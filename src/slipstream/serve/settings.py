@@ -259,3 +259,9 @@ class ServeSettings(Frozen):
     monitor: MonitorSettings = Field(default_factory=MonitorSettings, description="Monitoring; off by default.")
     access_log: bool = Field(default=True, description="Write one JSON line per request to 'slipstream.access'.")
     drain_timeout_s: float = Field(default=30.0, gt=0, description="How long SIGTERM waits for in-flight requests.")
+    gc_freeze: bool = Field(
+        default=True,
+        description="After each model version loads, move every live object out of the garbage collector's "
+        "sight (gc.freeze): full collections then walk only per-request garbage (p99 ~30 → ~10 ms on the digits "
+        "MLP at 64 connections). Process-wide, so an embedding application may turn it off.",
+    )
