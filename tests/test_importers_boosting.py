@@ -13,9 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import catboost
 import joblib
+import lightgbm
 import numpy as np
+import onnxmltools  # noqa: F401  (the converter the extra brings: missing, this module fails to import, loudly)
 import pytest
+import xgboost
 from sklearn.datasets import load_breast_cancer, load_wine
 
 import slipstream
@@ -23,11 +27,6 @@ from slipstream.artifact import Bundle
 from slipstream.errors import ConversionError, MissingDependencyError, UntrustedPickleError
 from slipstream.importers.sklearn import import_sklearn
 from slipstream.runtime import Engine
-
-lightgbm = pytest.importorskip("lightgbm")
-xgboost = pytest.importorskip("xgboost")
-catboost = pytest.importorskip("catboost")
-pytest.importorskip("onnxmltools")
 
 Data = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import transformers
 from typer.testing import CliRunner
 
 import slipstream
@@ -29,7 +30,6 @@ from slipstream.importers.transformers_dir import (
 )
 from slipstream.runtime import Engine
 
-transformers = pytest.importorskip("transformers")
 VOCAB = 1000
 runner = CliRunner()
 
