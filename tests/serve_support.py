@@ -19,10 +19,22 @@ from onnx import TensorProto, helper, numpy_helper
 from slipstream.importers import import_onnx
 from slipstream.serve.background import ServerThread as ServerThread  # re-exported for the serve tests
 from slipstream.serve.background import free_port as free_port
+from slipstream.serve.guard import hash_key
+from slipstream.serve.settings import GuardSettings, MonitorSettings, ServeSettings
 from tests.onnx_models import build_mlp, build_token_scorer
 
 API_KEY = "test-key-123-long-enough"  # keys need 16 characters or more
 ADMIN_KEY = "admin-key-456-long-enough"
+
+
+def monitored_settings(db: Path, **monitor: Any) -> ServeSettings:
+    """A server on a free port, with the test API key, monitoring into ``db`` (no timed evaluations)."""
+    return ServeSettings(
+        port=0,
+        access_log=False,
+        guard=GuardSettings(api_key_hashes=frozenset({hash_key(API_KEY)})),
+        monitor=MonitorSettings(db_path=db, evaluate_interval_s=3600, **monitor),
+    )
 
 
 def scorer(scale: float) -> onnx.ModelProto:

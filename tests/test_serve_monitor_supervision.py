@@ -17,10 +17,9 @@ import httpx
 import numpy as np
 import pytest
 
-from slipstream.serve.guard import hash_key
 from slipstream.serve.monitoring import ServeMonitors
-from slipstream.serve.settings import GuardSettings, MonitorSettings, ServeSettings
-from tests.serve_support import API_KEY, ServerThread, add_version
+from slipstream.serve.settings import MonitorSettings
+from tests.serve_support import API_KEY, ServerThread, add_version, monitored_settings
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -30,15 +29,6 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("repo")
     add_version(root, "mlp", "1", tmp_path_factory.mktemp("work"))
     return root
-
-
-def _settings(db: Path, **monitor: Any) -> ServeSettings:
-    return ServeSettings(
-        port=0,
-        access_log=False,
-        guard=GuardSettings(api_key_hashes=frozenset({hash_key(API_KEY)})),
-        monitor=MonitorSettings(db_path=db, evaluate_interval_s=3600, **monitor),
-    )
 
 
 def _body(rows: int, seed: int) -> dict[str, Any]:
@@ -111,7 +101,7 @@ def test_kill_9_under_load_restarts_the_monitor_and_every_prediction_is_accounte
     db = tmp_path / "m.db"
     caplog.set_level(logging.INFO, logger="slipstream.serve")
     with (
-        ServerThread(repo, _settings(db, restart_initial_s=0.5)) as server,
+        ServerThread(repo, monitored_settings(db, restart_initial_s=0.5)) as server,
         httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
     ):
         monitors = server.app.monitors
@@ -159,7 +149,7 @@ def test_a_monitor_process_down_for_long_is_counted_and_said_so(repo: Path, tmp_
     """While it is down (here: a long backoff) serving goes on, feedback and fresh evaluations are 503, and
     every observed row is counted lost; closing the server settles the books."""
     with (
-        ServerThread(repo, _settings(tmp_path / "m.db", restart_initial_s=600)) as server,
+        ServerThread(repo, monitored_settings(tmp_path / "m.db", restart_initial_s=600)) as server,
         httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
     ):
         monitors = server.app.monitors
@@ -190,7 +180,7 @@ def test_a_full_prediction_log_is_logged_once_counted_and_serving_goes_on(
     db = tmp_path / "m.db"
     caplog.set_level(logging.INFO)
     with (
-        ServerThread(repo, _settings(db, log_max_mb=0.06)) as server,
+        ServerThread(repo, monitored_settings(db, log_max_mb=0.06)) as server,
         httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
     ):
         monitors = server.app.monitors

@@ -22,10 +22,10 @@ from slipstream.monitor import profile_from_bundle, write_profiled_bundle
 from slipstream.monitor.logfile import read_records
 from slipstream.serve.guard import hash_key
 from slipstream.serve.server import settings_from_options
-from slipstream.serve.settings import GuardSettings, MonitorSettings, ServeSettings
+from slipstream.serve.settings import GuardSettings, ServeSettings
 from tests.browser import screenshot
 from tests.onnx_models import build_trained_digits_mlp
-from tests.serve_support import API_KEY, ServerThread
+from tests.serve_support import API_KEY, ServerThread, monitored_settings
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 DRIFT_RULES = {"input_drift", "multivariate_drift", "prediction_drift"}
@@ -63,19 +63,10 @@ def digits_repo(tmp_path_factory: pytest.TempPathFactory) -> DigitsRepo:
     return DigitsRepo(root, x_train, y_train.astype(np.int64))
 
 
-def _settings(db: Path, **monitor: Any) -> ServeSettings:
-    return ServeSettings(
-        port=0,
-        access_log=False,
-        guard=GuardSettings(api_key_hashes=frozenset({hash_key(API_KEY)})),
-        monitor=MonitorSettings(db_path=db, evaluate_interval_s=3600, **monitor),
-    )
-
-
 @pytest.fixture(scope="module")
 def monitored(digits_repo: DigitsRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     db = tmp_path_factory.mktemp("monitor-db") / "monitor.db"
-    settings = _settings(db, window_rows=300, quality_window_rows=300)
+    settings = monitored_settings(db, window_rows=300, quality_window_rows=300)
     with ServerThread(digits_repo.root, settings) as server:
         yield server
 
@@ -238,7 +229,7 @@ def test_dashboard_renders_live_data_in_headless_chromium(
 
 
 def test_ood_rejection_and_a_model_without_profile(digits_repo: DigitsRepo, tmp_path: Path) -> None:
-    settings = _settings(tmp_path / "m.db", ood_reject_above=6.0)
+    settings = monitored_settings(tmp_path / "m.db", ood_reject_above=6.0)
     with (
         ServerThread(digits_repo.root, settings) as server,
         httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
@@ -274,7 +265,7 @@ def test_monitoring_off_by_default_costs_nothing_and_says_so(digits_repo: Digits
         assert "slipstream_monitor" not in client.get("/metrics").text
 
 
-def test_cli_options_become_monitor_settings(tmp_path: Path) -> None:
+def test_cli_options_become_monitormonitored_settings(tmp_path: Path) -> None:
     settings = settings_from_options(
         {"monitor": {"db_path": tmp_path / "m.db", "sample_rate": 0.25, "ood_reject_above": 8.0,
                      "webhook_url": "http://127.0.0.1:9/hook", "group_parameter": "cohort", "standby": False,
@@ -299,7 +290,7 @@ def test_a_new_version_gets_its_own_monitor_and_the_old_one_is_closed(digits_rep
 
     repo = tmp_path / "repo"
     shutil.copytree(digits_repo.root / "digits", repo / "digits")
-    settings = _settings(tmp_path / "m.db").model_copy(
+    settings = monitored_settings(tmp_path / "m.db").model_copy(
         update={"guard": GuardSettings(api_key_hashes=frozenset({hash_key(API_KEY)}),
                                        admin_key_hashes=frozenset({hash_key(ADMIN_KEY)}))}
     )  # fmt: skip
@@ -362,5 +353,5 @@ def test_an_unusable_prediction_log_stops_the_server_before_it_serves(digits_rep
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="Cannot open the prediction log") as info:
-        create_app(digits_repo.root, _settings(tmp_path / "file" / "monitor.db"))
+        create_app(digits_repo.root, monitored_settings(tmp_path / "file" / "monitor.db"))
     assert info.value.hint is not None and "writable" in info.value.hint

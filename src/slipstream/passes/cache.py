@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from slipstream.artifact.bundle import Bundle, Step, write_bundle
 from slipstream.artifact.hashing import sha256_json
@@ -76,10 +76,12 @@ class PassCache:
     def entry_path(self, key: str) -> Path:
         return self.root / key[:2] / key
 
-    def get(self, key: str, pass_name: str) -> PassOutput | None:
-        """The cached result, or None when absent or when the entry fails verification (then it is removed)."""
-        from slipstream.passes.base import PassOutput
-
+    def _verified(
+        self, key: str, pass_name: str, intact: Callable[[Bundle, dict[str, Any]], bool]
+    ) -> tuple[Bundle, dict[str, Any], onnx.ModelProto] | None:
+        """The entry of ``key``: its files checked against their digests, its owner (key and pass) checked, and
+        its manifest (which the file digests do not cover) checked by ``intact``. None when absent or damaged
+        (a damaged entry is removed, so the caller recomputes it)."""
         path = self.entry_path(key)
         if not path.exists():
             return None
@@ -88,16 +90,28 @@ class PassCache:
             entry = bundle.manifest.resolved.get("cache_entry")
             if not isinstance(entry, dict) or entry.get("key") != key or entry.get("pass") != pass_name:
                 raise BundleError(f"cache entry '{path}' does not belong to key {key[:12]}…", path=path)
-            resolved = entry.get("resolved")
-            warnings = entry.get("warnings")
-            # The manifest is not covered by the file digests; its payload carries its own.
-            if entry.get("payload_sha256") != _payload_digest(resolved, warnings, bundle.manifest.metrics):
+            if not intact(bundle, entry):
                 raise BundleError(f"cache entry '{path}' has a manifest that was changed", path=path)
             model = bundle.load_model()
         except BundleError as exc:
             log.warning("Dropping a damaged pass-cache entry and recomputing: %s", exc.message)
             shutil.rmtree(path, ignore_errors=True)
             return None
+        return bundle, entry, model
+
+    def get(self, key: str, pass_name: str) -> PassOutput | None:
+        """The cached result, or None when absent or when the entry fails verification (then it is removed)."""
+        from slipstream.passes.base import PassOutput
+
+        def intact(bundle: Bundle, entry: dict[str, Any]) -> bool:
+            digest = _payload_digest(entry.get("resolved"), entry.get("warnings"), bundle.manifest.metrics)
+            return bool(entry.get("payload_sha256") == digest)
+
+        found = self._verified(key, pass_name, intact)
+        if found is None:
+            return None
+        bundle, entry, model = found
+        resolved, warnings = entry.get("resolved"), entry.get("warnings")
         return PassOutput(
             model=model,
             resolved=dict(resolved) if isinstance(resolved, dict) else {},
@@ -131,23 +145,15 @@ class PassCache:
     def get_bundle(self, key: str, pass_name: str) -> tuple[onnx.ModelProto, Manifest] | None:
         """A cached bundle-writing result (export, import): its model and manifest as first written, or None
         when absent or when the entry fails verification (then it is removed)."""
-        path = self.entry_path(key)
-        if not path.exists():
+
+        def intact(bundle: Bundle, entry: dict[str, Any]) -> bool:
+            return bool(entry.get("manifest_sha256") == _manifest_digest(_without_entry(bundle.manifest)))
+
+        found = self._verified(key, pass_name, intact)
+        if found is None:
             return None
-        try:
-            bundle = Bundle.load(path, verify=True)
-            entry = bundle.manifest.resolved.get("cache_entry")
-            manifest = _without_entry(bundle.manifest)
-            if not isinstance(entry, dict) or entry.get("key") != key or entry.get("pass") != pass_name:
-                raise BundleError(f"cache entry '{path}' does not belong to key {key[:12]}…", path=path)
-            if entry.get("manifest_sha256") != _manifest_digest(manifest):
-                raise BundleError(f"cache entry '{path}' has a manifest that was changed", path=path)
-            model = bundle.load_model()
-        except BundleError as exc:
-            log.warning("Dropping a damaged pass-cache entry and recomputing: %s", exc.message)
-            shutil.rmtree(path, ignore_errors=True)
-            return None
-        return model, manifest
+        bundle, _, model = found
+        return model, _without_entry(bundle.manifest)
 
     def put_bundle(self, key: str, pass_name: str, bundle: Bundle) -> None:
         """Keep ``bundle`` (lineage, parity proof and all) as the result of ``key``."""
