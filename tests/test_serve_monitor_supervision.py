@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from slipstream.serve.monitoring import ServeMonitors
+from slipstream.monitor.process.serving import ServeMonitors
 from slipstream.serve.settings import MonitorSettings
 from tests.serve_support import API_KEY, ServerThread, add_version, monitored_settings
 
@@ -212,7 +212,7 @@ def test_the_monitor_process_settles_every_row_once_sampled_refused_or_written(r
     from multiprocessing.connection import Connection
 
     from slipstream.monitor.ingest import Pending, columns
-    from slipstream.serve.monitor_worker import Worker
+    from slipstream.monitor.process.worker import Worker
 
     mine, theirs = socket.socketpair()
     server_end = Connection(mine.detach())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from slipstream.serve.placement import Placement, pin_thread, plan, unpinned
+from slipstream.monitor.process.placement import Placement, pin_thread, plan, unpinned
 
 CPUS = frozenset(os.sched_getaffinity(0))
 
@@ -26,7 +26,10 @@ def test_auto_gives_the_monitor_the_last_cpu_and_the_event_loop_the_others() -> 
 
 def test_one_cpu_is_left_to_the_kernel() -> None:
     """In a process allowed a single CPU (taskset), auto does not pin anything."""
-    code = "from slipstream.serve.placement import plan; p = plan('auto'); print(p.loop, p.monitor, len(p.allowed))"
+    code = (
+        "from slipstream.monitor.process.placement import plan; "
+        "p = plan('auto'); print(p.loop, p.monitor, len(p.allowed))"
+    )
     out = subprocess.run(
         ["taskset", "-c", str(min(CPUS)), sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout

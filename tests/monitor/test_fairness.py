@@ -228,7 +228,7 @@ def test_metrics_carry_the_bounds_and_the_default_rules_decide_on_them() -> None
 
 
 def test_the_server_setting_reaches_the_monitor() -> None:
-    from slipstream.serve.monitor_worker import monitor_config
+    from slipstream.monitor.process.worker import monitor_config
     from slipstream.serve.settings import MonitorSettings
 
     fairness = monitor_config(MonitorSettings(fairness_confidence=0.95, fairness_min_ratio=0.7)).fairness

@@ -2,7 +2,7 @@
 
 A BLAS call this small spins up OpenBLAS threads, which on busy cores costs 50× the arithmetic (measured),
 so einsum (this thread only) is used, unless BLAS was limited to one thread: then ``@`` is about 6× faster
-than einsum. The server's monitor process runs that way (``slipstream.serve.monitor_proxy`` sets the
+than einsum. The server's monitor process runs that way (``slipstream.monitor.process.proxy`` sets the
 variable).
 """
 

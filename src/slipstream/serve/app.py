@@ -49,7 +49,7 @@ from slipstream.serve.repository import Repository
 from slipstream.serve.settings import ServeSettings
 
 if TYPE_CHECKING:
-    from slipstream.serve.monitoring import ServeMonitors
+    from slipstream.monitor.process.serving import ServeMonitors
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -85,7 +85,7 @@ class SlipstreamApp:
         self.access_log = AccessLog(access_sink or sys.stderr.buffer) if settings.access_log else None
         self.monitors: ServeMonitors | None = None
         if settings.monitor.enabled:  # only then is slipstream.monitor imported at all
-            from slipstream.serve.monitoring import ServeMonitors, register_collectors
+            from slipstream.monitor.process.serving import ServeMonitors, register_collectors
 
             self.monitors = ServeMonitors(settings.monitor)
             register_collectors(self.monitors, self.metrics.registry)
@@ -411,7 +411,7 @@ class SlipstreamApp:
     async def _feedback(
         self, name: str, version: str | None, receive: Receive, headers: list[tuple[bytes, bytes]]
     ) -> Reply:
-        from slipstream.serve.monitoring import monitoring_off, parse_feedback
+        from slipstream.monitor.process.serving import monitoring_off, parse_feedback
 
         if self.monitors is None:
             raise monitoring_off()
@@ -422,7 +422,7 @@ class SlipstreamApp:
 
     async def _monitoring(self, name: str | None, version: str | None, scope: Scope) -> Reply:
         """One version's summary, or every monitored version's plus live server counters (the dashboard's)."""
-        from slipstream.serve.monitoring import monitoring_off, server_summary, summary
+        from slipstream.monitor.process.serving import monitoring_off, server_summary, summary
 
         if self.monitors is None:
             raise monitoring_off()

@@ -29,16 +29,16 @@ from slipstream.artifact.bundle import MANIFEST_FILE, Bundle
 from slipstream.artifact.manifest import Manifest
 from slipstream.artifact.tensor import numpy_dtype
 from slipstream.errors import ConfigError, IntegrityError, ModelNotFoundError, ServerBusyError, SlipstreamError
+from slipstream.monitor.process.placement import unpinned
 from slipstream.runtime import Engine, Target
 from slipstream.serve.batching import Batcher, InlinePolicy
 from slipstream.serve.codec import datatype
 from slipstream.serve.metrics import ServeMetrics
-from slipstream.serve.placement import unpinned
 from slipstream.serve.settings import ServeSettings
 
 if TYPE_CHECKING:
-    from slipstream.serve.monitor_proxy import RemoteMonitor
-    from slipstream.serve.monitoring import ServeMonitors
+    from slipstream.monitor.process.proxy import RemoteMonitor
+    from slipstream.monitor.process.serving import ServeMonitors
 
 log = logging.getLogger("slipstream.serve")
 
@@ -243,7 +243,7 @@ class Repository:
 
     def _load(self, entry: ModelVersion) -> None:
         # On every CPU the process may use, wherever this worker thread was placed: a version found after
-        # startup gets the same inference pool as one loaded at startup (slipstream.serve.placement).
+        # startup gets the same inference pool as one loaded at startup (slipstream.monitor.process.placement).
         with unpinned(self.monitors.placement if self.monitors is not None else None):
             load_version(entry, self.settings)
 

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from slipstream.frozen import Frozen
-from slipstream.serve.placement import PlacementMode
+from slipstream.monitor.process.placement import PlacementMode
 
 VersionPolicy = Literal["latest", "all", "specific"]
 NonFinitePolicy = Literal["reject", "allow"]
@@ -185,7 +185,7 @@ class MonitorSettings(Frozen):
     placement: PlacementMode = Field(
         default="auto",
         description="'auto': with two or more CPUs, the monitor process gets the last one and the event loop the "
-        "others (see slipstream.serve.placement); 'none': the kernel places both.",
+        "others (see slipstream.monitor.process.placement); 'none': the kernel places both.",
     )
     restart_initial_s: float = Field(
         default=0.5, gt=0, description="Wait before restarting a monitor process that died (the first time)."

@@ -5,13 +5,13 @@ arrays appended to a bounded deque), the optional out-of-distribution screen (it
 the security counters (deltas), and feedback validation (a bad batch is refused whole, with a 400). Every
 50 ms the event loop turns what was observed into :class:`slipstream.monitor.ingest.Columns` (one
 concatenation per tensor) and hands it to a sender thread, which pickles it into the pipe; the monitor
-process (:mod:`slipstream.serve.monitor_worker`) does the rest. A reader thread takes its replies, its
+process (:mod:`slipstream.monitor.process.worker`) does the rest. A reader thread takes its replies, its
 periodic snapshots and its log records.
 
 Nothing is lost silently: a full deque, a sender backlog past ``max_backlog`` batches (the process is stuck)
 or a process that died drops the requests and counts them (``ingest_dropped``, an alert rule), and every
-row is counted exactly once as written, dropped or lost (:mod:`slipstream.serve.monitor_accounting`). A
-:class:`MonitorProcess` is one run of the process; :class:`slipstream.serve.monitor_supervisor.Supervisor`
+row is counted exactly once as written, dropped or lost (:mod:`slipstream.monitor.process.accounting`). A
+:class:`MonitorProcess` is one run of the process; :class:`slipstream.monitor.process.supervisor.Supervisor`
 notices its death (its socket closes: at once), logs it, restarts it with backoff, and serving goes on.
 """
 
@@ -39,14 +39,14 @@ from typing import TYPE_CHECKING, Any
 from slipstream.errors import ServerBusyError, ServingError
 from slipstream.monitor import MonitorConfig, MonitorSnapshot, OODScorer, Profile, SecurityCounters
 from slipstream.monitor.ingest import Pending, columns
+from slipstream.monitor.process.accounting import rows_of
+from slipstream.monitor.process.placement import cpu_list
+from slipstream.monitor.process.worker import Key
 from slipstream.monitor.service import RequestPath, check_feedback
-from slipstream.serve.monitor_accounting import rows_of
-from slipstream.serve.monitor_worker import Key
-from slipstream.serve.placement import cpu_list
 from slipstream.serve.settings import MonitorSettings
 
 if TYPE_CHECKING:
-    from slipstream.serve.monitor_supervisor import Supervisor
+    from slipstream.monitor.process.supervisor import Supervisor
 
 log = logging.getLogger("slipstream.serve")
 
@@ -72,7 +72,7 @@ class Spare:
         }
         where = [cpu_list(cpus)] if cpus else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "slipstream.serve.monitor_worker", str(theirs.fileno()), *where],
+            [sys.executable, "-m", "slipstream.monitor.process.worker", str(theirs.fileno()), *where],
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             env=env,

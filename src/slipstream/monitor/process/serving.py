@@ -2,9 +2,9 @@
 
 Only built when ``ServeSettings.monitor.db_path`` is set; otherwise the server never imports the monitor
 and its request path pays one ``is None`` test. The monitors, their shared SQLite prediction log and their
-evaluations live in a separate process (:mod:`slipstream.serve.monitor_worker`), started with the first
-monitored version and restarted when it dies (:mod:`slipstream.serve.monitor_supervisor`); the server keeps
-the cheap part (:mod:`slipstream.serve.monitor_proxy`). Feedback, the
+evaluations live in a separate process (:mod:`slipstream.monitor.process.worker`), started with the first
+monitored version and restarted when it dies (:mod:`slipstream.monitor.process.supervisor`); the server keeps
+the cheap part (:mod:`slipstream.monitor.process.proxy`). Feedback, the
 JSON summaries and the dashboard's data are served from here; /metrics gains the monitor's families through
 collectors registered on the server's own registry (read at scrape time only).
 """
@@ -24,11 +24,11 @@ from prometheus_client.registry import Collector
 
 from slipstream.errors import InputError, ModelNotFoundError, ProtocolError, SlipstreamError, first_few
 from slipstream.monitor import SQLiteStore, load_profile
+from slipstream.monitor.process.placement import pin_thread, plan
+from slipstream.monitor.process.proxy import RemoteMonitor
+from slipstream.monitor.process.supervisor import Supervisor
+from slipstream.monitor.process.worker import Key, monitor_config, store_config
 from slipstream.monitor.prometheus import MonitorCollector
-from slipstream.serve.monitor_proxy import RemoteMonitor
-from slipstream.serve.monitor_supervisor import Supervisor
-from slipstream.serve.monitor_worker import Key, monitor_config, store_config
-from slipstream.serve.placement import pin_thread, plan
 from slipstream.serve.settings import MonitorSettings
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class ServeMonitors:
         self.placement = plan(settings.placement)
 
     def place_event_loop(self) -> None:
-        """Called on the event loop's thread once the models are loaded (see slipstream.serve.placement)."""
+        """Called on the event loop's thread once the models are loaded (see slipstream.monitor.process.placement)."""
         pin_thread(self.placement.loop)  # and so the threads the loop starts from now on
         log.info("monitoring placement: %s", self.placement.describe())
 

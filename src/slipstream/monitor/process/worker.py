@@ -26,7 +26,7 @@ The protocol, over one duplex pipe, in order (the server sends from one thread, 
 Before all that, the server sends ``(settings JSON, run id)``. Every row of every batch ends in exactly one
 count of the acknowledgement: written, or dropped for a reason (``not_sampled``, ``ingest_error``,
 ``buffer_full``, ``disk_full``, ``db_error``, ``no_monitor``, ``closed``); see
-:mod:`slipstream.serve.monitor_accounting` for how the server turns them into exact totals.
+:mod:`slipstream.monitor.process.accounting` for how the server turns them into exact totals.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ from slipstream.monitor import (
 from slipstream.monitor.alerts import DEFAULT_RULES, AlertRule, AlertsConfig
 from slipstream.monitor.drift import load_statistics
 from slipstream.monitor.ingest import Columns
-from slipstream.serve.monitor_accounting import AccountedStore
-from slipstream.serve.placement import parse_cpu_list, pin_thread
+from slipstream.monitor.process.accounting import AccountedStore
+from slipstream.monitor.process.placement import parse_cpu_list, pin_thread
 from slipstream.serve.settings import MonitorSettings
 
 log = logging.getLogger("slipstream.monitor")
@@ -273,10 +273,10 @@ def niceness(settings: MonitorSettings) -> int:
 
 def run_worker(conn: Connection, cpus: frozenset[int] | None = None) -> None:
     """Serve one server until it closes: the first message is its MonitorSettings as JSON and this run's id
-    (see slipstream.serve.monitor_accounting). ``cpus``: where to
-    run (slipstream.serve.placement), set with the niceness before any thread starts."""
+    (see slipstream.monitor.process.accounting). ``cpus``: where to
+    run (slipstream.monitor.process.placement), set with the niceness before any thread starts."""
     # Importing scipy took ~1 s of CPU at the first evaluation under load: done first, so that a spare
-    # (slipstream.serve.monitor_proxy.Spare) has it done before it is needed, while it waits for its settings.
+    # (slipstream.monitor.process.proxy.Spare) has it done before it is needed, while it waits for its settings.
     load_statistics()
     try:
         conn.send(("idle",))  # warm: a spare that says so is taken over; one still importing is not
@@ -306,7 +306,7 @@ def run_worker(conn: Connection, cpus: frozenset[int] | None = None) -> None:
     conn.close()
 
 
-if __name__ == "__main__":  # started by slipstream.serve.monitor_proxy.MonitorProcess: argv[1] is its socket's fd,
+if __name__ == "__main__":  # started by slipstream.monitor.process.proxy.MonitorProcess: argv[1] is its socket's fd,
     # argv[2] (optional) the CPUs it runs on, comma-separated
     cpus = parse_cpu_list(sys.argv[2]) if sys.argv[2:] else None
     run_worker(Connection(int(sys.argv[1])), cpus)

@@ -9,7 +9,7 @@ Readiness stays 200 (serving works) and says ``monitoring: degraded`` until the 
 ``slipstream_monitor_process_up`` and ``slipstream_monitor_restarts_total`` say the same in /metrics.
 
 :class:`Accounting` keeps the totals: every observed row is, once settled, written, dropped (by reason) or
-lost, exactly (see :mod:`slipstream.serve.monitor_accounting` for the written count read back from the log).
+lost, exactly (see :mod:`slipstream.monitor.process.accounting` for the written count read back from the log).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 
 from slipstream.errors import ServerBusyError, ServingError
 from slipstream.monitor import Profile
-from slipstream.serve.monitor_accounting import written_by_run
-from slipstream.serve.monitor_proxy import MonitorProcess, Spare
-from slipstream.serve.monitor_worker import Key
+from slipstream.monitor.process.accounting import written_by_run
+from slipstream.monitor.process.proxy import MonitorProcess, Spare
+from slipstream.monitor.process.worker import Key
 from slipstream.serve.settings import MonitorSettings
 
 log = logging.getLogger("slipstream.serve")
@@ -89,7 +89,7 @@ class Accounting:
 class Supervisor:
     """The monitor process as the server sees it: one run at a time, restarted when it dies.
 
-    Offers what :class:`slipstream.serve.monitor_proxy.RemoteMonitor` needs (``send``, ``call``, ``alive``,
+    Offers what :class:`slipstream.monitor.process.proxy.RemoteMonitor` needs (``send``, ``call``, ``alive``,
     ``unavailable``, ``accounting``) whichever run is current."""
 
     def __init__(
