@@ -13,6 +13,7 @@
 3. Where the monitor's time goes: each stage, server side and monitor-process side, timed in-process.
 
     .venv/bin/python benchmarks/monitoring.py [--duration 16] [--rounds 8] [--concurrency 1,8,64]
+    .venv/bin/python benchmarks/monitoring.py --quick    # c = 8 and 64 only, short rounds: about two minutes
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from slipstream.monitor import (  # noqa: E402
     write_profiled_bundle,
 )
 from slipstream.runtime import Engine, Target  # noqa: E402
+from slipstream.runtime.targets import cpu_model  # noqa: E402
 
 CHUNK = 250
 WATCHED = (
@@ -281,7 +283,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8, help="Interleaved slices the duration is split into.")
     ap.add_argument("--sustained", type=float, default=20.0, help="Seconds of the sustained run at 64 callers.")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "monitoring.md")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="A bounded check of the overhead (c = 8 and 64, 3 rounds of 2 s, a short scenario and sustained run; "
+        "about two minutes); overrides the sizes above.",
+    )
     args = ap.parse_args()
+    if args.quick:
+        args.requests, args.concurrency, args.duration, args.rounds, args.sustained = 250, [8, 64], 6.0, 3, 3.0
+    print(f"CPU: {cpu_model()}; {os.cpu_count()} cores", flush=True)
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="slipstream-monitoring-"))
     try:
         bundle, x, y = build(work)
@@ -340,7 +352,8 @@ def write_report(
     lines = [
         "# Monitoring: the scripted scenario over HTTP, and what monitoring costs",
         "",
-        f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), Python {platform.python_version()}; shared "
+        f"Machine: {cpu_model()}, {os.cpu_count()} CPU cores ({platform.machine()}), Python "
+        f"{platform.python_version()}; shared "
         "with other jobs, so absolute numbers vary run to run.",
         f"Command: `.venv/bin/python benchmarks/monitoring.py --requests {n} --duration {args.duration:g} "
         f"--rounds {args.rounds} --concurrency {','.join(map(str, args.concurrency))} "

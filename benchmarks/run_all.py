@@ -25,8 +25,8 @@ HERE = ROOT / "benchmarks"
 RESULTS = HERE / "results"
 # Order of sections in BENCHMARKS.md; scripts not listed run after these, alphabetically.
 ORDER = [
-    "model_speed", "passes", "pruning", "build", "serving", "monitoring", "monitor_overhead", "drift",
-    "torch-import", "keras-export", "trust", "hostile", "zoo",
+    "model_speed", "passes", "pruning", "build", "serving", "workers", "monitoring", "monitor_overhead", "drift",
+    "torch-import", "keras-export", "trust", "hostile", "zoo", "engines",
 ]  # fmt: skip
 # Modules another script runs as its sections (benchmarks/hostile.py), not benchmarks of their own.
 SECTIONS_OF_OTHERS = {"hostile_clients", "hostile_fuzz", "hostile_monitor"}

@@ -7,6 +7,12 @@ shared machine than req/s. Results go to benchmarks/results/serving.md.
 
     python benchmarks/serving.py                       # tiny MLP and MiniLM int8, c=1/8/64, 15 s each
     python benchmarks/serving.py --models tiny --duration 5
+    python benchmarks/serving.py --grpc-only --quick   # gRPC vs REST, binary tensors both ways (~1.5 min)
+
+The gRPC section (--grpc, --grpc-only) runs one slipstream server with --port and --grpc-port and drives
+it, in interleaved slices, with wrk (REST, binary tensor extension) and benchmarks/grpc_load.py (gRPC,
+raw_input_contents): the tiny MLP at each concurrency and a 1 MB tensor input. Results go to
+benchmarks/results/serving-grpc.md.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -39,6 +46,7 @@ from slipstream.runtime import Engine, Target
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BASELINE = "fastapi+ort (baseline)"
+FLOOR = "bare asgi+ort (floor)"  # benchmarks/baselines/floor_asgi.py: the same JSON, no checks, no framework
 
 
 @dataclass
@@ -188,6 +196,10 @@ def run_wrk(url: str, body: dict[str, object], concurrency: int, seconds: float,
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
         f"wrk.body = {json.dumps(json.dumps(body))}\n"
     )
+    return wrk_script(url, script, concurrency, seconds)
+
+
+def wrk_script(url: str, script: Path, concurrency: int, seconds: float) -> dict[str, float]:
     out = subprocess.run(
         ["wrk", "-t1", f"-c{concurrency}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url],
         capture_output=True, text=True, check=True,
@@ -273,6 +285,14 @@ def bench_servers(
     return rows
 
 
+def serving_grpc() -> Any:
+    """benchmarks/serving_grpc.py (the gRPC section), imported on use: it imports this module's helpers."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import serving_grpc
+
+    return serving_grpc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,minilm")
@@ -287,10 +307,23 @@ def main() -> None:
         help="Extra slipstream runs as LABEL=ARGS, e.g. 'thread=--compute thread'; repeatable.",
     )
     parser.add_argument("--no-baseline", action="store_true", help="Skip the FastAPI baseline.")
+    parser.add_argument("--no-floor", action="store_true", help="Skip the bare ASGI protocol floor.")
+    parser.add_argument("--grpc", action="store_true", help="Also compare gRPC with REST (one server, both).")
+    parser.add_argument("--grpc-only", action="store_true", help="Only the gRPC against REST comparison.")
+    parser.add_argument("--big-concurrency", default="1,8", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--quick", action="store_true", help="Tiny model only, 4 s per point in 2 rounds.")
     args = parser.parse_args()
+    if args.quick:
+        args.models, args.duration, args.rounds = "tiny", min(args.duration, 4.0), 2
     if shutil.which("wrk") is None:
         sys.exit("wrk is missing: apt-get install -y wrk")
     work = Path(tempfile.mkdtemp(prefix="slipstream-serving-"))
+    if args.grpc_only:
+        try:
+            serving_grpc().bench_grpc(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     builders = {"tiny": tiny_mlp, "minilm": minilm_int8}
     rows: list[Row] = []
     ceilings: dict[str, dict[int, float]] = {}
@@ -315,7 +348,14 @@ def main() -> None:
                     sys.executable, str(ROOT / "benchmarks" / "baselines" / "fastapi_ort.py"), str(onnx_path),
                     "--name", model, "--port", str(free_port()),
                 ]  # fmt: skip
+            if not args.no_floor:
+                servers[FLOOR] = [
+                    sys.executable, str(ROOT / "benchmarks" / "baselines" / "floor_asgi.py"), str(onnx_path),
+                    "--name", model, "--port", str(free_port()),
+                ]  # fmt: skip
             rows += bench_servers(servers, model, body, args, work)
+        if args.grpc:
+            serving_grpc().bench_grpc(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_report(args, rows, ceilings)
@@ -352,7 +392,13 @@ def write_report(args: argparse.Namespace, rows: list[Row], ceilings: dict[str, 
     for model in ceilings:
         for c in args.concurrency:
             s = next((r for r in rows if r.model == model and r.server == "slipstream" and r.concurrency == c), None)
-            b = next((r for r in rows if r.model == model and r.server != "slipstream" and r.concurrency == c), None)
+            b = next((r for r in rows if r.model == model and r.server == BASELINE and r.concurrency == c), None)
+            f = next((r for r in rows if r.model == model and r.server == FLOOR and r.concurrency == c), None)
+            if s and f:
+                lines.append(
+                    f"- {model} c={c}: slipstream / floor req/s = {s.rps / f.rps:.2f}× (paired median "
+                    f"{s.paired / f.paired:.2f}×), CPU/req {s.cpu_us_per_req:.0f} vs {f.cpu_us_per_req:.0f} µs"
+                )
             if s and b:
                 lines.append(
                     f"- {model} c={c}: slipstream / baseline req/s = {s.rps / b.rps:.2f}×, "

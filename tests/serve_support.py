@@ -17,23 +17,28 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from slipstream.importers import import_onnx
+from slipstream.monitor.config import MonitorConfig
+from slipstream.monitor.store import StoreConfig
 from slipstream.serve.background import ServerThread as ServerThread  # re-exported for the serve tests
 from slipstream.serve.background import free_port as free_port
 from slipstream.serve.guard import hash_key
-from slipstream.serve.settings import GuardSettings, MonitorSettings, ServeSettings
+from slipstream.serve.settings import GuardSettings, MonitorServing, ServeSettings
 from tests.onnx_models import build_mlp, build_token_scorer
 
 API_KEY = "test-key-123-long-enough"  # keys need 16 characters or more
 ADMIN_KEY = "admin-key-456-long-enough"
 
 
-def monitored_settings(db: Path, **monitor: Any) -> ServeSettings:
-    """A server on a free port, with the test API key, monitoring into ``db`` (no timed evaluations)."""
+def monitored_settings(db: Path, config: MonitorConfig | None = None, **serving: Any) -> ServeSettings:
+    """A server on a free port, with the test API key, monitoring into ``db`` with ``config`` (default: no
+    timed evaluations); ``serving``: MonitorServing's process-level fields (restarts, log cap)."""
     return ServeSettings(
         port=0,
         access_log=False,
         guard=GuardSettings(api_key_hashes=frozenset({hash_key(API_KEY)})),
-        monitor=MonitorSettings(db_path=db, evaluate_interval_s=3600, **monitor),
+        monitor=MonitorServing(
+            store=StoreConfig(path=db), config=config or MonitorConfig(evaluate_interval_s=3600), **serving
+        ),
     )
 
 

@@ -29,12 +29,14 @@ from slipstream.build.recipe import Recipe, load_recipe, parse_recipe
 from slipstream.build.search import BuildResult, run_build
 from slipstream.errors import ConfigError
 from slipstream.importers import import_onnx
+from slipstream.monitor.config import MonitorConfig
 from slipstream.monitor.profile import profile_from_bundle, write_profiled_bundle
+from slipstream.monitor.store import StoreConfig
 from slipstream.passes.recipe import plan
 from slipstream.runtime import Engine
 from slipstream.serve.background import ServerThread
 from slipstream.serve.guard import hash_key
-from slipstream.serve.settings import GuardSettings, MonitorSettings, ServeSettings
+from slipstream.serve.settings import GuardSettings, MonitorServing, ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -172,7 +174,9 @@ def _run_client(client: Path, bundle: Path, model: str, work: Path, *args: str) 
         port=0,
         access_log=False,
         guard=GuardSettings(api_key_hashes=frozenset({hash_key(CLIENT_KEY)})),
-        monitor=MonitorSettings(db_path=work / "monitor.db", evaluate_interval_s=3600.0),
+        monitor=MonitorServing(
+            store=StoreConfig(path=work / "monitor.db"), config=MonitorConfig(evaluate_interval_s=3600.0)
+        ),
     )
     with ServerThread(repo, settings) as server:
         run = subprocess.run(

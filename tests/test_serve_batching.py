@@ -132,9 +132,9 @@ def test_the_driver_batches_concurrent_callers_on_a_real_engine(mlp_bundle: Bund
         xs = [np.full((1 + i % 3, 8), i, dtype=np.float32) for i in range(40)]
 
         async def call(x: np.ndarray) -> dict[str, np.ndarray]:
-            batcher.arrive()
-            await asyncio.sleep(0)  # all 40 arrive before any joins
-            out, _queued = await batcher.infer({"pixels": x}, x.shape[0], "k")
+            with batcher.slot() as slot:
+                await asyncio.sleep(0)  # all 40 arrive before any joins
+                out, _queued = await slot.infer({"pixels": x}, x.shape[0], "k")
             return out
 
         try:
@@ -157,14 +157,14 @@ def test_the_driver_answers_a_timed_out_request_with_504() -> None:
 
         batcher = Batcher(run, BatchSettings(max_queue_delay_ms=10_000, timeout_ms=20), batchable=True)
         batcher.start()
-        batcher.arrive()
-        batcher.arrive()  # a second caller never joins: the first would wait for it...
         try:
-            with pytest.raises(RequestTimeoutError) as info:
-                await batcher.infer({"x": np.zeros((1, 1))}, 1, "k")
-            assert info.value.status_code == 504  # ...but its timeout answers first
-            await asyncio.sleep(0.01)
-            assert len(batcher.queue) == 0  # and it does not stay in memory
+            with batcher.slot(), batcher.slot() as slot:  # the first caller never joins: the second
+                with pytest.raises(RequestTimeoutError) as info:  # would wait for it...
+                    await slot.infer({"x": np.zeros((1, 1))}, 1, "k")
+                assert info.value.status_code == 504  # ...but its timeout answers first
+                await asyncio.sleep(0.01)
+                assert len(batcher.queue) == 0  # and it does not stay in memory
+            assert batcher.queue.joining == 0  # leaving without joining is counted too
         finally:
             await batcher.stop()
 
@@ -184,14 +184,13 @@ def test_a_model_call_that_overruns_the_timeout_answers_504_and_the_batcher_reco
         batcher = Batcher(run, BatchSettings(timeout_ms=50), batchable=True, inline="never")
         batcher.start()
         try:
-            batcher.arrive()
             started = time.monotonic()
-            with pytest.raises(RequestTimeoutError):
-                await batcher.infer({"x": np.zeros((1, 1))}, 1, "k")
+            with pytest.raises(RequestTimeoutError), batcher.slot() as slot:
+                await slot.infer({"x": np.zeros((1, 1))}, 1, "k")
             assert time.monotonic() - started < 0.25  # answered at the timeout, not when the call returned
             await asyncio.sleep(0.35)
-            batcher.arrive()
-            out, _ = await batcher.infer({"x": np.ones((1, 1))}, 1, "k")
+            with batcher.slot() as slot:
+                out, _ = await slot.infer({"x": np.ones((1, 1))}, 1, "k")
             np.testing.assert_array_equal(out["y"], [[2.0]])
         finally:
             await batcher.stop()
@@ -260,10 +259,10 @@ def test_one_callers_bad_values_do_not_fail_the_callers_it_was_batched_with() ->
         ids = [np.array([[1]]), np.array([[7]]), np.array([[4]])]
 
         async def call(x: np.ndarray) -> object:
-            batcher.arrive()
-            await asyncio.sleep(0)  # all three arrive before any joins: one batch
             try:
-                return (await batcher.infer({"ids": x}, 1, "k"))[0]["rows"]
+                with batcher.slot() as slot:
+                    await asyncio.sleep(0)  # all three arrive before any joins: one batch
+                    return (await slot.infer({"ids": x}, 1, "k"))[0]["rows"]
             except Exception as exc:  # the test looks at which caller got an error
                 return exc
 

@@ -489,3 +489,24 @@ def test_a_binary_reply_is_not_labelled_json(client: httpx.Client) -> None:
     answer = client.post("/v2/models/mlp/infer", content=content, headers=headers)
     assert answer.status_code == 200 and answer.headers["content-type"] == "application/octet-stream"
     assert _split_binary(answer)[0]["outputs"][0]["parameters"]["binary_data_size"] == 16
+
+
+def test_a_request_with_three_problems_hears_of_all_three_in_one_400(client: httpx.Client) -> None:
+    """Names, datatype and values wrong at once: one reply lists all three (one check, collecting)."""
+    mask = np.array([[1.0, 1.0, np.nan, 1.0]], np.float32)  # JSON has no NaN: the mask goes as binary data
+    head = {
+        "inputs": [
+            {"name": "input_ids", "datatype": "INT32", "shape": [1, 4], "data": [1, 2, 3, 4]},
+            {"name": "attention_mask", "datatype": "FP32", "shape": [1, 4], "parameters": {"binary_data_size": 16}},
+            {"name": "token_types", "datatype": "INT64", "shape": [1, 4], "data": [0, 0, 0, 0]},
+        ]
+    }
+    content, headers = _binary_body(head, [mask.tobytes()])
+    response = client.post("/v2/models/scorer/infer", content=content, headers=headers)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error.startswith("The request has 3 problems: (1) Expected inputs [input_ids, attention_mask]")
+    assert "unknown ['token_types']" in error
+    assert "(2) Input 'input_ids' must be sent as INT64; got INT32" in error
+    assert "(3) Input 'attention_mask' holds 1 NaN or Inf value(s)" in error
+    assert "Hint:" in error

@@ -17,8 +17,10 @@ import httpx
 import numpy as np
 import pytest
 
+from slipstream.monitor.config import MonitorConfig
 from slipstream.monitor.process.serving import ServeMonitors
-from slipstream.serve.settings import MonitorSettings
+from slipstream.monitor.store import StoreConfig
+from slipstream.serve.settings import MonitorServing
 from tests.serve_support import API_KEY, ServerThread, add_version, monitored_settings
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -201,7 +203,7 @@ def test_a_full_prediction_log_is_logged_once_counted_and_serving_goes_on(
 
 
 def test_restart_backoff_doubles_up_to_its_cap() -> None:
-    s = MonitorSettings(restart_initial_s=0.5, restart_max_s=3.0)
+    s = MonitorServing(restart_initial_s=0.5, restart_max_s=3.0)
     assert [s.restart_backoff_s(n) for n in (1, 2, 3, 4, 100)] == [0.5, 1.0, 2.0, 3.0, 3.0]
 
 
@@ -216,7 +218,9 @@ def test_the_monitor_process_settles_every_row_once_sampled_refused_or_written(r
 
     mine, theirs = socket.socketpair()
     server_end = Connection(mine.detach())
-    settings = MonitorSettings(db_path=tmp_path / "m.db", sample_rate=0.5, evaluate_interval_s=3600)
+    settings = MonitorServing(
+        store=StoreConfig(path=tmp_path / "m.db"), config=MonitorConfig(sample_rate=0.5, evaluate_interval_s=3600)
+    )
     ServeMonitors(settings)  # prepares the log, as the server does
     worker = Worker(Connection(theirs.detach()), settings, run="run-1")
     try:
@@ -241,3 +245,70 @@ def test_the_monitor_process_settles_every_row_once_sampled_refused_or_written(r
     assert 150 < written < 350 and written + dropped["not_sampled"] == 500  # 50 % sampled, the rest counted
     assert sum(dropped.values()) == 5 + 500 + dropped["not_sampled"]  # nothing else dropped
     assert _db_rows(tmp_path / "m.db") == (written, written)
+
+
+def test_one_monitor_process_shared_by_two_servers_settles_each_exactly_across_a_kill_9(
+    repo: Path, tmp_path: Path
+) -> None:
+    """serve --workers N's monitoring, with real processes: one monitor process listening on a Unix socket (its
+    parent's Supervisor restarts it), two servers' links to it. Each server's rows are counted apart, in the
+    log itself; killed with -9, the process is restarted, both links connect again, and the books of each
+    server still close exactly: observed = written + dropped + lost, written = the rows in the log."""
+    from slipstream.monitor.process.proxy import RemoteMonitor
+    from slipstream.monitor.process.shared import SharedMonitor
+    from slipstream.monitor.process.supervisor import Supervisor
+
+    settings = MonitorServing(
+        store=StoreConfig(path=tmp_path / "m.db"),
+        config=MonitorConfig(evaluate_interval_s=3600),
+        restart_initial_s=0.1,
+        standby=False,
+    )
+    ServeMonitors(settings)  # prepares the log, as the workers' parent does
+    parent = Supervisor(settings, listen=str(tmp_path / "monitor.sock"))
+    links = [SharedMonitor(settings, address=str(tmp_path / "monitor.sock"), worker=w) for w in ("w0", "w1")]
+    key = ("mlp", "1")
+    remotes = []
+    for link in links:
+        link.attach(key, str(repo / "mlp" / "1"), None)
+        remotes.append(RemoteMonitor(link, *key, None, settings.config))
+    rng = np.random.default_rng(0)
+    sent = [0, 0]
+
+    def traffic(rounds: int) -> None:
+        for _ in range(rounds):
+            for i, remote in enumerate(remotes):
+                rows = 1 + i  # server 0 sends 1-row requests, server 1 2-row ones: the books must not mix
+                x = rng.normal(size=(rows, 8)).astype(np.float32)
+                remote.observe(f"r{sent[i]}", {"pixels": x}, {"p": x[:, :4]}, latency_s=0.001)
+                sent[i] += rows
+                remote.ship()
+
+    try:
+        traffic(50)
+        for link in links:
+            link.call("flush")
+            assert link.totals()["pending"] == 0
+        assert [link.totals()["written"] for link in links] == [50, 100]
+        os.kill(parent.process.pid, signal.SIGKILL)
+        traffic(20)  # some of it while the process is down: lost, and counted so
+        deadline = time.monotonic() + 60
+        while not (parent.restarts and parent.alive and all(link.restarts and link.alive for link in links)):
+            assert time.monotonic() < deadline, "the links did not connect to the restarted process"
+            traffic(1)
+            time.sleep(0.05)
+        assert parent.restarts == 1 and all(link.restarts == 1 for link in links)
+        traffic(30)
+        for link in links:
+            link.call("flush")
+    finally:
+        for link in links:
+            link.close()
+        parent.close()
+    totals = [link.totals() for link in links]
+    for t, observed in zip(totals, sent, strict=True):
+        assert t["observed"] == observed and t["pending"] == 0
+        assert t["written"] + sum(t["dropped"].values()) + t["lost"] == observed
+    assert totals[0]["written"] >= 80 and totals[1]["written"] >= 160  # only what came while it was down is lost
+    logged, counted = _db_rows(tmp_path / "m.db")
+    assert logged == counted == totals[0]["written"] + totals[1]["written"]

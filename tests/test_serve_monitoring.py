@@ -19,7 +19,10 @@ import pytest
 
 from slipstream.importers import import_onnx
 from slipstream.monitor import profile_from_bundle, write_profiled_bundle
+from slipstream.monitor.config import MonitorConfig
 from slipstream.monitor.logfile import read_records
+from slipstream.monitor.quality import QualityConfig
+from slipstream.monitor.threats import ThreatConfig
 from slipstream.serve.guard import hash_key
 from slipstream.serve.server import settings_from_options
 from slipstream.serve.settings import GuardSettings, ServeSettings
@@ -66,7 +69,9 @@ def digits_repo(tmp_path_factory: pytest.TempPathFactory) -> DigitsRepo:
 @pytest.fixture(scope="module")
 def monitored(digits_repo: DigitsRepo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     db = tmp_path_factory.mktemp("monitor-db") / "monitor.db"
-    settings = monitored_settings(db, window_rows=300, quality_window_rows=300)
+    settings = monitored_settings(
+        db, MonitorConfig(evaluate_interval_s=3600, window_rows=300, quality=QualityConfig(window_rows=300))
+    )
     with ServerThread(digits_repo.root, settings) as server:
         yield server
 
@@ -229,7 +234,9 @@ def test_dashboard_renders_live_data_in_headless_chromium(
 
 
 def test_ood_rejection_and_a_model_without_profile(digits_repo: DigitsRepo, tmp_path: Path) -> None:
-    settings = monitored_settings(tmp_path / "m.db", ood_reject_above=6.0)
+    settings = monitored_settings(
+        tmp_path / "m.db", MonitorConfig(evaluate_interval_s=3600, threats=ThreatConfig(reject_ood_above=6.0))
+    )
     with (
         ServerThread(digits_repo.root, settings) as server,
         httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
@@ -257,7 +264,7 @@ def test_monitoring_off_by_default_costs_nothing_and_says_so(digits_repo: Digits
         ServerThread(digits_repo.root, ServeSettings(port=0, access_log=False)) as server,
         httpx.Client(base_url=server.url, timeout=30) as client,
     ):
-        assert server.app.monitors is None
+        assert server.app.core.monitors is None
         assert all(e.monitor is None for v in server.app.repository.models.values() for e in v.values())
         assert _infer(client, "digits", digits_repo.x_live[0], "r", "a").status_code == 200
         off = client.post("/v2/models/digits/feedback", json={"id": "r", "label": 1})
@@ -265,21 +272,24 @@ def test_monitoring_off_by_default_costs_nothing_and_says_so(digits_repo: Digits
         assert "slipstream_monitor" not in client.get("/metrics").text
 
 
-def test_cli_options_become_monitormonitored_settings(tmp_path: Path) -> None:
+def test_nested_monitor_options_become_the_monitor_settings(tmp_path: Path) -> None:
     settings = settings_from_options(
-        {"monitor": {"db_path": tmp_path / "m.db", "sample_rate": 0.25, "ood_reject_above": 8.0,
-                     "webhook_url": "http://127.0.0.1:9/hook", "group_parameter": "cohort", "standby": False,
-                     "restart_max_s": 5.0, "log_max_mb": 1.5}},
+        {"monitor": {"store": {"path": tmp_path / "m.db"}, "group_parameter": "cohort", "standby": False,
+                     "restart_max_s": 5.0, "log_max_mb": 1.5,
+                     "config": {"sample_rate": 0.25, "threats": {"reject_ood_above": 8.0},
+                                "alerts": {"webhook_url": "http://127.0.0.1:9/hook"}}}},
         {},
     )  # fmt: skip
     m = settings.monitor
-    assert m.enabled and m.sample_rate == 0.25 and m.ood_reject_above == 8.0 and m.group_parameter == "cohort"
+    assert m.enabled and m.db_path == tmp_path / "m.db" and m.group_parameter == "cohort"
+    assert m.config.sample_rate == 0.25 and m.ood_reject_above == 8.0 == m.config.threats.reject_ood_above
+    assert m.config.alerts.webhook_url == "http://127.0.0.1:9/hook"
     assert not m.standby and m.restart_max_s == 5.0 and m.log_max_mb == 1.5
-    assert not ServeSettings().monitor.enabled
+    assert not ServeSettings().monitor.enabled and ServeSettings().monitor.db_path is None
     from slipstream.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"monitor\.sample_rate"):
-        settings_from_options({"monitor": {"db_path": tmp_path / "m.db", "sample_rate": 2}}, {})
+    with pytest.raises(ConfigError, match=r"monitor\.config\.sample_rate"):
+        settings_from_options({"monitor": {"store": {"path": tmp_path / "m.db"}, "config": {"sample_rate": 2}}}, {})
 
 
 def test_a_new_version_gets_its_own_monitor_and_the_old_one_is_closed(digits_repo: DigitsRepo, tmp_path: Path) -> None:
@@ -295,7 +305,7 @@ def test_a_new_version_gets_its_own_monitor_and_the_old_one_is_closed(digits_rep
                                        admin_key_hashes=frozenset({hash_key(ADMIN_KEY)}))}
     )  # fmt: skip
     with ServerThread(repo, settings) as server, httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
-        monitors = server.app.monitors
+        monitors = server.app.core.monitors
         assert monitors is not None and set(monitors.active) == {("digits", "1")}
         assert _infer(client, "digits", digits_repo.x_live[0], "v1-req", "a").status_code == 200
         first = _evaluate(client)  # in the monitor process, after everything observed so far
@@ -318,7 +328,7 @@ def test_a_new_version_gets_its_own_monitor_and_the_old_one_is_closed(digits_rep
 
 def test_the_monitor_process_and_its_log_writer_yield_to_serving(monitored: ServerThread) -> None:
     """Linux keeps a niceness per thread: the log's writer thread must be as nice as the process."""
-    monitors = monitored.app.monitors
+    monitors = monitored.app.core.monitors
     assert monitors is not None and monitors.process is not None
     pid = monitors.process.process.pid
     nice = {}
@@ -332,7 +342,7 @@ def test_the_monitor_process_and_its_log_writer_yield_to_serving(monitored: Serv
 
 
 def test_the_monitor_process_runs_on_a_cpu_the_event_loop_does_not_use(monitored: ServerThread) -> None:
-    monitors = monitored.app.monitors
+    monitors = monitored.app.core.monitors
     assert monitors is not None and monitors.process is not None
     placed = monitors.placement
     allowed = frozenset(os.sched_getaffinity(0))
@@ -355,3 +365,51 @@ def test_an_unusable_prediction_log_stops_the_server_before_it_serves(digits_rep
     with pytest.raises(ConfigError, match="Cannot open the prediction log") as info:
         create_app(digits_repo.root, monitored_settings(tmp_path / "file" / "monitor.db"))
     assert info.value.hint is not None and "writable" in info.value.hint
+
+
+def test_the_log_holds_the_same_rows_whether_every_row_or_a_sample_is_logged(tmp_path: Path) -> None:
+    """The usual batch (every row sampled, one row per request) is logged as its columns came, without a
+    gather; a sampled batch is gathered. Both must say the same about each row they log."""
+    from slipstream.monitor.ingest import Ingestor, IngestSettings, Pending, columns
+    from slipstream.monitor.logfile import read_batches
+    from slipstream.monitor.store import SQLiteStore, StoreConfig
+    from slipstream.monitor.threats import ExtractionWatch, SecurityCounters
+
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    items = [Pending(f"r{i}", 10.0 + i, {"x": x[i : i + 1]}, {"y": 2 * x[i : i + 1]}, 0.001 * i, f"g{i % 2}", "k", None)
+             for i in range(20)]  # fmt: skip
+    (cols,), bad = columns(items)
+    store = SQLiteStore(StoreConfig(path=tmp_path / "m.db"))
+    for version, rate in (("whole", 1.0), ("sampled", 0.5)):
+        settings = IngestSettings("m", version, rate, True, 64, 100, 100, 1e9, 0)
+        Ingestor(settings, None, store, None, ExtractionWatch(), SecurityCounters(), clock=lambda: 0.0).ingest(cols)
+    store.close()
+    conn = sqlite3.connect(tmp_path / "m.db")
+    try:
+        (whole,) = read_batches(conn, version="whole")
+        (sampled,) = read_batches(conn, version="sampled")
+    finally:
+        conn.close()
+    assert bad == 0 and whole.request_ids == [f"r{i}" for i in range(20)] and 0 < len(sampled) < 20
+    for batch in (whole, sampled):
+        assert batch.raw_inputs is not None
+        for j, rid in enumerate(batch.request_ids):
+            i = int(rid[1:])
+            assert (batch.ts[j], batch.groups[j], batch.key_ids[j]) == (10.0 + i, f"g{i % 2}", "k")
+            assert batch.latency_ms[j] == pytest.approx(i)
+            np.testing.assert_array_equal(batch.raw_inputs["x"][j], x[i])
+            np.testing.assert_array_equal(batch.outputs["y"][j], 2 * x[i])
+            assert batch.input_stats["x.mean"][j] == pytest.approx(x[i].mean())
+
+
+def test_requests_with_as_many_tensors_under_other_names_are_grouped_not_merged() -> None:
+    """columns() takes requests as alike by their tensor counts, then by the first request's names: one with
+    the same count under another name must land in a batch of its own, not be dropped or merged."""
+    from slipstream.monitor.ingest import Pending, columns
+
+    one = np.ones((1, 3), np.float32)
+    items = [Pending(rid, 0.0, {name: one}, {"y": one}, 0.0, None, None, None)
+             for rid, name in (("a1", "a"), ("b1", "b"), ("a2", "a"))]  # fmt: skip
+    batches, bad = columns(items)
+    assert bad == 0
+    assert sorted((b.request_ids, sorted(b.inputs)) for b in batches) == [(["a1", "a2"], ["a"]), (["b1"], ["b"])]

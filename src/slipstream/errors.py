@@ -16,8 +16,10 @@
     │   ├── UnsupportedOpError           the exporter has no ONNX conversion for an op (``op``, ``module``)
     │   └── ParityError                  the converted model's outputs differ from the source's (``mismatches``)
     ├── InputError                  400  a caller's tensors do not match the model (``input_name``)
+    │   └── OutOfDistributionError  400  the monitor's screen refused the input (``reason``)
     ├── DataError                   400  a dataset file or callable does not fit the model (``source``)
     ├── PassError                        an optimization pass failed on a model (``pass_name``)
+    ├── ExportRefusedError               an export target cannot express the bundle (``target``, ``reasons``)
     ├── EngineError                      onnxruntime could not build or run a session
     │   └── ProviderUnavailableError     a requested execution provider is missing (``provider``)
     └── ServingError                     the server refused a request (``retry_after_s`` when it may retry)
@@ -51,6 +53,7 @@ __all__ = [
     "ConversionError",
     "DataError",
     "EngineError",
+    "ExportRefusedError",
     "ForbiddenError",
     "InputError",
     "IntegrityError",
@@ -58,6 +61,7 @@ __all__ = [
     "MethodNotAllowedError",
     "MissingDependencyError",
     "ModelNotFoundError",
+    "OutOfDistributionError",
     "ParityError",
     "PassError",
     "PayloadTooLargeError",
@@ -196,6 +200,12 @@ class InputError(SlipstreamError):
         self.input_name = input_name
 
 
+class OutOfDistributionError(InputError):
+    """The monitor's out-of-distribution screen refused the input; the screen already counted it."""
+
+    reason = "out_of_distribution"
+
+
 class PassError(SlipstreamError):
     """An optimization pass could not produce its output; ``pass_name`` names it."""
 
@@ -212,6 +222,15 @@ class DataError(SlipstreamError):
     def __init__(self, message: str, *, source: str | None = None, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.source = source
+
+
+class ExportRefusedError(SlipstreamError):
+    """``slipstream export`` refused before writing anything: ``reasons`` lists every problem, ``target`` the target."""
+
+    def __init__(self, message: str, *, target: str, reasons: list[str], hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.target = target
+        self.reasons = reasons
 
 
 class EngineError(SlipstreamError):

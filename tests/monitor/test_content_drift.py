@@ -353,15 +353,20 @@ def test_a_served_classifier_reports_both_tests_and_never_shows_the_embedding(
     """Through the real server and its monitor process."""
     import httpx
 
+    from slipstream.monitor.config import MonitorConfig
+    from slipstream.monitor.store import StoreConfig
     from slipstream.serve.guard import hash_key
-    from slipstream.serve.settings import GuardSettings, MonitorSettings, ServeSettings
+    from slipstream.serve.settings import GuardSettings, MonitorServing, ServeSettings
     from tests.serve_support import API_KEY, ServerThread
 
     settings = ServeSettings(
         port=0,
         access_log=False,
         guard=GuardSettings(api_key_hashes=frozenset({hash_key(API_KEY)})),
-        monitor=MonitorSettings(db_path=tmp_path / "monitor.db", evaluate_interval_s=3600, window_rows=200),
+        monitor=MonitorServing(
+            store=StoreConfig(path=tmp_path / "monitor.db"),
+            config=MonitorConfig(evaluate_interval_s=3600, window_rows=200),
+        ),
     )
 
     def infer(client: httpx.Client, row: np.ndarray, rid: str, outputs: list[str] | None = None) -> httpx.Response:

@@ -228,8 +228,11 @@ def test_metrics_carry_the_bounds_and_the_default_rules_decide_on_them() -> None
 
 
 def test_the_server_setting_reaches_the_monitor() -> None:
-    from slipstream.monitor.process.worker import monitor_config
-    from slipstream.serve.settings import MonitorSettings
+    """The serve options fill the monitor's own FairnessConfig, and the ratio's alert rule takes its threshold."""
+    from slipstream.serve.server import settings_from_options
 
-    fairness = monitor_config(MonitorSettings(fairness_confidence=0.95, fairness_min_ratio=0.7)).fairness
-    assert (fairness.confidence, fairness.min_ratio) == (0.95, 0.7)
+    options = {"monitor": {"config": {"fairness": {"confidence": 0.95, "min_ratio": 0.7}}}}
+    config = settings_from_options(options, {}).monitor.config
+    assert (config.fairness.confidence, config.fairness.min_ratio) == (0.95, 0.7)
+    (rule,) = [r for r in config.alerts.rules if r.name == "demographic_parity_ratio"]
+    assert rule.threshold == 0.7

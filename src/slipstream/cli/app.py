@@ -208,6 +208,7 @@ def serve(
     path: Annotated[Path, typer.Argument(help="A bundle, or a repository laid out as <model>/<version>/.")],
     host: Annotated[str, typer.Option(help="Address to bind; off loopback, API keys are required.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port (OIP v2 inference service); off if unset.")] = None,
     api_key_file: Annotated[Path | None, typer.Option(help="API keys, one per line (or $SLIPSTREAM_API_KEYS).")] = None,
     admin_key_file: Annotated[
         Path | None, typer.Option(help="Keys for /v2/repository/* (or $SLIPSTREAM_ADMIN_KEYS).")
@@ -249,6 +250,14 @@ def serve(
         typer.Option(min=1, help="onnxruntime intra-op threads per model (default: the build's tuned count, else 1)."),
     ] = None,
     poll_interval: Annotated[float, typer.Option(help="Seconds between repository rescans; 0: off.")] = 0.0,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Serving processes on the port (SO_REUSEPORT), supervised by a parent, with one monitor "
+            "process; 1: one process, no parent.",
+        ),
+    ] = 1,
     access_log: Annotated[bool, typer.Option(help="JSON access log lines on stderr.")] = True,
     gc_freeze: Annotated[
         bool, typer.Option(help="gc.freeze() after each model load: steadier p99 (process-wide).")
@@ -310,7 +319,8 @@ def serve(
     from slipstream.serve.server import settings_from_options
 
     options = {
-        "host": host, "port": port, "api_key_file": api_key_file, "admin_key_file": admin_key_file,
+        "host": host, "port": port, "grpc_port": grpc_port,
+        "api_key_file": api_key_file, "admin_key_file": admin_key_file,
         "allow_anonymous": allow_anonymous, "metrics_open": open_metrics,
         "version_policy": version_policy, "versions": tuple(model_version or ()),
         "max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms,
@@ -324,22 +334,28 @@ def serve(
         "http_header_timeout_s": header_timeout, "http_body_idle_timeout_s": body_idle_timeout,
         "http_body_timeout_s": body_timeout, "http_keep_alive_timeout_s": keep_alive_timeout,
         "http_max_connections": max_connections,
+        # Shaped like ServeSettings.monitor (MonitorServing): the monitor's own configs, filled in place.
         "monitor": {
-            "db_path": monitor_db, "sample_rate": monitor_sample_rate, "log_raw_inputs": monitor_raw_inputs,
-            "ood_reject_above": ood_reject, "group_parameter": group_parameter,
-            "accuracy_drop_threshold": accuracy_drop_alert, "fairness_max_difference": fairness_max_difference,
-            "fairness_min_ratio": fairness_min_ratio, "fairness_positive_label": fairness_positive_label,
-            "fairness_confidence": fairness_confidence, "webhook_url": webhook,
-            "retention_max_age_s": monitor_retention_days * 86400, "retention_max_rows": monitor_max_rows,
-            "evaluate_interval_s": monitor_interval, "process_nice": monitor_nice,
-            "placement": monitor_placement, "standby": monitor_standby, "restart_max_s": monitor_restart_max,
-            "log_max_mb": monitor_log_max_mb,
+            "store": None if monitor_db is None else {
+                "path": monitor_db, "max_age_s": monitor_retention_days * 86400, "max_rows": monitor_max_rows,
+            },
+            "config": {
+                "sample_rate": monitor_sample_rate, "log_raw_inputs": monitor_raw_inputs,
+                "evaluate_interval_s": monitor_interval,
+                "quality": {"max_accuracy_drop": accuracy_drop_alert},
+                "fairness": {"max_difference": fairness_max_difference, "min_ratio": fairness_min_ratio,
+                             "positive_label": fairness_positive_label, "confidence": fairness_confidence},
+                "threats": {"reject_ood_above": ood_reject},
+                "alerts": {"webhook_url": webhook},
+            },
+            "group_parameter": group_parameter, "process_nice": monitor_nice, "placement": monitor_placement,
+            "standby": monitor_standby, "restart_max_s": monitor_restart_max, "log_max_mb": monitor_log_max_mb,
         },
     }  # fmt: skip
     if threads is None:  # unset: each bundle's tuned resolved["session"] applies (serve/repository.py)
         options.pop("intra_op_threads")
     with reporting(as_json=False):
-        do_serve(path, settings_from_options(options, os.environ))
+        do_serve(path, settings_from_options(options, os.environ), workers)
 
 
 @app.command()

@@ -148,10 +148,14 @@ class DemoServer:
 def demo_server(bundle: Path, work: Path, *, rows_per_phase: int = 2000, versions: int = 1) -> Iterator[DemoServer]:
     """Serve ``bundle`` (it must carry a profile) under ``work`` as versions 1..``versions`` of :data:`MODEL`,
     with monitoring windows of ``rows_per_phase`` rows; drained and stopped when the block ends."""
+    from slipstream.monitor.config import MonitorConfig
+    from slipstream.monitor.fairness import FairnessConfig
     from slipstream.monitor.profile import load_profile
+    from slipstream.monitor.quality import QualityConfig
+    from slipstream.monitor.store import StoreConfig
     from slipstream.serve.background import ServerThread
     from slipstream.serve.guard import hash_key
-    from slipstream.serve.settings import GuardSettings, MonitorSettings, ServeSettings
+    from slipstream.serve.settings import GuardSettings, MonitorServing, ServeSettings
 
     profile = load_profile(bundle)
     if profile is None:
@@ -176,12 +180,14 @@ def demo_server(bundle: Path, work: Path, *, rows_per_phase: int = 2000, version
         access_log=False,
         version_policy="all",
         guard=GuardSettings(api_key_hashes=frozenset(hash_key(k) for k in keys), rate_per_s=20.0, burst=200),
-        monitor=MonitorSettings(
-            db_path=work / "monitor.db",
-            evaluate_interval_s=3600.0,  # the demo asks for each evaluation itself (?evaluate=true)
-            window_rows=rows_per_phase,
-            quality_window_rows=rows_per_phase,
-            fairness_positive_label=float(POSITIVE_LABEL),
+        monitor=MonitorServing(
+            store=StoreConfig(path=work / "monitor.db"),
+            config=MonitorConfig(
+                evaluate_interval_s=3600.0,  # the demo asks for each evaluation itself (?evaluate=true)
+                window_rows=rows_per_phase,
+                quality=QualityConfig(window_rows=rows_per_phase),
+                fairness=FairnessConfig(positive_label=float(POSITIVE_LABEL)),
+            ),
         ),
     )
     with ServerThread(repo, settings) as server:

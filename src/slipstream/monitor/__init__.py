@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from slipstream.monitor.alerts import AlertManager, AlertRule, AlertsConfig, AlertState
+    from slipstream.monitor.config import MonitorConfig
     from slipstream.monitor.drift import DriftConfig, DriftDetector, DriftReport
     from slipstream.monitor.fairness import FairnessConfig, FairnessReport, fairness_report
     from slipstream.monitor.profile import (
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     )
     from slipstream.monitor.quality import QualityConfig, QualityMonitor, QualityReport
     from slipstream.monitor.records import Feedback, PredictionBatch, PredictionRecord
-    from slipstream.monitor.service import Monitor, MonitorConfig, Screening
+    from slipstream.monitor.service import Monitor, Screening
     from slipstream.monitor.snapshot import MonitorSnapshot
     from slipstream.monitor.store import SQLiteStore, Store, StoreConfig
     from slipstream.monitor.threats import ExtractionWatch, IntegrityWatch, OODScorer, SecurityCounters, ThreatConfig
@@ -46,7 +47,7 @@ _WHERE = {
     "Feedback": "slipstream.monitor.records",
     "IntegrityWatch": "slipstream.monitor.threats",
     "Monitor": "slipstream.monitor.service",
-    "MonitorConfig": "slipstream.monitor.service",
+    "MonitorConfig": "slipstream.monitor.config",
     "MonitorSnapshot": "slipstream.monitor.snapshot",
     "OODScorer": "slipstream.monitor.threats",
     "PredictionBatch": "slipstream.monitor.records",

@@ -15,7 +15,8 @@ import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from operator import attrgetter
+from operator import itemgetter
+from typing import Final, NamedTuple
 
 import numpy as np
 
@@ -30,9 +31,12 @@ from slipstream.monitor.threats import ExtractionWatch, OODScorer, SecurityCount
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class Pending:
-    """One served request waiting to be ingested (the arrays are the request's own; nothing is copied)."""
+class Pending(NamedTuple):
+    """One served request waiting to be ingested (the arrays are the request's own; nothing is copied).
+
+    The request path queues a plain tuple of these fields in this order (:data:`PendingRow`): a NamedTuple's or
+    a dataclass's constructor is a Python-level call, about half a microsecond a request on the event loop
+    (measured), so everything that reads a queued request indexes it by position."""
 
     request_id: str
     ts: float
@@ -42,6 +46,21 @@ class Pending:
     group: str | None
     key_id: str | None
     scores: np.ndarray | None
+
+
+PendingRow = tuple[
+    str, float, Mapping[str, np.ndarray], Mapping[str, np.ndarray], float, str | None, str | None, np.ndarray | None
+]
+"""What the request path queues: :class:`Pending`'s fields, in order (a Pending is one)."""
+# Positions in a PendingRow (Final: literal to mypy, so that indexing by them is typed).
+_RID: Final = 0
+_TS: Final = 1
+_INPUTS: Final = 2
+_OUTPUTS: Final = 3
+_LATENCY: Final = 4
+_GROUP: Final = 5
+_KEY: Final = 6
+_SCORES: Final = 7
 
 
 @dataclass(slots=True)
@@ -70,16 +89,17 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
-def _columns_of(items: list[Pending]) -> Columns:
+def _columns_of(items: list[PendingRow]) -> Columns:
     n = len(items)
-    per_input = {k: [it.inputs[k] for it in items] for k in items[0].inputs}
+    per_input = {k: [it[_INPUTS][k] for it in items] for k in items[0][_INPUTS]}
     if not per_input:
         raise ValueError("a request with no input tensors")
     counts = np.fromiter(map(len, next(iter(per_input.values()))), dtype=np.int64, count=n)
     scores = None
-    if any(it.scores is not None for it in items):
+    given = list(map(_scores, items))
+    if any(s is not None for s in given):
         scores = np.concatenate(
-            [it.scores if it.scores is not None else np.full(r, np.nan) for it, r in zip(items, counts, strict=True)]
+            [s if s is not None else np.full(r, np.nan) for s, r in zip(given, counts.tolist(), strict=True)]
         )
     return Columns(
         request_ids=list(map(_request_id, items)),
@@ -89,38 +109,41 @@ def _columns_of(items: list[Pending]) -> Columns:
         key_ids=list(map(_key_id, items)),
         counts=counts,
         inputs={k: _stack(v) for k, v in per_input.items()},
-        outputs={k: _stack([it.outputs[k] for it in items]) for k in items[0].outputs},
+        outputs={k: _stack([it[_OUTPUTS][k] for it in items]) for k in items[0][_OUTPUTS]},
         scores=scores,
     )
 
 
-_request_id, _ts, _latency = attrgetter("request_id"), attrgetter("ts"), attrgetter("latency_s")
-_group, _key_id = attrgetter("group"), attrgetter("key_id")
+_request_id, _ts, _latency = itemgetter(_RID), itemgetter(_TS), itemgetter(_LATENCY)
+_group, _key_id, _scores = itemgetter(_GROUP), itemgetter(_KEY), itemgetter(_SCORES)
 
 
-def _signature(item: Pending) -> tuple[object, ...]:
+def _signature(item: PendingRow) -> tuple[object, ...]:
     return (
-        tuple([(k, np.shape(v)[1:], np.asarray(v).dtype.str) for k, v in item.inputs.items()]),
-        tuple([(k, np.shape(v)[1:], np.asarray(v).dtype.str) for k, v in item.outputs.items()]),
+        tuple([(k, np.shape(v)[1:], np.asarray(v).dtype.str) for k, v in item[_INPUTS].items()]),
+        tuple([(k, np.shape(v)[1:], np.asarray(v).dtype.str) for k, v in item[_OUTPUTS].items()]),
     )
 
 
-def columns(items: list[Pending]) -> tuple[list[Columns], int]:
+def columns(items: list[PendingRow]) -> tuple[list[Columns], int]:
     """The requests as :class:`Columns`, and how many could not be taken (malformed; counted by the caller).
 
     The common case, every request of one model version alike, is one concatenation per tensor (about a
     microsecond per request); only when that fails are the requests grouped by signature."""
     if not items:
         return [], 0
-    ins, outs = items[0].inputs.keys(), items[0].outputs.keys()
     try:
-        if all(it.inputs.keys() == ins and it.outputs.keys() == outs for it in items):
+        n_in, n_out = len(items[0][_INPUTS]), len(items[0][_OUTPUTS])
+        # As many tensors as the first request each: _columns_of takes every request's by the first's names,
+        # so a name it lacks is a KeyError, and equal counts with every name found are the same names
+        # (counting is a third of the cost of comparing the names, per request, on the event loop).
+        if all(len(it[_INPUTS]) == n_in and len(it[_OUTPUTS]) == n_out for it in items):
             cols = _columns_of(items)
             if all(v.ndim >= 1 for v in (*cols.inputs.values(), *cols.outputs.values())):
                 return [cols], 0
-    except (ValueError, TypeError, AttributeError, StopIteration):  # row shapes differ: group them below
+    except (ValueError, TypeError, AttributeError, StopIteration, KeyError):  # not alike: group them below
         pass
-    groups: dict[tuple[object, ...], list[Pending]] = {}
+    groups: dict[tuple[object, ...], list[PendingRow]] = {}
     bad = 0
     for item in items:
         try:
@@ -218,7 +241,7 @@ class Ingestor:
         self.extraction = extraction
         self.counters = counters
         self._clock = clock
-        self._pending: deque[Pending] = deque()
+        self._pending: deque[PendingRow] = deque()
         self._drain_lock = threading.Lock()  # one drain at a time (monitor thread vs evaluate)
         self._lock = threading.Lock()  # the window and the counters
         self._rng = np.random.default_rng(settings.seed)
@@ -235,7 +258,7 @@ class Ingestor:
 
     # -- request path -----------------------------------------------------------------------------
 
-    def submit(self, item: Pending) -> bool:
+    def submit(self, item: PendingRow) -> bool:
         """Queue a served request; False (counted in ``dropped``) when the bound is reached."""
         if len(self._pending) >= self.s.max_pending_requests:
             self.dropped += 1  # a lost increment under a race only under-counts drops of a full buffer
@@ -254,7 +277,7 @@ class Ingestor:
         taken = 0
         with self._drain_lock:
             while self._pending:
-                batch: list[Pending] = []
+                batch: list[PendingRow] = []
                 while self._pending and len(batch) < max_requests:
                     batch.append(self._pending.popleft())
                 taken += len(batch)
@@ -294,12 +317,18 @@ class Ingestor:
         if spec is not None and spec.output in raw_out:
             pred, conf = predictions(spec, raw_out[spec.output])
         if z is not None:
-            by_key: dict[str, list[int]] = {}
-            for idx, key in enumerate(cols.key_ids):
+            keys = set(cols.key_ids)
+            if len(keys) == 1:  # one caller (or one key) sent the whole batch: no per-request grouping
+                (key,) = keys
                 if key is not None:
-                    by_key.setdefault(key, []).append(idx)
-            for key, idxs in by_key.items():  # one vectorized comparison per key and batch
-                self.extraction.record_many(key, z[starts[idxs]], cols.ts[idxs].tolist())
+                    self.extraction.record_many(key, z[starts], cols.ts.tolist())
+            else:
+                by_key: dict[str, list[int]] = {}
+                for idx, key in enumerate(cols.key_ids):
+                    if key is not None:
+                        by_key.setdefault(key, []).append(idx)
+                for key, idxs in by_key.items():  # one vectorized comparison per key and batch
+                    self.extraction.record_many(key, z[starts[idxs]], cols.ts[idxs].tolist())
         sampled = self._rng.random(total) < self.s.sample_rate
         with self._lock:
             self.requests += cols.requests
@@ -342,53 +371,65 @@ class Ingestor:
         scores: np.ndarray | None,
     ) -> None:
         """The sampled rows as one :class:`PredictionBatch`: every column is a slice or a gather, no per-row
-        Python beyond the row ids of batched requests."""
+        Python beyond the row ids of batched requests. The usual batch, every row logged and one row per
+        request, is the columns as they came: no gather, no list rebuilt (the arrays are not written to after)."""
         s = self.s
         raw_in, raw_out = cols.inputs, cols.outputs
         total = int(sampled.shape[0])
         rows = np.flatnonzero(sampled)
-        request = np.repeat(np.arange(cols.requests), cols.counts)[rows]
+        whole = rows.shape[0] == total and cols.requests == total
+
+        def take(values: np.ndarray) -> np.ndarray:
+            return values if whole else values[rows]
+
         stats: dict[str, np.ndarray] = {}
         for k, v in raw_in.items():
             if v.dtype.kind in "biuf":
-                row_stats = _row_stats(v[rows])
+                row_stats = _row_stats(take(v))
                 for i, stat in enumerate(("mean", "std", "min", "max")):
                     stats[f"{k}.{stat}"] = row_stats[:, i]
         outputs = {  # the monitoring-only embedding feeds the window's MMD test; the log keeps what clients saw
-            k: v.reshape(total, -1)[rows]
+            k: take(v.reshape(total, -1))
             for k, v in raw_out.items()
             if v.dtype.kind in "biuf"
             and v.size // max(total, 1) <= s.max_logged_output_values
             and k != EMBEDDING_OUTPUT
         }
-        ids, counts, first = cols.request_ids, cols.counts.tolist(), starts.tolist()
-        req = request.tolist()
-        if cols.requests == total:  # one row per request: the request's own id
-            rids = [ids[r] for r in req]
-        else:  # rows of a batched request: ID/ROW
-            rids = [
-                ids[r] if counts[r] == 1 else f"{ids[r]}/{j - first[r]}"
-                for j, r in zip(rows.tolist(), req, strict=True)
-            ]
 
         def pick(values: np.ndarray | None) -> np.ndarray | None:
-            return None if values is None else np.asarray(values, dtype=np.float64)[rows]
+            return None if values is None else take(np.asarray(values, dtype=np.float64))
 
+        if whole:
+            request_ids, groups, key_ids = cols.request_ids, cols.groups, cols.key_ids
+            ts, latency_s = cols.ts, cols.latency_s
+        else:
+            request = np.repeat(np.arange(cols.requests), cols.counts)[rows]
+            ids, counts, first = cols.request_ids, cols.counts.tolist(), starts.tolist()
+            req = request.tolist()
+            if cols.requests == total:  # one row per request: the request's own id
+                request_ids = [ids[r] for r in req]
+            else:  # rows of a batched request: ID/ROW
+                request_ids = [
+                    ids[r] if counts[r] == 1 else f"{ids[r]}/{j - first[r]}"
+                    for j, r in zip(rows.tolist(), req, strict=True)
+                ]
+            groups, key_ids = [cols.groups[r] for r in req], [cols.key_ids[r] for r in req]
+            ts, latency_s = cols.ts[request], cols.latency_s[request]
         store.put_batch(
             PredictionBatch(
                 model=s.model,
                 version=s.version,
-                request_ids=rids,
-                ts=cols.ts[request],
-                latency_ms=cols.latency_s[request] * 1000.0,
-                groups=[cols.groups[r] for r in req],
-                key_ids=[cols.key_ids[r] for r in req],
+                request_ids=request_ids,
+                ts=ts,
+                latency_ms=latency_s * 1000.0,
+                groups=groups,
+                key_ids=key_ids,
                 prediction=pick(pred),
                 confidence=pick(conf),
                 ood_score=pick(scores),
                 input_stats=stats,
                 outputs=outputs,
-                raw_inputs={k: v[rows] for k, v in raw_in.items()} if s.log_raw_inputs else None,
+                raw_inputs={k: take(v) for k, v in raw_in.items()} if s.log_raw_inputs else None,
             )
         )
 

@@ -32,6 +32,31 @@ class AccessLog:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
+    def request(
+        self,
+        request_id: str,
+        method: str,
+        path: str,
+        status: int,
+        model: str,
+        version: str,
+        duration_s: float,
+        client: str,
+    ) -> None:
+        """One HTTP request's line (``model``/``version`` empty when it reached no model)."""
+        self.write(
+            {
+                "request_id": request_id,
+                "method": method,
+                "path": path,
+                "status": status,
+                "model": model or None,
+                "version": version or None,
+                "duration_ms": int(duration_s * 1e6) / 1000,  # to the µs, and cheaper than round()
+                "client": client,
+            }
+        )
+
     def flush(self) -> None:
         self._scheduled = False
         lines, self._lines = self._lines, []

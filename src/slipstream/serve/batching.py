@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
@@ -165,18 +165,15 @@ class Batcher:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self._name}")
 
-    def arrive(self) -> None:
-        """A request for this model has begun; the queue waits for it before flushing a partial batch."""
-        self.queue.joining += 1
+    def slot(self) -> Slot:
+        """A request's place at this model: ``with batcher.slot() as slot: await slot.infer(...)``.
 
-    def depart(self) -> None:
-        """A request that arrived will not join (it failed before reaching the queue)."""
-        self.queue.joining -= 1
-        self._wake.set()
+        From entering until it joins the queue (or leaves without joining), the request counts as
+        arriving, and the queue waits for it before flushing a partial batch.
+        """
+        return Slot(self)
 
-    async def infer(self, feeds: Arrays, rows: int, key: Hashable) -> tuple[Arrays, float]:
-        """Queue one request (after :meth:`arrive`); returns its outputs and the seconds it queued."""
-        self.queue.joining -= 1
+    async def _join(self, feeds: Arrays, rows: int, key: Hashable) -> tuple[Arrays, float]:
         now = self._clock()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Arrays] = loop.create_future()
@@ -256,6 +253,35 @@ class Batcher:
             _fail(item, ServerBusyError("The server is shutting down.", hint="Retry on another replica."))
         self.queue.items.clear()
         self._executor.shutdown(wait=False)
+
+
+class Slot:
+    """One request's arrival at a :class:`Batcher` (see :meth:`Batcher.slot`); it joins the queue once."""
+
+    __slots__ = ("_batcher", "_joined")
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+        self._joined = False
+
+    # A plain (not async) context manager: entering and leaving await nothing, and a request pays for no
+    # coroutine objects there.
+    def __enter__(self) -> Slot:
+        self._batcher.queue.joining += 1
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._joined:  # it left before joining (refused, cancelled): the queue stops waiting for it
+            self._batcher.queue.joining -= 1
+            self._batcher._wake.set()
+
+    def infer(self, feeds: Arrays, rows: int, key: Hashable) -> Awaitable[tuple[Arrays, float]]:
+        """Queue the request's tensors; awaits its outputs and the seconds it queued."""
+        if self._joined:
+            raise RuntimeError("a slot joins its batcher's queue once")  # a bug in the caller, not a refusal
+        self._joined = True
+        self._batcher.queue.joining -= 1
+        return self._batcher._join(feeds, rows, key)
 
 
 def _fail(item: Pending, exc: BaseException) -> None:

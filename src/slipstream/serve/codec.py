@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 
 from slipstream.artifact.tensor import DType
-from slipstream.errors import InputError, ProtocolError
+from slipstream.errors import ProtocolError
+from slipstream.serve.request import InferenceRequest, RequestedOutput
 
 # numpy's own limit (NPY_MAXDIMS); a deeper shape cannot become an array, so it is refused as bad input.
 MAX_RANK = 64
@@ -67,27 +67,17 @@ def datatype(dtype: DType) -> str:
     return DATATYPE_OF[dtype]
 
 
+_DATATYPE_OF_DTYPE: dict[np.dtype[Any], str] = {}
+
+
 def datatype_of_array(array: np.ndarray) -> str:
-    if array.dtype.kind in "OUS":
-        return "BYTES"
-    return _NUMPY_KIND_TO_DATATYPE[array.dtype.str.lstrip("<|=>")]
-
-
-@dataclass(frozen=True, slots=True)
-class RequestedOutput:
-    name: str
-    binary: bool | None  # None: follow the request's binary_data_output
-
-
-@dataclass(frozen=True, slots=True)
-class InferRequest:
-    """A decoded infer request: named arrays plus what to send back and how."""
-
-    id: str | None
-    inputs: dict[str, np.ndarray]
-    outputs: tuple[RequestedOutput, ...] | None
-    binary_output: bool
-    parameters: dict[str, Any] | None = None  # the request-level parameters (e.g. a monitoring group)
+    dtype = array.dtype
+    found = _DATATYPE_OF_DTYPE.get(dtype)
+    if found is None:
+        found = "BYTES" if dtype.kind in "OUS" else _NUMPY_KIND_TO_DATATYPE[dtype.str.lstrip("<|=>")]
+        if dtype.kind not in "OUS":  # string dtypes vary by length; the few numeric ones are remembered
+            _DATATYPE_OF_DTYPE[dtype] = found
+    return found
 
 
 def _fail(message: str, hint: str | None = None) -> ProtocolError:
@@ -101,8 +91,8 @@ def _loads(raw: bytes | memoryview) -> Any:
         raise _fail(f"The request body is not valid JSON ({exc}).") from exc
 
 
-def _shape(item: Mapping[str, Any], name: str, body_bytes: int) -> tuple[int, ...]:
-    """The tensor's shape, refused unless numpy can hold it and the body can carry that many values."""
+def _shape(item: Mapping[str, Any], name: str, body_bytes: int) -> tuple[tuple[int, ...], int]:
+    """The tensor's shape and value count, refused unless numpy can hold it and the body can carry them."""
     shape = item.get("shape")
     if not isinstance(shape, list):
         raise _fail(f"Input '{name}' needs 'shape', a list of non-negative integers; got {_brief(shape)}.")
@@ -111,13 +101,15 @@ def _shape(item: Mapping[str, Any], name: str, body_bytes: int) -> tuple[int, ..
             f"Input '{name}' has a shape of {len(shape)} dimensions; at most {MAX_RANK} are supported.",
             "Send the tensor with its real shape (e.g. [batch, features]); drop the extra axes of size 1.",
         )
-    bad = [d for d in shape if type(d) is not int or d < 0]
-    if bad:
-        raise _fail(
-            f"Input '{name}' needs 'shape', a list of non-negative integers; got {_brief(bad[0])} in {_brief(shape)}.",
-            "Give every dimension as a whole number >= 0 (the protocol's -1 is for metadata, not requests).",
-        )
-    count, span = math.prod(shape), math.prod(max(d, 1) for d in shape)
+    count = span = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise _fail(
+                f"Input '{name}' needs 'shape', a list of non-negative integers; got {_brief(d)} in {_brief(shape)}.",
+                "Give every dimension as a whole number >= 0 (the protocol's -1 is for metadata, not requests).",
+            )
+        count *= d
+        span *= d or 1
     if span > _MAX_SPAN:
         raise _fail(
             f"Input '{name}' has shape {_brief(shape)}, whose dimensions multiply (zeros aside) past 2**56, "
@@ -131,7 +123,7 @@ def _shape(item: Mapping[str, Any], name: str, body_bytes: int) -> tuple[int, ..
             f"{body_bytes} bytes, so it cannot carry them.",
             "Make 'shape' match the data sent (the product of the dimensions is the number of values).",
         )
-    return tuple(shape)
+    return tuple(shape), count
 
 
 def _brief(value: Any, limit: int = 80) -> str:
@@ -171,16 +163,17 @@ def _from_binary(raw: memoryview, dt: str, shape: tuple[int, ...], name: str) ->
     return np.frombuffer(raw, dtype=NUMPY_OF[dt]).reshape(shape)
 
 
-def _from_json(data: Any, dt: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+def _from_json(data: Any, dt: str, shape: tuple[int, ...], count: int, name: str) -> np.ndarray:
     if dt == "FP16":
         raise _fail(f"Input '{name}' is FP16, which travels only as binary data.", "Send it with binary_data_size.")
     try:
-        if dt == "BYTES":
-            flat = np.array(data, dtype=object).reshape(-1)
-        else:
-            # A JSON number past the float type's range would become inf with only a RuntimeWarning.
+        if dt == "FP32":
+            # A JSON number past FP32's range would become inf with only a RuntimeWarning. (Integers past
+            # their type raise OverflowError by themselves, and JSON numbers all fit FP64.)
             with np.errstate(over="raise"):
-                flat = np.array(data, dtype=NUMPY_OF[dt]).reshape(-1)
+                flat = np.array(data, dtype=np.float32)
+        else:
+            flat = np.array(data, dtype=NUMPY_OF[dt])
     except FloatingPointError as exc:
         raise _fail(
             f"Input '{name}' holds a value outside the {dt} range ({exc}).",
@@ -188,33 +181,33 @@ def _from_json(data: Any, dt: str, shape: tuple[int, ...], name: str) -> np.ndar
         ) from exc
     except (ValueError, TypeError, OverflowError) as exc:
         raise _fail(f"Input '{name}': 'data' is not a regular array of {dt} values ({exc}).") from exc
-    if flat.size != math.prod(shape):
+    if flat.size != count:
         raise _fail(
-            f"Input '{name}' has shape {list(shape)} ({math.prod(shape)} values) but 'data' holds {flat.size}.",
+            f"Input '{name}' has shape {list(shape)} ({count} values) but 'data' holds {flat.size}.",
             "Make 'data' match 'shape' (row-major, flat or nested).",
         )
-    return flat.reshape(shape)
+    return flat if flat.shape == shape else flat.reshape(shape)
 
 
 def decode_request(
     body: bytes,
     header_length: int | None,
     *,
-    datatypes: Mapping[str, str] | None = None,
     max_id_chars: int = DEFAULT_MAX_ID_CHARS,
-) -> InferRequest:
+) -> InferenceRequest:
     """Parse an infer request body; ``header_length`` is Inference-Header-Content-Length, if sent.
 
-    ``datatypes`` maps the model's input names to the OIP datatype each takes: the protocol says the
-    datatype sent must match, so a mismatch is refused (never cast). ``max_id_chars`` bounds the echoed id.
+    Each tensor is decoded as the datatype it was sent as; whether that is the model's datatype is the
+    signature check's to say (``serve/signature.py``), with every other problem of the request, in one 400.
+    ``max_id_chars`` bounds the echoed id.
     """
-    view = memoryview(body)
     if header_length is not None:
         if header_length > len(body):
             raise _fail(f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes.")
+        view = memoryview(body)
         head, binary, pos = _loads(view[:header_length]), view[header_length:], 0
     else:
-        head, binary, pos = _loads(view), view[:0], 0
+        head, binary, pos = _loads(body), memoryview(b""), 0
     if not isinstance(head, dict):
         raise _fail("The request must be a JSON object with an 'inputs' list.")
     raw_inputs = head.get("inputs")
@@ -230,15 +223,7 @@ def decode_request(
         dt = item.get("datatype")
         if dt not in NUMPY_OF:
             raise _fail(f"Input '{name}' has datatype {_brief(dt)}; expected one of {', '.join(NUMPY_OF)}.")
-        expected = datatypes.get(name) if datatypes is not None else None
-        if expected is not None and dt != expected:
-            raise InputError(
-                f"Input '{name}' must be sent as {expected}; got {dt}. The protocol requires the datatype to "
-                "match the model's, so the server does not cast.",
-                input_name=name,
-                hint=f"Convert the data to {expected} on the client and send 'datatype': '{expected}'.",
-            )
-        shape = _shape(item, name, len(body))
+        shape, count = _shape(item, name, len(body))
         params = item.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
@@ -247,17 +232,18 @@ def decode_request(
             inputs[name] = _from_binary(binary[pos : pos + size], dt, shape, name)
             pos += size
         elif "data" in item:
-            inputs[name] = _from_json(item["data"], dt, shape, name)
+            inputs[name] = _from_json(item["data"], dt, shape, count, name)
         else:
             raise _fail(f"Input '{name}' has neither 'data' nor parameters.binary_data_size.")
     if pos != len(binary):
         raise _fail(f"{len(binary) - pos} bytes of binary data follow the JSON but no input claims them.")
-    return InferRequest(
+    top = head.get("parameters")
+    return InferenceRequest(
         id=_request_id(head.get("id"), max_id_chars),
         inputs=inputs,
         outputs=_requested_outputs(head.get("outputs")),
-        binary_output=_flag(head.get("parameters"), "binary_data_output"),
-        parameters=top if isinstance(top := head.get("parameters"), dict) else None,
+        parameters=top if isinstance(top, dict) else None,
+        binary_output=isinstance(top, dict) and top.get("binary_data_output") is True,
     )
 
 
@@ -273,10 +259,6 @@ def _request_id(value: Any, max_chars: int) -> str | None:
             "Send a shorter id (a UUID or a counter), or raise guard.max_id_chars on the server.",
         )
     return value
-
-
-def _flag(params: Any, key: str) -> bool:
-    return isinstance(params, dict) and params.get(key) is True
 
 
 def _requested_outputs(raw: Any) -> tuple[RequestedOutput, ...] | None:

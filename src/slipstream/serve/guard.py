@@ -1,4 +1,5 @@
-"""Safe defaults: API keys (stored as salted HMACs), per-caller token buckets, body limits, value checks.
+"""Safe defaults: API keys (stored as salted HMACs), per-caller token buckets, body limits (the tensors' own
+checks are the signature check, ``serve/signature.py``).
 
 Keys come from a file (one per line) or an environment variable (comma-separated), read once into salted
 HMAC-SHA256 digests (``hash_key``); the plain keys are not kept, and a leaked settings dump cannot be
@@ -12,19 +13,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-import numpy as np
-
-from slipstream.artifact.tensor import TensorSpec
 from slipstream.errors import (
     ConfigError,
     ForbiddenError,
-    InputError,
     PayloadTooLargeError,
     ProtocolError,
     RateLimitedError,
@@ -240,55 +236,4 @@ class Guard:
             raise PayloadTooLargeError(
                 f"The request body is {size} bytes; this server accepts at most {limit}.",
                 hint="Send fewer rows per request, or raise --max-body-bytes.",
-            )
-
-    def check_values(self, feeds: Mapping[str, np.ndarray], specs: Iterable[TensorSpec]) -> None:
-        """NaN/Inf policy, each input's value range and axis limits; raises a 400 that says where and how many.
-
-        The range and the limits come from the graph (an embedding table's rows, a position table's
-        length): past them onnxruntime fails mid-graph, and that is the client's error, not the server's.
-        """
-        for spec in specs:
-            array = feeds[spec.name]
-            check_sizes(spec, array.shape)
-            if array.dtype.kind not in "fiu" or array.size == 0:
-                continue
-            if array.dtype.kind == "f" and self.settings.non_finite == "reject":
-                finite = np.isfinite(array)
-                if not finite.all():
-                    bad = int(array.size - np.count_nonzero(finite))
-                    raise InputError(
-                        f"Input '{spec.name}' holds {bad} NaN or Inf value(s); this server rejects them.",
-                        input_name=spec.name,
-                        hint="Clean the data, or start the server with --non-finite allow.",
-                    )
-            if spec.value_range is not None:
-                low, high = spec.value_range
-                lo, hi = float(array.min()), float(array.max())
-                if lo < low or hi > high or math.isnan(lo) or math.isnan(hi):
-                    bad = int(array.size - np.count_nonzero((array >= low) & (array <= high)))  # NaN counts
-                    raise InputError(
-                        f"Input '{spec.name}' must lie in [{low:g}, {high:g}]; got values in [{lo:g}, {hi:g}] "
-                        f"({bad} outside).",
-                        input_name=spec.name,
-                        hint=(
-                            f"These ids index a table of {high - low + 1:g} rows: take them from the model's own "
-                            "vocabulary (its tokenizer), and map unknown tokens to its unknown-token id."
-                            if array.dtype.kind in "iu"
-                            else "Scale the data the way the model was trained."
-                        ),
-                    )
-
-
-def check_sizes(spec: TensorSpec, shape: tuple[int, ...]) -> None:
-    """Refuse an axis longer than the graph can take (``spec.max_shape``), naming the limit."""
-    if spec.max_shape is None:
-        return
-    for axis, (limit, size) in enumerate(zip(spec.max_shape, shape, strict=False)):
-        if limit is not None and size > limit:
-            raise InputError(
-                f"Input '{spec.name}' axis {axis} ('{spec.shape[axis]}') has size {size}; this model takes at most "
-                f"{limit} there (a table in the graph holds {limit} positions along it).",
-                input_name=spec.name,
-                hint=f"Truncate the sequence to {limit}, or split it into windows of at most {limit}.",
             )

@@ -9,7 +9,7 @@ five observations. Rare events (loads, failures, rejections) use prometheus_clie
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -81,6 +81,8 @@ class ServeMetrics(Collector):
             "slipstream_model_ready", "1 while a version serves traffic.", ["model", "version"], registry=r
         )
         r.register(self)
+        # Under `serve --workers N`: merges this worker's exposition with its siblings' (serve.workers).
+        self.aggregate: Callable[[bytes], bytes] | None = None
 
     def model(self, name: str) -> ModelSeries:
         series = self.series.get(name)
@@ -124,4 +126,6 @@ class ServeMetrics(Collector):
         yield from families.values()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition /metrics answers: this server's, or every worker's summed (``aggregate``)."""
+        own = generate_latest(self.registry)
+        return own if self.aggregate is None else self.aggregate(own)

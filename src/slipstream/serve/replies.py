@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -23,25 +24,12 @@ from slipstream.errors import (
     ServingError,
     SlipstreamError,
 )
-from slipstream.serve.codec import RequestedOutput
-from slipstream.serve.repository import ModelVersion
+from slipstream.serve.request import ModelMetadata
 
 log = logging.getLogger("slipstream.serve")
 
 JSON_TYPE = (b"content-type", b"application/json")
 HEADER_LENGTH = b"inference-header-content-length"
-REJECTION_REASONS = {
-    400: "invalid_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    429: "rate_limited",
-    500: "internal_error",
-    503: "unavailable",
-    504: "timeout",
-}
 
 
 class Reply:
@@ -63,13 +51,19 @@ def json_reply(doc: Any, status: int = 200) -> Reply:
     return Reply(orjson.dumps(doc), status)
 
 
-def error_reply(exc: SlipstreamError, request_id: str) -> Reply:
-    """The reply for ``exc``; its private detail (notes, or a server fault's whole message) is logged."""
+def refusal(exc: SlipstreamError, request_id: str, *, logged: bool = False) -> tuple[int, str, float | None]:
+    """What every front end answers for ``exc``: status, text, retry-after; its private detail is logged.
+
+    REST and gRPC both call this, so a refusal reads the same word for word on either protocol. A server
+    fault's message and a refusal's notes are for the operator: they go to the log under the request id,
+    never to the client (``logged``: the caller already logged the fault with its traceback).
+    """
     status = exc.status_code or 500
     notes: list[str] = getattr(exc, "__notes__", [])
     extra = {"request_id": request_id, "status": status}
     if exc.status_code in (None, 500):  # the server's fault: its message is for the operator
-        log.error("request %s failed: %s", request_id, "; ".join([str(exc), *notes]), extra=extra)
+        if not logged:
+            log.error("request %s failed: %s", request_id, "; ".join([str(exc), *notes]), extra=extra)
         text = f"Internal error while serving the request (request id {request_id}); the server log has the detail."
     else:
         text = exc.message if not exc.hint else f"{exc.message} Hint: {exc.hint}"
@@ -78,8 +72,13 @@ def error_reply(exc: SlipstreamError, request_id: str) -> Reply:
                 "request %s answered %d: %s (%s)", request_id, status, exc.message, "; ".join(notes), extra=extra
             )
             text += f" (request id {request_id}; the server log has the detail)"
+    return status, text, exc.retry_after_s if isinstance(exc, ServingError) else None
+
+
+def error_reply(exc: SlipstreamError, request_id: str) -> Reply:
+    """The JSON reply for ``exc`` (see :func:`refusal`)."""
+    status, text, retry = refusal(exc, request_id)
     reply = json_reply({"error": text}, status)
-    retry = exc.retry_after_s if isinstance(exc, ServingError) else None
     if retry is not None:
         reply.headers.append((b"retry-after", str(max(1, round(retry))).encode()))
     return reply
@@ -162,19 +161,60 @@ def header_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
-def wanted_outputs(requested: tuple[RequestedOutput, ...] | None, entry: ModelVersion) -> tuple[RequestedOutput, ...]:
-    if requested is None:
-        return tuple(RequestedOutput(n, None) for n in entry.output_names)
-    unknown = [r.name for r in requested if r.name not in entry.output_names]
-    if unknown:
-        raise ProtocolError(
-            f"Requested outputs {unknown} do not exist; '{entry.name}' has [{', '.join(entry.output_names)}].",
-            hint="Ask for outputs by the names GET /v2/models/{name} lists.",
-        )
-    return requested
-
-
 @functools.cache
 def openapi_document() -> bytes:
     """``openapi.json`` beside this module: the REST API this server speaks (read once, on first ask)."""
     return resources.files("slipstream.serve").joinpath("openapi.json").read_bytes()
+
+
+async def read_body(
+    receive: Callable[[], Awaitable[Mapping[str, Any]]],
+    headers: list[tuple[bytes, bytes]],
+    check_size: Callable[[int], None],
+) -> bytes:
+    """The whole request body, refused (413) as soon as its declared or received size passes the limit."""
+    for k, v in headers:
+        if k == b"content-length" and v.isdigit():
+            check_size(int(v))
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        check_size(len(body))
+        return body
+    chunks = [body]
+    size = len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        check_size(size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """An admin request's body: a JSON object, or nothing (an empty object)."""
+    try:
+        doc = orjson.loads(body) if body.strip() else {}
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"The request body is not valid JSON ({exc}).") from exc
+    if not isinstance(doc, dict):
+        raise ProtocolError("The request body must be a JSON object.")
+    return doc
+
+
+def metadata_doc(meta: ModelMetadata) -> dict[str, Any]:
+    """GET /v2/models/{name} as JSON: parameters appear only where the graph told us something."""
+    tensors = {
+        side: [
+            {
+                "name": t.name,
+                "datatype": t.datatype,
+                "shape": list(t.shape),
+                **({"parameters": t.parameters} if t.parameters else {}),
+            }
+            for t in group
+        ]
+        for side, group in (("inputs", meta.inputs), ("outputs", meta.outputs))
+    }
+    return {"name": meta.name, "versions": list(meta.versions), "platform": meta.platform, **tensors}

@@ -32,9 +32,10 @@ from slipstream.errors import ConfigError, IntegrityError, ModelNotFoundError, S
 from slipstream.monitor.process.placement import unpinned
 from slipstream.runtime import Engine, Target
 from slipstream.serve.batching import Batcher, InlinePolicy
-from slipstream.serve.codec import datatype
 from slipstream.serve.metrics import ServeMetrics
+from slipstream.serve.request import RequestedOutput
 from slipstream.serve.settings import ServeSettings
+from slipstream.serve.signature import Signature
 
 if TYPE_CHECKING:
     from slipstream.monitor.process.proxy import RemoteMonitor
@@ -69,8 +70,18 @@ class ModelVersion:
     load_s: float = 0.0
     warm_call_s: float = 0.0  # fastest warm-up call: decides whether the model runs inline
     output_names: tuple[str, ...] = field(default=())
+    all_outputs: tuple[RequestedOutput, ...] = field(default=())  # what a request that names no outputs gets
     input_datatypes: dict[str, str] = field(default_factory=dict)  # input name -> the OIP datatype it must come as
+    signature: Signature | None = None  # the one check every request's tensors pass before the batcher
+    fetch: list[str] | None = None  # what the model call returns: None for the outputs, or those plus monitor-only
     monitor: RemoteMonitor | None = None  # set only when the server monitors
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The batcher's model call. Its feeds passed :attr:`signature` (the batcher is fed only by
+        ``InferenceCore.infer``), so onnxruntime takes them as they are, with no second check."""
+        if self.engine is None:
+            raise ServerBusyError(f"Model '{self.name}' version {self.version} is not loaded.")
+        return self.engine.run(feeds, self.fetch, check=False)
 
     @property
     def manifest(self) -> Manifest:
@@ -135,7 +146,9 @@ def load_version(entry: ModelVersion, settings: ServeSettings) -> None:
     entry.engine = engine
     entry.batchable = is_batchable(bundle.manifest)
     entry.output_names = tuple(s.name for s in bundle.manifest.outputs)
-    entry.input_datatypes = {s.name: datatype(s.dtype) for s in bundle.manifest.inputs}
+    entry.all_outputs = tuple(RequestedOutput(n, None) for n in entry.output_names)
+    entry.signature = Signature(bundle.manifest.inputs, non_finite=settings.guard.non_finite)
+    entry.input_datatypes = entry.signature.datatypes
     entry.load_s = time.perf_counter() - started
 
 
@@ -287,9 +300,9 @@ class Repository:
         # With monitoring on, the monitor-only outputs (a classifier's penultimate embedding) ride along to
         # observe(); the reply encodes only the manifest's outputs, so clients never see them.
         extra = engine.monitoring_outputs if self.monitors is not None else ()
-        fetch = [*entry.output_names, *extra] if extra else None
+        entry.fetch = [*entry.output_names, *extra] if extra else None
         entry.batcher = Batcher(
-            lambda feeds: engine.run(feeds, fetch, check=False),
+            entry.run,
             self.settings.batching,
             batchable=entry.batchable,
             on_batch=self.metrics.model(entry.name).on_batch,
@@ -368,6 +381,10 @@ class Repository:
                 hint="GET /v2/models/{name} with one of those names.",
             )
         if version is None:
+            if len(current) == 1:  # the common case, on every request: one version, serving
+                (only,) = current.values()
+                if only.state == "READY":
+                    return only
             ready = [v for v, e in current.items() if e.state == "READY"]
             if not ready:
                 raise ServerBusyError(f"Model '{name}' has no ready version.", retry_after_s=1.0)
@@ -389,6 +406,13 @@ class Repository:
                 busy.add_note(entry.reason)
             raise busy
         return entry
+
+    def find(self, name: str, version: str | None) -> ModelVersion | None:
+        """What :meth:`get` answers, or None where it would refuse (for counting, never for serving)."""
+        try:
+            return self.get(name, version)
+        except SlipstreamError:
+            return None
 
     def ready(self) -> bool:
         """True once every model that should serve has a ready version."""

@@ -8,10 +8,10 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Literal
+from typing import Any, BinaryIO, Literal
 
 import uvicorn
 
@@ -35,6 +35,12 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.slipstream = app
         self.gate = gate
+        self.on_started: Callable[[], None] | None = None  # once serving (serve.workers tells its parent)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not super(): it records the signal to re-raise once the server has stopped.
@@ -64,7 +70,7 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def configure_logging(level: int = logging.INFO, repeat_interval_s: float = 10.0) -> None:
+def configure_logging(level: int = logging.INFO, repeat_interval_s: float = 10.0, worker: int | None = None) -> None:
     """Server events as JSON lines on stderr, beside the access log's own JSON lines.
 
     A warning (or worse) that repeats is written at most once per ``repeat_interval_s`` with the count of
@@ -74,6 +80,8 @@ def configure_logging(level: int = logging.INFO, repeat_interval_s: float = 10.0
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
     handler.addFilter(RateLimitFilter(repeat_interval_s))
+    if worker is not None:  # serve --workers N: each line says which worker (its pid) wrote it
+        handler.addFilter(_Worker(worker))
     uvicorn_errors = logging.getLogger("uvicorn.error")
     uvicorn_errors.filters[:] = [f for f in uvicorn_errors.filters if not isinstance(f, RateLimitFilter)]
     uvicorn_errors.addFilter(RateLimitFilter(repeat_interval_s))
@@ -83,12 +91,24 @@ def configure_logging(level: int = logging.INFO, repeat_interval_s: float = 10.0
     root.propagate = False
 
 
+class _Worker(logging.Filter):
+    def __init__(self, pid: int) -> None:
+        super().__init__()
+        self.pid = pid
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.pid
+        return True
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         import orjson
 
         doc = {"level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
-        for key in ("model", "version", "event", "request_id", "repeated"):
+        # "worker": serve --workers N; observed...pending: the monitor's accounting when a server closes it
+        for key in ("model", "version", "event", "request_id", "repeated", "worker", "observed", "written", "dropped",
+                    "lost", "pending"):  # fmt: skip
             if hasattr(record, key):
                 doc[key] = getattr(record, key)
         if record.exc_info:
@@ -96,15 +116,22 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
-def build_server(path: Path, settings: ServeSettings) -> DrainingServer:
-    app = create_app(path, settings)
+def build_server(
+    path: Path,
+    settings: ServeSettings,
+    *,
+    access_sink: BinaryIO | None = None,
+    wrap: Callable[[SlipstreamApp], Any] | None = None,
+) -> DrainingServer:
+    """The server for ``path``; ``wrap``: the ASGI app uvicorn runs, around the app (serve.fleet)."""
+    app = create_app(path, settings, access_sink=access_sink)
     limits = settings.http
     http: type[asyncio.Protocol] | Literal["httptools"] = "httptools"
     gate = None
     if limits.limits:
         http, gate = protocol_class(limits)
     config = uvicorn.Config(
-        app,
+        app if wrap is None else wrap(app),
         host=settings.host,
         port=settings.port,
         lifespan="on",
@@ -119,8 +146,14 @@ def build_server(path: Path, settings: ServeSettings) -> DrainingServer:
     return DrainingServer(config, app, gate)
 
 
-def serve(path: str | os.PathLike[str], settings: ServeSettings) -> None:
-    """Serve until SIGTERM/SIGINT; returns after draining. Exits 1 when no model could start."""
+def serve(path: str | os.PathLike[str], settings: ServeSettings, workers: int = 1) -> None:
+    """Serve until SIGTERM/SIGINT; returns after draining. Exits 1 when no model could start.
+
+    ``workers`` > 1: that many serving processes on the port, supervised by this one (serve.workers)."""
+    if workers > 1:
+        from slipstream.serve.workers import serve_workers
+
+        raise SystemExit(serve_workers(Path(path), settings, workers))
     configure_logging()
     server = build_server(Path(path), settings)
     server.run()
@@ -129,7 +162,8 @@ def serve(path: str | os.PathLike[str], settings: ServeSettings) -> None:
 
 
 def settings_from_options(options: Mapping[str, object], environ: Mapping[str, str]) -> ServeSettings:
-    """Turn CLI options (flat) plus the environment into validated settings; keys are hashed here."""
+    """Turn CLI options (flat, but ``monitor`` nested like MonitorServing) plus the environment into validated
+    settings; keys are hashed here."""
     from pydantic import ValidationError
 
     from slipstream.errors import invalid_setting
@@ -146,6 +180,9 @@ def settings_from_options(options: Mapping[str, object], environ: Mapping[str, s
     guard["api_key_hashes"] = read_keys(api_file if isinstance(api_file, Path) else None, environ, API_KEYS_ENV)
     guard["admin_key_hashes"] = read_keys(admin_file if isinstance(admin_file, Path) else None, environ, ADMIN_KEYS_ENV)
     try:
-        return ServeSettings.model_validate({**opts, "batching": batch, "guard": guard, "http": http})
+        settings = ServeSettings.model_validate({**opts, "batching": batch, "guard": guard, "http": http})
     except ValidationError as exc:
         raise invalid_setting(exc, "serve", hint="See `slipstream serve --help`.") from exc
+    # "monitor" comes nested, shaped like MonitorServing; a flag such as --accuracy-drop-alert sets one check's
+    # threshold, and the alert rules that watch that check take the same number.
+    return settings.model_copy(update={"monitor": settings.monitor.rules_follow_checks()})

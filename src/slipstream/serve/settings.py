@@ -8,7 +8,9 @@ from typing import Literal
 from pydantic import Field
 
 from slipstream.frozen import Frozen
+from slipstream.monitor.config import MonitorConfig
 from slipstream.monitor.process.placement import PlacementMode
+from slipstream.monitor.store import StoreConfig
 
 VersionPolicy = Literal["latest", "all", "specific"]
 NonFinitePolicy = Literal["reject", "allow"]
@@ -129,51 +131,26 @@ class HttpSettings(Frozen):
     )
 
 
-class MonitorSettings(Frozen):
-    """Monitoring from inside the server (slipstream.monitor). Off unless ``db_path`` is given."""
+class MonitorServing(Frozen):
+    """Monitoring from inside the server: the monitor's own configs, embedded as they are, plus how the server
+    runs them (the monitor process, its placement and restarts). Off unless ``store`` is given.
 
-    db_path: Path | None = Field(
+    The server's monitor process receives this object as JSON and uses ``config`` and ``store`` unchanged, so
+    a field set here (from the CLI, a file or code) is the field the monitor reads: nothing is copied across.
+    """
+
+    store: StoreConfig | None = Field(
         default=None,
-        description="The SQLite prediction log (WAL); monitoring is on when this is set, off (free) when not.",
+        description="The SQLite prediction log (WAL): its path, retention and write buffers. Monitoring is on "
+        "when this is set, off (free: slipstream.monitor's statistics are never imported) when not.",
     )
-    sample_rate: float = Field(default=1.0, ge=0, le=1, description="Share of requests written to the prediction log.")
-    log_raw_inputs: bool = Field(default=False, description="Also store each logged row's raw input (npz bytes).")
-    ood_threshold: float = Field(default=3.0, gt=0, description="Count a row as out of distribution above this score.")
-    ood_reject_above: float | None = Field(
-        default=None, gt=0, description="Refuse requests (400) with a row scoring above this; None: never refuse."
+    config: MonitorConfig = Field(
+        default_factory=MonitorConfig,
+        description="What every monitor does: sampling, the drift window, quality, fairness, threats and alert "
+        "rules (slipstream.monitor.MonitorConfig).",
     )
     group_parameter: str = Field(
         default="group", min_length=1, description="The request-level parameter naming the caller's group (bias)."
-    )
-    accuracy_drop_threshold: float = Field(
-        default=0.05, gt=0, description="Alert when build-time minus realized (or estimated) accuracy exceeds this."
-    )
-    fairness_max_difference: float = Field(
-        default=0.1, ge=0, description="Alert when a demographic-parity or equalized-odds difference exceeds this."
-    )
-    fairness_min_ratio: float = Field(
-        default=0.8, ge=0, le=1, description="Alert when the demographic-parity ratio falls below this."
-    )
-    fairness_positive_label: float = Field(default=1.0, description="The prediction that counts as selected.")
-    fairness_confidence: float = Field(
-        default=0.99,
-        gt=0.5,
-        lt=1,
-        description="Family confidence of the fairness intervals (Bonferroni over groups and gaps); a bias alert "
-        "fires only when a gap's interval lies wholly past its threshold.",
-    )
-    webhook_url: str | None = Field(default=None, description="POST every alert transition here as JSON; None: off.")
-    retention_max_age_s: float | None = Field(
-        default=7 * 86400, gt=0, description="Delete logged predictions older than this; None: keep."
-    )
-    retention_max_rows: int | None = Field(
-        default=1_000_000, ge=1, description="Keep at most this many logged predictions; None: no limit."
-    )
-    evaluate_interval_s: float = Field(default=10.0, gt=0, description="Seconds between background evaluations.")
-    window_rows: int = Field(default=2000, ge=1, description="Rows in the rolling drift window.")
-    quality_window_rows: int = Field(default=500, ge=1, description="Newest logged rows the accuracy is computed on.")
-    min_labeled: int = Field(
-        default=50, ge=1, description="Fewer labeled rows than this: no realized accuracy verdict."
     )
     process_nice: int = Field(
         default=10,
@@ -214,9 +191,31 @@ class MonitorSettings(Frozen):
             min(self.restart_max_s, self.restart_initial_s * self.restart_factor ** min(max(0, restarts - 1), 64))
         )
 
+    def rules_follow_checks(self) -> MonitorServing:
+        """These settings with the accuracy and fairness alert rules at the thresholds of their checks
+        (``config.quality``, ``config.fairness``; see MonitorConfig.with_thresholds): what the CLI's one flag
+        per decision means."""
+        c = self.config
+        aligned = c.with_thresholds(
+            max_accuracy_drop=c.quality.max_accuracy_drop,
+            max_difference=c.fairness.max_difference,
+            min_ratio=c.fairness.min_ratio,
+        )
+        return self.model_copy(update={"config": aligned})
+
     @property
     def enabled(self) -> bool:
-        return self.db_path is not None
+        return self.store is not None
+
+    @property
+    def db_path(self) -> Path | None:
+        """The prediction log's file (``store.path``), None when monitoring is off."""
+        return None if self.store is None else self.store.path
+
+    @property
+    def ood_reject_above(self) -> float | None:
+        """Read-only: ``config.threats.reject_ood_above`` (the request path refuses above it)."""
+        return self.config.threats.reject_ood_above
 
 
 class ReloadSettings(Frozen):
@@ -238,6 +237,13 @@ class ServeSettings(Frozen):
 
     host: str = Field(default="127.0.0.1", description="The address the server binds to.")
     port: int = Field(default=8000, ge=0, le=65535, description="The TCP port.")
+    grpc_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="The TCP port of the gRPC front end (Open Inference Protocol v2, "
+        "inference.GRPCInferenceService) on the same host; None or 0: gRPC off.",
+    )
     version_policy: VersionPolicy = Field(default="latest", description="Which versions of each model to serve.")
     versions: tuple[str, ...] = Field(default=(), description="The versions to serve under the 'specific' policy.")
     intra_op_threads: int = Field(
@@ -256,7 +262,9 @@ class ServeSettings(Frozen):
     http: HttpSettings = Field(
         default_factory=HttpSettings, description="HTTP limits: header size and count, read timeouts, connections."
     )
-    monitor: MonitorSettings = Field(default_factory=MonitorSettings, description="Monitoring; off by default.")
+    monitor: MonitorServing = Field(
+        default_factory=MonitorServing, description="Monitoring (the monitor's own config, embedded); off by default."
+    )
     access_log: bool = Field(default=True, description="Write one JSON line per request to 'slipstream.access'.")
     drain_timeout_s: float = Field(default=30.0, gt=0, description="How long SIGTERM waits for in-flight requests.")
     gc_freeze: bool = Field(

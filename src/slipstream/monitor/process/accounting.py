@@ -10,8 +10,13 @@ the rows it holds are counted written, exactly, whatever the moment of the kill.
 
 :class:`AccountedStore` (in the monitor process) is :class:`slipstream.monitor.SQLiteStore` with that count in
 each write transaction, the failed writes counted by cause (``disk_full``, ``db_error``), and the log's
-optional size cap (``MonitorSettings.log_max_mb``, SQLite's ``max_page_count``: past it a write fails exactly
+optional size cap (``MonitorServing.log_max_mb``, SQLite's ``max_page_count``: past it a write fails exactly
 as on a full disk).
+
+One monitor process may serve several servers (``slipstream serve --workers N``: one per worker, each its
+*client*); its books are then kept per client: the count in the log per (run, client), under the key
+:func:`run_key`, and each client's written, failed and accepted rows apart, so that each server settles
+its own rows exactly and the totals over the servers sum exactly.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from pathlib import Path
 
 from slipstream.monitor import SQLiteStore, StoreConfig
-from slipstream.monitor.ingest import Pending
+from slipstream.monitor.ingest import PendingRow
 from slipstream.monitor.records import PredictionBatch
 
 log = logging.getLogger("slipstream.monitor")
@@ -44,17 +49,29 @@ _UPSERT = (
 FULL = "database or disk is full"
 
 
+def run_key(run: str, client: str = "") -> str:
+    """The key of a run's written count in ``monitor_runs``: the run id, or ``run/client`` for one client of a
+    monitor process that several servers share (the lone server's client is ``""``)."""
+    return f"{run}/{client}" if client else run
+
+
 class AccountedStore(SQLiteStore):
     """The prediction log of one run of the monitor process, counting its written rows in the log itself.
 
     ``failed``: prediction rows the writer took and could not write, by cause; with the store's own
-    ``written_predictions`` and what waits in its buffer, every accepted row is accounted for."""
+    ``written_predictions`` and what waits in its buffer, every accepted row is accounted for. Each row
+    belongs to the client whose batch it came from (``client``, set by the one thread that puts), and all
+    of that is counted per client too (:meth:`settled`)."""
 
     def __init__(self, config: StoreConfig, *, run: str, max_bytes: int | None = None) -> None:
         self.run = run
+        self.client = ""  # whose rows the next put_batch takes (the monitor process's loop sets it)
         self._max_pages: int | None = None
         self.failed = {"disk_full": 0, "db_error": 0}
         self._failed_lock = threading.Lock()
+        self._owner: dict[int, str] = {}  # id(queued batch) -> its client, until the writer takes it
+        self._books: dict[str, list[int]] = {}  # client -> [accepted, written, disk_full, db_error]
+        self._split: dict[str, int] = {}  # the writer's current transaction: rows per client
         if max_bytes is not None:
             conn = sqlite3.connect(config.path)
             try:
@@ -80,28 +97,62 @@ class AccountedStore(SQLiteStore):
             conn.execute(f"PRAGMA max_page_count={self._max_pages}")
         return conn
 
+    def _enqueue(self, item: object, rows: int = 1, size: int = 0) -> int:
+        if not isinstance(item, PredictionBatch):
+            return super()._enqueue(item, rows, size)
+        client = self.client
+        # Owned before it is queued: the writer may take it the moment it is in the buffer.
+        with self._failed_lock:
+            self._owner[id(item)] = client
+        taken = super()._enqueue(item, rows, size)
+        with self._failed_lock:
+            if taken:
+                self._books.setdefault(client, [0, 0, 0, 0])[0] += taken
+            else:
+                self._owner.pop(id(item), None)
+        return taken
+
     def _write(self, conn: sqlite3.Connection, items: list[object]) -> None:
         # Python's sqlite3 opens a transaction before this INSERT; the base class's ``with conn`` commits it
         # with the rows (or rolls both back): the count in the log is the rows in the log.
-        rows = sum(len(b) for b in items if isinstance(b, PredictionBatch))
-        if rows:
-            conn.execute(_UPSERT, (self.run, time.time(), rows))
+        now = time.time()
+        for client, rows in self._split.items():
+            if rows:
+                conn.execute(_UPSERT, (run_key(self.run, client), now, rows))
         super()._write(conn, items)
 
     def _write_batch(
         self, conn: sqlite3.Connection | None, items: list[object], rows: int
     ) -> sqlite3.Connection | None:
-        predictions = sum(len(b) for b in items if isinstance(b, PredictionBatch))
+        split: dict[str, int] = {}
+        with self._failed_lock:
+            for b in items:
+                if isinstance(b, PredictionBatch):
+                    client = self._owner.pop(id(b), "")
+                    split[client] = split.get(client, 0) + len(b)
+        self._split = split  # only this thread writes
+        predictions = sum(split.values())
         before = self.counts()["written_predictions"]
         conn = super()._write_batch(conn, items, rows)
-        if predictions and self.counts()["written_predictions"] == before:  # only this thread writes
-            cause = "disk_full" if FULL in (self.last_error or "") else "db_error"
-            with self._failed_lock:
+        self._split = {}
+        if not predictions:
+            return conn
+        ok = self.counts()["written_predictions"] != before
+        cause = "disk_full" if FULL in (self.last_error or "") else "db_error"
+        with self._failed_lock:
+            if not ok:
                 self.failed[cause] += predictions
+            for client, n in split.items():
+                self._books.setdefault(client, [0, 0, 0, 0])[1 if ok else 2 if cause == "disk_full" else 3] += n
         return conn
 
-    def settled(self) -> tuple[int, dict[str, int], int]:
-        """Rows written, rows failed by cause, and rows accepted and not yet settled (waiting or in flight)."""
+    def settled(self, client: str | None = None) -> tuple[int, dict[str, int], int]:
+        """Rows written, rows failed by cause, and rows accepted and not yet settled (waiting or in flight):
+        of every client, or of one."""
+        if client is not None:
+            with self._failed_lock:
+                accepted, written, full, error = self._books.get(client, (0, 0, 0, 0))
+            return written, {"disk_full": full, "db_error": error}, accepted - written - full - error
         counts = self.counts()
         with self._failed_lock:
             failed = dict(self.failed)
@@ -123,10 +174,10 @@ def written_by_run(path: Path, run: str, timeout_s: float = 5.0) -> int | None:
     return int(row[0]) if row is not None else 0
 
 
-def rows_of(item: Pending) -> int:
+def rows_of(item: PendingRow) -> int:
     """The rows of an observed request, as :func:`slipstream.monitor.ingest.columns` counts them (1 when it
     cannot: such a request is malformed, and counted so)."""
     try:
-        return len(next(iter(item.inputs.values())))
+        return len(next(iter(item[2].values())))  # Pending.inputs (queued as a plain tuple)
     except Exception:  # no input, or a 0-d one
         return 1

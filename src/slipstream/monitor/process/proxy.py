@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Any
 
 from slipstream.errors import ServerBusyError, ServingError
 from slipstream.monitor import MonitorConfig, MonitorSnapshot, OODScorer, Profile, SecurityCounters
-from slipstream.monitor.ingest import Pending, columns
+from slipstream.monitor.ingest import PendingRow, columns
 from slipstream.monitor.process.accounting import rows_of
 from slipstream.monitor.process.placement import cpu_list
 from slipstream.monitor.process.worker import Key
 from slipstream.monitor.service import RequestPath, check_feedback
-from slipstream.serve.settings import MonitorSettings
+from slipstream.serve.settings import MonitorServing
 
 if TYPE_CHECKING:
     from slipstream.monitor.process.supervisor import Supervisor
@@ -76,6 +76,10 @@ class Spare:
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             env=env,
+            # Its own session: a signal to the server's process group (Ctrl-C, `timeout`, a parent's group
+            # kill) must not stop it before the server has drained and shipped what it observed; it exits
+            # when the server closes it or goes away.
+            start_new_session=True,
         )
         theirs.close()
         self.conn = Connection(mine.detach())
@@ -110,7 +114,7 @@ class MonitorProcess:
 
     def __init__(
         self,
-        settings: MonitorSettings,
+        settings: MonitorServing,
         *,
         run: str = "",
         cpus: frozenset[int] | None = None,
@@ -118,16 +122,13 @@ class MonitorProcess:
         max_backlog: int = 200,
         on_exit: Callable[[MonitorProcess], None] = lambda process: None,
         spare: Spare | None = None,
+        listen: str | None = None,
     ) -> None:
-        if spare is None or not spare.warm():
-            if spare is not None:
-                spare.discard()
-            spare = Spare(cpus)
-        self.process, self._conn = spare.process, spare.conn
         self.run = run
         self.started = time.monotonic()
-        with contextlib.suppress(OSError):  # a spare that died idle: the reader below reports it
-            self._conn.send((settings.model_dump_json(), run))
+        # The run's subprocess.Popen; for a link to a shared process (monitor.process.shared), its pid only.
+        self.process: Any
+        self.process, self._conn = self._open(settings, cpus, spare, listen)
         self.max_backlog = max_backlog
         self.on_snapshot: Callable[[Key, str], None] = lambda key, doc: None
         self.on_exit = on_exit
@@ -159,6 +160,43 @@ class MonitorProcess:
             self._closing = True
             self.stop()
             raise
+
+    def _open(
+        self, settings: MonitorServing, cpus: frozenset[int] | None, spare: Spare | None, listen: str | None
+    ) -> tuple[Any, Connection]:
+        """Start the run (the spare's interpreter when it is warm) and send it its settings; ``listen``: the
+        Unix socket where the servers that share it connect (slipstream.monitor.process.shared)."""
+        if spare is None or not spare.warm():
+            if spare is not None:
+                spare.discard()
+            spare = Spare(cpus)
+        with contextlib.suppress(OSError):  # a spare that died idle: the reader reports it
+            spare.conn.send((settings.model_dump_json(), self.run, listen))
+        return spare.process, spare.conn
+
+    def _ended(self) -> str:
+        """Why the run's pipe closed (its end of the socket: the process exited)."""
+        return exit_text(_wait(self.process, 5))
+
+    def _broken(self, exc: Exception) -> str:
+        code = _wait(self.process, 1.0)
+        return exit_text(code) if code is not None else f"the pipe to it broke: {exc}"
+
+    def _reap(self, timeout_s: float) -> None:
+        if _wait(self.process, timeout_s) is None:
+            log.error("the monitor process did not exit; terminating it")
+            self.process.terminate()
+            _wait(self.process, 5)
+
+    def _kill(self) -> int | None:
+        code: int | None = self.process.poll()
+        if code is None:
+            self.process.kill()
+            code = _wait(self.process, 5)
+        return code
+
+    def _on_ready(self, message: tuple[Any, ...]) -> None:
+        self._ready.set_result(None)
 
     @property
     def alive(self) -> bool:
@@ -211,8 +249,7 @@ class MonitorProcess:
                 if self.alive:  # what a dead run took and never got is counted lost by the supervisor
                     self._conn.send(message)
             except (OSError, ValueError) as exc:  # the pipe broke: the process died (say how, when it did)
-                code = _wait(self.process, 1.0)
-                self._fail(exit_text(code) if code is not None else f"the pipe to it broke: {exc}")
+                self._fail(self._broken(exc))
             if requests is not None:
                 with self._lock:
                     self._backlog -= 1
@@ -223,7 +260,7 @@ class MonitorProcess:
             try:
                 message = self._conn.recv()
             except (EOFError, OSError):
-                self._fail(exit_text(_wait(self.process, 5)))
+                self._fail(self._ended())
                 return
             try:
                 self._dispatch(message)
@@ -253,7 +290,7 @@ class MonitorProcess:
         elif kind == "idle":  # imported (a fresh start says it too; a spare said it before it was taken)
             pass
         elif kind == "ready":
-            self._ready.set_result(None)
+            self._on_ready(message)
         elif kind == "failed":
             self._ready.set_exception(ServingError(f"The monitor process could not start: {message[1]}."))
 
@@ -283,10 +320,7 @@ class MonitorProcess:
                 log.error("the monitor process did not close cleanly: %s", exc)
         self._outbox.put((None, _STOP))
         self._sender.join(timeout_s)
-        if _wait(self.process, timeout_s) is None:
-            log.error("the monitor process did not exit; terminating it")
-            self.process.terminate()
-            _wait(self.process, 5)
+        self._reap(timeout_s)
         self._reader.join(5)
         self._conn.close()
         return counts
@@ -294,10 +328,7 @@ class MonitorProcess:
     def stop(self) -> int | None:
         """End a run that is gone or must go (killed if it still runs), and its threads; its exit code."""
         self._outbox.put((None, _STOP))
-        code = self.process.poll()
-        if code is None:
-            self.process.kill()
-            code = _wait(self.process, 5)
+        code = self._kill()
         if self._reader is not threading.current_thread():  # it reads what is left (the last acks), then EOF
             self._reader.join(5)
         self._conn.close()
@@ -318,18 +349,19 @@ class RemoteMonitor(RequestPath):
         self.scorer = OODScorer(profile) if profile is not None and profile.multivariate is not None else None
         self.counters = SecurityCounters()  # deltas, shipped with each batch
         self.latest: MonitorSnapshot | None = None
-        self._pending: deque[Pending] = deque()
+        self._pending: deque[PendingRow] = deque()
+        self._max_pending = config.max_pending_requests
         self._dropped = self.screen_errors = 0
         self._ship_lock = threading.Lock()  # one batch at a time, in order, whoever ships
 
     # -- per request (event loop): screen() and observe() come from RequestPath ----------------------
-    def _submit(self, item: Pending) -> bool:
-        rows = rows_of(item)
-        if len(self._pending) >= self.config.max_pending_requests:
+    def _submit(self, item: PendingRow) -> bool:
+        # An append and nothing else: the request is counted observed when its batch ships (one locked
+        # update per 50 ms instead of one per request), before the process can acknowledge any of it.
+        if len(self._pending) >= self._max_pending:
             self._dropped += 1
-            self.process.accounting.observe(rows, dropped="queue_full")
+            self.process.accounting.observe(rows_of(item), dropped="queue_full")
             return False
-        self.process.accounting.observe(rows)
         self._pending.append(item)
         return True
 
@@ -358,7 +390,11 @@ class RemoteMonitor(RequestPath):
             counts = {"security": security, "dropped": dropped, "screen_errors": screen_errors, "errors": bad}
             rows = sum(int(c.counts.sum()) for c in batches)
             acct = self.process.accounting
-            acct.drop("malformed", sum(map(rows_of, items)) - rows)  # the rows of requests columns() refused
+            # Every request taken is observed now; only when columns() refused some are the rows counted one
+            # by one, to count the refused ones as dropped ("malformed").
+            observed = sum(map(rows_of, items)) if bad else rows
+            acct.observe(observed)
+            acct.drop("malformed", observed - rows)
             if self.process.send(("batch", self.key, batches, counts), rows=rows):
                 return len(items)
             if self.process.alive:  # behind: counted as dropped, shipped with the next batch it takes

@@ -1,6 +1,6 @@
 """The server's side of monitoring: one monitor process, one :class:`RemoteMonitor` per served version.
 
-Only built when ``ServeSettings.monitor.db_path`` is set; otherwise the server never imports the monitor
+Only built when ``ServeSettings.monitor.store`` is set; otherwise the server never imports the monitor
 and its request path pays one ``is None`` test. The monitors, their shared SQLite prediction log and their
 evaluations live in a separate process (:mod:`slipstream.monitor.process.worker`), started with the first
 monitored version and restarted when it dies (:mod:`slipstream.monitor.process.supervisor`); the server keeps
@@ -22,14 +22,14 @@ import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from slipstream.errors import InputError, ModelNotFoundError, ProtocolError, SlipstreamError, first_few
+from slipstream.errors import ConfigError, InputError, ModelNotFoundError, ProtocolError, SlipstreamError, first_few
 from slipstream.monitor import SQLiteStore, load_profile
 from slipstream.monitor.process.placement import pin_thread, plan
 from slipstream.monitor.process.proxy import RemoteMonitor
 from slipstream.monitor.process.supervisor import Supervisor
-from slipstream.monitor.process.worker import Key, monitor_config, store_config
+from slipstream.monitor.process.worker import Key
 from slipstream.monitor.prometheus import MonitorCollector
-from slipstream.serve.settings import MonitorSettings
+from slipstream.serve.settings import MonitorServing
 
 if TYPE_CHECKING:
     from slipstream.serve.metrics import ServeMetrics
@@ -49,13 +49,22 @@ def monitoring_off() -> ModelNotFoundError:
 class ServeMonitors:
     """Every live monitor of one server, and the process they run in."""
 
-    def __init__(self, settings: MonitorSettings) -> None:
+    def __init__(self, settings: MonitorServing) -> None:
+        if settings.store is None:
+            raise ConfigError(
+                "Monitoring needs a prediction log; these monitor settings have none (store=None).",
+                field="monitor.store",
+                hint="Start the server with --monitor-db FILE, or serve without monitoring.",
+            )
         self.settings = settings
-        self.config = monitor_config(settings)
-        SQLiteStore.prepare(store_config(settings))  # an unwritable log fails here, before anything is served
+        self.config = settings.config  # the one config: the monitor process receives this same object
+        SQLiteStore.prepare(settings.store)  # an unwritable log fails here, before anything is served
         self.active: dict[Key, RemoteMonitor] = {}
-        self.screening = settings.ood_reject_above is not None
+        self.screening = settings.config.threats.reject_ood_above is not None
         self.process: Supervisor | None = None
+        # (address, worker name) of the monitor process the parent of ``serve --workers N`` runs for all its
+        # workers (slipstream.monitor.process.shared); None: this server starts its own.
+        self.shared: tuple[str, str] | None = None
         self._start_lock = threading.Lock()
         self.placement = plan(settings.placement)
 
@@ -69,7 +78,15 @@ class ServeMonitors:
         with self._start_lock:
             if self.process is None:
                 started = time.perf_counter()
-                self.process = Supervisor(self.settings, cpus=self.placement.monitor, on_snapshot=self._on_snapshot)
+                if self.shared is not None:
+                    from slipstream.monitor.process.shared import SharedMonitor
+
+                    address, worker = self.shared
+                    self.process = SharedMonitor(
+                        self.settings, address=address, worker=worker, on_snapshot=self._on_snapshot
+                    )
+                else:
+                    self.process = Supervisor(self.settings, cpus=self.placement.monitor, on_snapshot=self._on_snapshot)
                 log.info("monitor process %d started in %.2f s, logging to %s", self.process.process.pid,
                          time.perf_counter() - started, self.settings.db_path)  # fmt: skip
             return self.process

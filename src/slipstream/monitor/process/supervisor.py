@@ -2,7 +2,7 @@
 
 The server serves on without monitoring while the process is down; the :class:`Supervisor` notices a death
 at once (the process's end of the socket closes, and the reader thread sees it), logs it with the exit code
-or the signal, and restarts the process after a backoff (``MonitorSettings.restart_initial_s``, doubling up
+or the signal, and restarts the process after a backoff (``MonitorServing.restart_initial_s``, doubling up
 to ``restart_max_s``; a run that lasted ``restart_max_s`` starts the backoff over). The new run gets every
 monitored version attached again before it takes a batch; what was observed in between is counted lost.
 Readiness stays 200 (serving works) and says ``monitoring: degraded`` until the new run is up;
@@ -26,7 +26,7 @@ from slipstream.monitor import Profile
 from slipstream.monitor.process.accounting import written_by_run
 from slipstream.monitor.process.proxy import MonitorProcess, Spare
 from slipstream.monitor.process.worker import Key
-from slipstream.serve.settings import MonitorSettings
+from slipstream.serve.settings import MonitorServing
 
 log = logging.getLogger("slipstream.serve")
 
@@ -94,14 +94,16 @@ class Supervisor:
 
     def __init__(
         self,
-        settings: MonitorSettings,
+        settings: MonitorServing,
         *,
         cpus: frozenset[int] | None = None,
         on_snapshot: Callable[[Key, str], None] = lambda key, doc: None,
         start_timeout_s: float = 120.0,
+        listen: str | None = None,
     ) -> None:
         self.settings = settings
         self.cpus = cpus
+        self.listen = listen  # where servers that share the process connect (monitor.process.shared); None: none
         self.on_snapshot = on_snapshot
         self.start_timeout_s = start_timeout_s
         self.accounting = Accounting()
@@ -192,6 +194,7 @@ class Supervisor:
             start_timeout_s=self.start_timeout_s,
             on_exit=self._on_exit,
             spare=spare,
+            listen=self.listen,
         )
         run.on_snapshot = self.on_snapshot
         return run

@@ -23,7 +23,14 @@ The protocol, over one duplex pipe, in order (the server sends from one thread, 
                     ("snapshot", (model, version), json)              after each periodic evaluation
                     ("log", logger name, level, message)              this process's log records
 
-Before all that, the server sends ``(settings JSON, run id)``. Every row of every batch ends in exactly one
+Before all that, the server that started it sends ``(settings JSON, run id, listen)``. With ``listen`` (a Unix
+socket's path: ``slipstream serve --workers N``, whose parent starts this process) other servers connect there,
+each saying ``("hello", name)`` first and answered ``("ready", run id, pid)``; each then speaks the protocol
+above on its own connection, with its own books (rows written per (run, name) in the log: see
+:mod:`slipstream.monitor.process.accounting`), and its ``close`` ends only its connection. A version monitored
+by several servers has one monitor (one drift window over all their traffic) and its snapshots go to each.
+
+Every row of every batch ends in exactly one
 count of the acknowledgement: written, or dropped for a reason (``not_sampled``, ``ingest_error``,
 ``buffer_full``, ``disk_full``, ``db_error``, ``no_monitor``, ``closed``); see
 :mod:`slipstream.monitor.process.accounting` for how the server turns them into exact totals.
@@ -35,74 +42,29 @@ import contextlib
 import gc
 import logging
 import os
+import socket
 import sys
 import threading
 import time
 from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_for
+from pathlib import Path
 from typing import Any
 
+from slipstream.errors import ConfigError
 from slipstream.logs import RateLimitFilter
-from slipstream.monitor import (
-    FairnessConfig,
-    Monitor,
-    MonitorConfig,
-    Profile,
-    QualityConfig,
-    StoreConfig,
-    ThreatConfig,
-)
-from slipstream.monitor.alerts import DEFAULT_RULES, AlertRule, AlertsConfig
+from slipstream.monitor import Monitor, Profile
 from slipstream.monitor.drift import load_statistics
 from slipstream.monitor.ingest import Columns
 from slipstream.monitor.process.accounting import AccountedStore
 from slipstream.monitor.process.placement import parse_cpu_list, pin_thread
-from slipstream.serve.settings import MonitorSettings
+from slipstream.serve.settings import MonitorServing
 
 log = logging.getLogger("slipstream.monitor")
 
 Key = tuple[str, str]
 
-
-def _rules(s: MonitorSettings) -> tuple[AlertRule, ...]:
-    thresholds = {
-        "accuracy_drop": s.accuracy_drop_threshold,
-        "estimated_accuracy_drop": s.accuracy_drop_threshold,
-        "demographic_parity": s.fairness_max_difference,
-        "equalized_odds": s.fairness_max_difference,
-        "demographic_parity_ratio": s.fairness_min_ratio,
-    }
-    out = []
-    for rule in DEFAULT_RULES:
-        value = thresholds.get(rule.name)
-        out.append(rule if value is None else rule.model_copy(update={"threshold": value}))
-    return tuple(out)
-
-
-def monitor_config(s: MonitorSettings) -> MonitorConfig:
-    """The library's config from the server's flat settings."""
-    return MonitorConfig(
-        sample_rate=s.sample_rate,
-        log_raw_inputs=s.log_raw_inputs,
-        window_rows=s.window_rows,
-        evaluate_interval_s=s.evaluate_interval_s,
-        quality=QualityConfig(
-            window_rows=s.quality_window_rows, min_labeled=s.min_labeled, max_accuracy_drop=s.accuracy_drop_threshold
-        ),
-        fairness=FairnessConfig(
-            positive_label=s.fairness_positive_label,
-            max_difference=s.fairness_max_difference,
-            min_ratio=s.fairness_min_ratio,
-            confidence=s.fairness_confidence,
-        ),
-        threats=ThreatConfig(ood_threshold=s.ood_threshold, reject_ood_above=s.ood_reject_above),
-        alerts=AlertsConfig(rules=_rules(s), webhook_url=s.webhook_url),
-    )
-
-
-def store_config(s: MonitorSettings) -> StoreConfig:
-    if s.db_path is None:
-        raise ValueError("monitoring needs MonitorSettings.db_path")
-    return StoreConfig(path=s.db_path, max_age_s=s.retention_max_age_s, max_rows=s.retention_max_rows)
+DROP_REASONS = ("not_sampled", "ingest_error", "buffer_full", "no_monitor", "closed")
 
 
 class _ToServer(logging.Handler):
@@ -120,88 +82,180 @@ class _ToServer(logging.Handler):
             self._worker.send(("log", record.name, record.levelno, self.format(record)))
 
 
-class Worker:
-    """One per server; see the module docstring."""
+class Client:
+    """One server this process serves: its pipe, its own books (rows it dropped by reason; what the log
+    wrote of its rows is counted per client in the store) and the versions it monitors."""
 
-    def __init__(self, conn: Connection, settings: MonitorSettings, run: str = "") -> None:
+    def __init__(self, conn: Connection, name: str | None) -> None:
         self.conn = conn
-        self.settings = settings
-        self.config = monitor_config(settings)
-        self._send_lock = threading.Lock()  # the webhook thread logs too: one message at a time on the pipe
-        cap = None if settings.log_max_mb is None else int(settings.log_max_mb * 1e6)
-        self.store = AccountedStore(store_config(settings), run=run, max_bytes=cap)
-        self.monitors: dict[Key, Monitor] = {}
-        self._due: dict[Key, float] = {}
-        self.dropped = dict.fromkeys(("not_sampled", "ingest_error", "buffer_full", "no_monitor", "closed"), 0)
-        self._acked: tuple[int, dict[str, int]] | None = None
+        self.name = name  # None until it said hello (a server that connected to the listening socket)
+        self.lock = threading.Lock()  # the webhook thread logs too: one message at a time on the pipe
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
+        self.acked: tuple[int, dict[str, int]] | None = None
+        self.keys: set[Key] = set()
 
     def send(self, message: tuple[Any, ...]) -> None:
-        with self._send_lock:
+        with self.lock:
             self.conn.send(message)
 
+
+class Worker:
+    """Serves the server that started it (``main``) and, with ``listen``, every server that connects to that
+    Unix socket (``slipstream serve --workers N``: one per worker); see the module docstring."""
+
+    def __init__(self, conn: Connection, settings: MonitorServing, run: str = "", listen: str | None = None) -> None:
+        if settings.store is None:
+            raise ConfigError(
+                "The monitor process needs a prediction log; the server's monitor settings have none (store=None).",
+                field="monitor.store",
+                hint="Start the server with --monitor-db FILE, or serve without monitoring.",
+            )
+        self.conn = conn
+        self.settings = settings
+        self.config = settings.config  # the server's own config object, as it sent it: no translation
+        self.run_id = run
+        self.main = Client(conn, "")
+        self.clients: dict[Connection, Client] = {conn: self.main}
+        self.listen = listen
+        self.listener = _listen(listen) if listen is not None else None
+        cap = None if settings.log_max_mb is None else int(settings.log_max_mb * 1e6)
+        self.store = AccountedStore(settings.store, run=run, max_bytes=cap)
+        self.monitors: dict[Key, Monitor] = {}
+        self._due: dict[Key, float] = {}
+        self.holders: dict[Key, set[Client]] = {}  # which servers monitor each version
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """The rows of the server that started this process dropped here, by reason."""
+        return self.main.dropped
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        """To the server that started this process (log records go there only)."""
+        self.main.send(message)
+
     def run(self) -> None:
-        """Serve messages until the server says close (or goes away), evaluating on schedule."""
+        """Serve messages until the server that started it says close (or goes away), evaluating on schedule.
+
+        One message per ready pipe per round, so no server can starve another."""
         while True:
             now = time.monotonic()
             wait = max(0.0, min(self._due.values(), default=now + 1.0) - now)
             if self.store.settled()[2]:  # rows on their way to the log: acknowledge them soon after
                 wait = min(wait, 0.05)
-            try:
-                message = self.conn.recv() if self.conn.poll(wait) else None
-            except (EOFError, OSError):  # the server died: write what was shipped, then stop
-                log.error("the server went away; the monitor process writes what it has and exits")
-                break
-            if message is not None:
+            sources: list[Any] = [*self.clients]
+            if self.listener is not None:
+                sources.append(self.listener)
+            for ready in wait_for(sources, wait):
+                if ready is self.listener:
+                    self._accept()
+                    continue
+                client = self.clients[ready]  # type: ignore[index]  # wait() returns what it was given
                 try:
-                    if self.handle(message):
+                    message = client.conn.recv()
+                except (EOFError, OSError):
+                    if client is self.main:  # the server died: write what was shipped, then stop
+                        log.error("the server went away; the monitor process writes what it has and exits")
+                        self._close()
+                        return
+                    self._leave(client)
+                    continue
+                try:
+                    if self.handle(message, client) and client is self.main:
                         return
                 except Exception as exc:  # one bad message must not stop monitoring; logged with its traceback
                     log.exception("monitor process: %s failed: %s", message[0], exc)
             self._evaluate_due()
             self.ack()
-        self._close()
 
-    def accounting(self) -> tuple[int, dict[str, int]]:
-        """Rows written and rows dropped by reason, so far (see the module docstring)."""
-        written, failed, _ = self.store.settled()
-        return written, {**self.dropped, **failed}
+    def accounting(self, client: Client | None = None) -> tuple[int, dict[str, int]]:
+        """One server's rows written and rows dropped by reason, so far (see the module docstring)."""
+        client = client or self.main
+        written, failed, _ = self.store.settled(client.name or "")
+        return written, {**client.dropped, **failed}
 
     def ack(self) -> None:
-        """Tell the server what was settled since the last acknowledgement (nothing when nothing was)."""
-        now = self.accounting()
-        if now != self._acked:
-            self.send(("ack", *now))
-            self._acked = now
+        """Tell each server what was settled of its rows since its last acknowledgement (nothing when nothing)."""
+        for client in list(self.clients.values()):
+            if client.name is None:
+                continue
+            now = self.accounting(client)
+            if now != client.acked:
+                with contextlib.suppress(OSError, ValueError):  # one gone: its pipe's end says so next round
+                    client.send(("ack", *now))
+                client.acked = now
 
-    def handle(self, message: tuple[Any, ...]) -> bool:
-        """Act on one message; True when it was ``close``."""
+    def handle(self, message: tuple[Any, ...], client: Client | None = None) -> bool:
+        """Act on one message from ``client`` (the main server by default); True when it was ``close``."""
+        client = client or self.main
         kind = message[0]
         if kind == "batch":
             _, key, batches, counts = message
-            self._ingest(key, batches, counts)
+            self._ingest(key, batches, counts, client)
         elif kind == "feedback":
             self.store.put_feedback(message[2])
+        elif kind == "hello" and client.name is None:  # a server sharing this process: its name, once
+            client.name = str(message[1])
+            client.send(("ready", self.run_id, os.getpid()))
+            log.info("monitor process: server %s connected (%d served)", client.name, len(self.clients) - 1)
         elif kind in ("attach", "detach", "evaluate", "flush", "close"):
             token = message[1]
             try:
-                payload = getattr(self, f"_{kind}")(*message[2:])
+                if kind == "close" and client is not self.main:
+                    payload: Any = self._bye(client)
+                elif kind in ("attach", "detach", "flush"):
+                    payload = getattr(self, f"_{kind}")(*message[2:], client=client)
+                else:
+                    payload = getattr(self, f"_{kind}")(*message[2:])
             except Exception as exc:
                 log.exception("monitor process: %s failed: %s", kind, exc)
-                self.send(("reply", token, False, f"{type(exc).__name__}: {exc}"))
+                client.send(("reply", token, False, f"{type(exc).__name__}: {exc}"))
             else:
-                self.send(("reply", token, True, payload))
+                client.send(("reply", token, True, payload))
+                if kind == "close" and client is not self.main:
+                    self._leave(client)
             return bool(kind == "close")
         else:
             log.error("monitor process: unknown message %r ignored", kind)
         return False
 
-    def _ingest(self, key: Key, batches: list[Columns], counts: dict[str, Any]) -> None:
+    def _accept(self) -> None:
+        if self.listener is None:
+            return
+        try:
+            sock, _ = self.listener.accept()
+        except OSError as exc:
+            log.warning("monitor process: a server could not connect: %s", exc)
+            return
+        conn = Connection(sock.detach())
+        self.clients[conn] = Client(conn, None)
+
+    def _leave(self, client: Client) -> None:
+        """A sharing server went away: stop monitoring for it. What it sent is still written and counted under
+        its own key in the log, where it (or its restart) reads it back."""
+        for key in list(client.keys):
+            self._detach(key, client=client)
+        self.clients.pop(client.conn, None)
+        with contextlib.suppress(OSError):
+            client.conn.close()
+        if client.name is not None:
+            log.info("monitor process: server %s left", client.name)
+
+    def _bye(self, client: Client) -> dict[str, int]:
+        """A sharing server closes: write its rows, settle them, and say so before it goes."""
+        self.store.flush()
+        self.ack()
+        written, dropped = self.accounting(client)
+        return {"written_predictions": written, **{f"dropped_{k}": v for k, v in dropped.items()}}
+
+    def _ingest(self, key: Key, batches: list[Columns], counts: dict[str, Any], client: Client | None = None) -> None:
+        dropped = (client or self.main).dropped
         mon = self.monitors.get(key)
         if mon is None:
             lost = sum(c.requests for c in batches)
-            self.dropped["no_monitor"] += sum(int(c.counts.sum()) for c in batches)
+            dropped["no_monitor"] += sum(int(c.counts.sum()) for c in batches)
             log.error("monitor process: %d request(s) of %s version %s arrived after its monitor closed", lost, *key)
             return
+        self.store.client = (client or self.main).name or ""  # whose rows the store takes next
         mon.counters.add(counts["security"])
         mon.screen_errors += counts["screen_errors"]
         ing = mon.ingestor
@@ -214,20 +268,34 @@ class Worker:
             accepted = self.store.counts()["accepted_predictions"]
             ing.ingest(cols)
             if ing.errors != errors:
-                self.dropped["ingest_error"] += rows
+                dropped["ingest_error"] += rows
                 continue
             took = ing.sampled - sampled
-            self.dropped["not_sampled"] += rows - took
-            self.dropped["buffer_full"] += took - (self.store.counts()["accepted_predictions"] - accepted)
+            dropped["not_sampled"] += rows - took
+            dropped["buffer_full"] += took - (self.store.counts()["accepted_predictions"] - accepted)
 
-    def _attach(self, key: Key, bundle_dir: str, profile: Profile | None) -> None:
-        """The server read the profile (it screens with it) and sends it: no second read, one error path."""
-        self.monitors[key] = Monitor(
-            model=key[0], version=key[1], profile=profile, store=self.store, config=self.config, bundle_dir=bundle_dir
-        )
-        self._due[key] = time.monotonic() + self.config.evaluate_interval_s
+    def _attach(self, key: Key, bundle_dir: str, profile: Profile | None, *, client: Client | None = None) -> None:
+        """The server read the profile (it screens with it) and sends it: no second read, one error path. A
+        version other servers monitor already keeps its monitor (one drift window over all their traffic)."""
+        client = client or self.main
+        holders = self.holders.setdefault(key, set())
+        if key not in self.monitors or not holders - {client}:
+            self.monitors[key] = Monitor(
+                model=key[0], version=key[1], profile=profile, store=self.store, config=self.config,
+                bundle_dir=bundle_dir,
+            )  # fmt: skip
+            self._due[key] = time.monotonic() + self.config.evaluate_interval_s
+        holders.add(client)
+        client.keys.add(key)
 
-    def _detach(self, key: Key) -> None:
+    def _detach(self, key: Key, *, client: Client | None = None) -> None:
+        client = client or self.main
+        client.keys.discard(key)
+        holders = self.holders.get(key, set())
+        holders.discard(client)
+        if holders:  # other servers still monitor it
+            return
+        self.holders.pop(key, None)
         mon = self.monitors.pop(key, None)
         self._due.pop(key, None)
         if mon is not None:
@@ -246,33 +314,54 @@ class Worker:
                 continue
             self._due[key] = now + self.config.evaluate_interval_s
             try:
-                self.send(("snapshot", key, self._evaluate(key)))
+                snapshot = ("snapshot", key, self._evaluate(key))
             except Exception as exc:  # keep monitoring; logged with its traceback
                 log.exception("monitor evaluation of %s version %s failed: %s", *key, exc)
+                continue
+            for client in list(self.holders.get(key, ())):
+                with contextlib.suppress(OSError, ValueError):  # one gone: its pipe's end says so next round
+                    client.send(snapshot)
 
-    def _flush(self) -> tuple[int, dict[str, int]]:
+    def _flush(self, *, client: Client | None = None) -> tuple[int, dict[str, int]]:
         """Write what was taken so far, then acknowledge it (so the server's accounting is settled)."""
         self.store.flush()
         self.ack()
-        return self.accounting()
+        return self.accounting(client)
 
     def _close(self) -> dict[str, int]:
         for key in list(self.monitors):
-            self._detach(key)
+            self.holders.pop(key, None)
+            mon = self.monitors.pop(key)
+            self._due.pop(key, None)
+            mon.close(close_store=False)
         self.store.close()
-        self.dropped["closed"] += self.store.settled()[2]  # raced with the close: counted, never gone
-        with contextlib.suppress(Exception):  # the server may be gone already
+        for client in self.clients.values():  # raced with the close: counted, never gone
+            client.dropped["closed"] += self.store.settled(client.name or "")[2]
+        with contextlib.suppress(Exception):  # the servers may be gone already
             self.ack()
+        if self.listener is not None and self.listen is not None:
+            self.listener.close()
+            Path(self.listen).unlink(missing_ok=True)
         return self.store.counts()
 
 
-def niceness(settings: MonitorSettings) -> int:
+def _listen(path: str) -> socket.socket:
+    """The Unix socket sharing servers connect to; a dead run's file at the same path is replaced."""
+    Path(path).unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    Path(path).chmod(0o600)
+    sock.listen(64)
+    return sock
+
+
+def niceness(settings: MonitorServing) -> int:
     """The monitor process's niceness: ``process_nice`` more than the server's (whose child it is)."""
     return min(19, os.getpriority(os.PRIO_PROCESS, os.getppid()) + settings.process_nice)
 
 
 def run_worker(conn: Connection, cpus: frozenset[int] | None = None) -> None:
-    """Serve one server until it closes: the first message is its MonitorSettings as JSON and this run's id
+    """Serve one server until it closes: the first message is its MonitorServing as JSON and this run's id
     (see slipstream.monitor.process.accounting). ``cpus``: where to
     run (slipstream.monitor.process.placement), set with the niceness before any thread starts."""
     # Importing scipy took ~1 s of CPU at the first evaluation under load: done first, so that a spare
@@ -280,17 +369,18 @@ def run_worker(conn: Connection, cpus: frozenset[int] | None = None) -> None:
     load_statistics()
     try:
         conn.send(("idle",))  # warm: a spare that says so is taken over; one still importing is not
-        settings_json, run = conn.recv()
+        settings_json, run, *rest = conn.recv()  # and, for servers that share it, the socket to listen on
     except (EOFError, OSError):  # a spare the server never needed: it went away first
         return
+    listen = str(rest[0]) if rest and rest[0] is not None else None
     try:
-        settings = MonitorSettings.model_validate_json(settings_json)
+        settings = MonitorServing.model_validate_json(settings_json)
         # Serving first: this process catches up when a core is free. Linux keeps a niceness and a CPU
         # affinity per thread and a thread inherits its creator's, so both come before any thread starts (the
         # log's writer, the webhook's sender); before, the log's writer thread ran at the server's priority.
         os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), niceness(settings)))
         pin_thread(cpus)
-        worker = Worker(conn, settings, run)
+        worker = Worker(conn, settings, run, listen)
     except Exception as exc:
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
