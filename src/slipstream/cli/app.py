@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, cast
 import typer
 
 from slipstream.cli.analyze import analyze_app
+from slipstream.cli.deploy import export_command
 from slipstream.cli.monitor import monitor_app
 from slipstream.cli.output import console, parse_dims, parse_ints, print_json, reporting, status
 from slipstream.cli.render import render_bench, render_parity, render_summary
@@ -435,6 +436,7 @@ def demo(
         run_demo(workdir, fast=fast, seed=seed)
 
 
+app.command("export")(export_command)
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(analyze_app, name="analyze")
 
