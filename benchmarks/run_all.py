@@ -25,11 +25,12 @@ HERE = ROOT / "benchmarks"
 RESULTS = HERE / "results"
 # Order of sections in BENCHMARKS.md; scripts not listed run after these, alphabetically.
 ORDER = [
-    "model_speed", "passes", "pruning", "build", "serving", "workers", "monitoring", "monitor_overhead", "drift",
-    "torch-import", "keras-export", "trust", "hostile", "zoo", "engines",
+    "model_speed", "passes", "pruning", "build", "serving", "serving-grpc", "workers", "monitoring",
+    "monitor_overhead", "drift", "torch-import", "keras-export", "trust", "hostile", "zoo", "engines", "deploy",
 ]  # fmt: skip
-# Modules another script runs as its sections (benchmarks/hostile.py), not benchmarks of their own.
-SECTIONS_OF_OTHERS = {"hostile_clients", "hostile_fuzz", "hostile_monitor"}
+# Modules another script runs as its sections (benchmarks/hostile.py, serving.py --grpc) or its load client
+# (grpc_load.py), not benchmarks of their own.
+SECTIONS_OF_OTHERS = {"hostile_clients", "hostile_fuzz", "hostile_monitor", "serving_grpc", "grpc_load"}
 PACKAGES = ["onnxruntime", "onnx", "numpy", "torch", "tensorflow-cpu", "scikit-learn", "fastapi", "uvicorn"]
 
 

@@ -42,6 +42,7 @@ from slipstream.artifact import Bundle
 from slipstream.demo import build_mlp
 from slipstream.importers import import_onnx
 from slipstream.runtime import Engine, Target
+from slipstream.runtime.targets import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -365,7 +366,7 @@ def write_report(args: argparse.Namespace, rows: list[Row], ceilings: dict[str, 
     lines = [
         "# Serving: slipstream vs minimal FastAPI + onnxruntime vs the raw engine",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"Machine: {cpu_model()}, {os.cpu_count()} logical CPUs, "
         f"Python {platform.python_version()}; load average at the end {os.getloadavg()[0]:.1f} "
         "(the machine is shared with other engineers: req/s are noisy, CPU µs/request much less so).",
         f"Command: `python benchmarks/serving.py --models {args.models} --concurrency "
