@@ -13,12 +13,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import psutil
 
 from slipstream.artifact.bundle import Bundle
 from slipstream.artifact.manifest import Manifest
-from slipstream.artifact.tensor import numpy_dtype
+from slipstream.artifact.specs import is_batchable, placeholder_feeds
 
 # Resident memory of an idle `slipstream serve` process with no model loaded (Python, onnxruntime, FastAPI,
 # uvicorn, prometheus-client, the monitor's worker): about 150 MiB measured on this project's x86_64 machines.
@@ -71,7 +70,7 @@ def measure_footprint(bundle: Bundle) -> Footprint:
     process = psutil.Process()
     before = process.memory_info().rss
     engine = Engine(bundle, Target(intra_op_threads=1))
-    engine.run(example_feeds(bundle.manifest))
+    engine.run(placeholder_feeds(bundle.manifest.inputs))
     session_mb = max(process.memory_info().rss - before, 0) / 2**20
     del engine
     gc.collect()
@@ -90,20 +89,6 @@ def cpus_for(bundle: Bundle, override: float | None) -> float:
     return float(tuned_threads(bundle) or 1)
 
 
-def example_feeds(manifest: Manifest, batch: int = 1) -> dict[str, np.ndarray]:
-    """One batch of inputs that fit the manifest (symbolic dims: ``batch``), valued at each input's range low."""
-    feeds = {}
-    for spec in manifest.inputs:
-        shape = tuple(d if isinstance(d, int) else batch for d in spec.shape)
-        if spec.dtype == "string":
-            feeds[spec.name] = np.full(shape, "", dtype=object)
-        else:
-            low = spec.value_range[0] if spec.value_range else 0
-            feeds[spec.name] = np.full(shape, low, dtype=numpy_dtype(spec.dtype))
-    return feeds
-
-
 def batchable(manifest: Manifest) -> bool:
-    """Batching needs one shared symbolic first axis on every input and output (serve/repository.py's rule)."""
-    firsts = {spec.shape[0] if spec.rank else None for spec in (*manifest.inputs, *manifest.outputs)}
-    return len(firsts) == 1 and isinstance(next(iter(firsts)), str)
+    """Batching needs one shared symbolic first axis on every input and output (the server's rule)."""
+    return is_batchable(manifest.inputs, manifest.outputs)

@@ -27,7 +27,7 @@ import numpy as np
 
 from slipstream.artifact.bundle import MANIFEST_FILE, Bundle
 from slipstream.artifact.manifest import Manifest
-from slipstream.artifact.tensor import numpy_dtype
+from slipstream.artifact.specs import is_batchable, placeholder_feeds
 from slipstream.errors import ConfigError, IntegrityError, ModelNotFoundError, ServerBusyError, SlipstreamError
 from slipstream.monitor.process.placement import unpinned
 from slipstream.runtime import Engine, Target
@@ -100,24 +100,6 @@ def has_parity_record(manifest: Manifest) -> bool:
     return manifest.parity is not None and manifest.parity.status == "passed"
 
 
-def is_batchable(manifest: Manifest) -> bool:
-    """Batching needs one shared symbolic first axis on every input and output."""
-    firsts = {spec.shape[0] if spec.rank else None for spec in (*manifest.inputs, *manifest.outputs)}
-    return len(firsts) == 1 and isinstance(next(iter(firsts)), str)
-
-
-def warm_up_feeds(manifest: Manifest) -> dict[str, np.ndarray]:
-    feeds = {}
-    for spec in manifest.inputs:
-        shape = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
-        if spec.dtype == "string":
-            feeds[spec.name] = np.full(shape, "", dtype=object)
-        else:
-            low = spec.value_range[0] if spec.value_range else 0
-            feeds[spec.name] = np.full(shape, low, dtype=numpy_dtype(spec.dtype))
-    return feeds
-
-
 def load_version(entry: ModelVersion, settings: ServeSettings) -> None:
     """Load, verify and warm one version (blocking; runs in a worker thread). Raises SlipstreamError."""
     started = time.perf_counter()
@@ -136,7 +118,7 @@ def load_version(entry: ModelVersion, settings: ServeSettings) -> None:
     tuned = isinstance(session, dict) and "intra_op_threads" in session
     threads = None if tuned and "intra_op_threads" not in settings.model_fields_set else settings.intra_op_threads
     engine = Engine(bundle, Target(intra_op_threads=threads))
-    feeds = warm_up_feeds(bundle.manifest)
+    feeds = placeholder_feeds(bundle.manifest.inputs)
     calls = []
     for _ in range(5):
         call_started = time.perf_counter()
@@ -144,7 +126,7 @@ def load_version(entry: ModelVersion, settings: ServeSettings) -> None:
         calls.append(time.perf_counter() - call_started)
     entry.warm_call_s = min(calls)
     entry.engine = engine
-    entry.batchable = is_batchable(bundle.manifest)
+    entry.batchable = is_batchable(bundle.manifest.inputs, bundle.manifest.outputs)
     entry.output_names = tuple(s.name for s in bundle.manifest.outputs)
     entry.all_outputs = tuple(RequestedOutput(n, None) for n in entry.output_names)
     entry.signature = Signature(bundle.manifest.inputs, non_finite=settings.guard.non_finite)
