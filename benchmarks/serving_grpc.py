@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnx
 
@@ -28,6 +29,7 @@ from slipstream.importers import import_onnx
 from slipstream.runtime.targets import cpu_model
 
 # -- gRPC against REST, binary tensors on both -----------------------------------------------------------
+EMPTY = "grpc.aio, empty handler (floor)"  # benchmarks/baselines/grpc_empty.py, driven by grpc_load
 GRPC_MODELS = {"tiny": ("pixels", [1, 64]), "big": ("x", [1, 262_144])}  # big: one 1 MiB FP32 tensor per request
 
 
@@ -113,6 +115,13 @@ def bench_grpc(args: argparse.Namespace, work: Path) -> list[Row]:
         "--port", str(port), "--grpc-port", str(grpc_port),
     ]  # fmt: skip
     proc = start(cmd, port, "tiny")
+    floor_port = free_port()
+    floor = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "baselines" / "grpc_empty.py"), "--port", str(floor_port)],
+        stdout=subprocess.DEVNULL,
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{floor_port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)
     plan = [("tiny", c) for c in args.concurrency] + [("big", c) for c in args.big_concurrency]
     rows: list[Row] = []
     slice_s = max(1, int(args.duration / args.rounds))
@@ -120,7 +129,11 @@ def bench_grpc(args: argparse.Namespace, work: Path) -> list[Row]:
         scripts = {m: binary_wrk(work, m) for m in GRPC_MODELS}
         for model in GRPC_MODELS:  # warm-up, and a check that both protocols answer 200
             url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"
-            for result in (wrk_script(url, scripts[model], 2, 1), run_grpc_load(f"127.0.0.1:{grpc_port}", model, 2, 1)):
+            for result in (
+                wrk_script(url, scripts[model], 2, 1),
+                run_grpc_load(f"127.0.0.1:{grpc_port}", model, 2, 1),
+                run_grpc_load(f"127.0.0.1:{floor_port}", model, 2, 1),
+            ):
                 if result["errors"]:
                     raise RuntimeError(f"{model}: the warm-up got {result['errors']} errors")
         for model, c in plan:
@@ -128,15 +141,18 @@ def bench_grpc(args: argparse.Namespace, work: Path) -> list[Row]:
             load = {
                 "REST (wrk, binary ext.)": lambda: wrk_script(url, scripts[model], c, slice_s),  # noqa: B023
                 "gRPC (grpc_load, raw)": lambda: run_grpc_load(f"127.0.0.1:{grpc_port}", model, c, slice_s),  # noqa: B023
+                # The same calls to a grpc.aio server that does nothing: what grpcio's server costs on its own.
+                EMPTY: lambda: run_grpc_load(f"127.0.0.1:{floor_port}", model, c, slice_s),  # noqa: B023
             }
             if shutil.which("h2load"):  # a C client as light as wrk: the Python one takes cores from the server
                 load["gRPC (h2load, raw)"] = lambda: run_h2load(f"127.0.0.1:{grpc_port}", model, c, slice_s, work)  # noqa: B023
             samples: dict[str, list[Row]] = {name: [] for name in load}
             for r in range(args.rounds):
                 for name in list(load)[r % len(load) :] + list(load)[: r % len(load)]:  # rotate who goes first
-                    cpu0 = cpu_seconds(proc.pid)
+                    pid = floor.pid if name == EMPTY else proc.pid
+                    cpu0 = cpu_seconds(pid)
                     result = load[name]()
-                    cpu = (cpu_seconds(proc.pid) - cpu0) * 1e6 / max(result["total"], 1)
+                    cpu = (cpu_seconds(pid) - cpu0) * 1e6 / max(result["total"], 1)
                     samples[name].append(
                         Row(model, name, c, result["rps"], result["p50"], result["p99"], int(result["errors"]), cpu)
                     )
@@ -157,6 +173,7 @@ def bench_grpc(args: argparse.Namespace, work: Path) -> list[Row]:
                 )
     finally:
         stop(proc)
+        stop(floor)
     write_grpc_report(args, rows)
     return rows
 
@@ -178,12 +195,29 @@ def write_grpc_report(args: argparse.Namespace, rows: list[Row]) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ratio = f"{r.paired:.2f}" if r.server.startswith("gRPC") else ""
+        ratio = f"{r.paired:.2f}" if r.server.startswith(("gRPC", "grpc")) else ""
         lines.append(
             f"| {r.model} | {r.server} | {r.concurrency} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
             f"{r.errors} | {r.cpu_us_per_req:.0f} | {ratio} |".replace("| nan ", "| – ")
         )
-    lines += ["", "tiny: the 64→256→256→10 MLP, one sample per request; big: one 1 MiB FP32 tensor (a mean)."]
+    lines += [
+        "",
+        "tiny: the 64→256→256→10 MLP, one sample per request; big: one 1 MiB FP32 tensor (a mean).",
+        f"'{EMPTY}': benchmarks/baselines/grpc_empty.py, a grpc.aio server (same uvloop, same channel options) "
+        "whose ModelInfer returns a fixed empty reply without parsing the request, driven by the same "
+        "grpc_load calls in the same interleaved slices: what grpcio's asyncio server costs per call on its own.",
+    ]
+    by = {(r.model, r.concurrency, r.server): r for r in rows}
+    for (model, c, server), r in by.items():
+        if server != EMPTY:
+            continue
+        ours, rest = by.get((model, c, "gRPC (grpc_load, raw)")), by.get((model, c, "REST (wrk, binary ext.)"))
+        if ours is not None and rest is not None:
+            lines.append(
+                f"- {model} c={c}: slipstream gRPC / empty grpc.aio = {ours.rps / max(r.rps, 1e-9):.2f}× req/s; "
+                f"the empty grpc.aio server / slipstream REST = {r.paired:.2f}× (server CPU {r.cpu_us_per_req:.0f} "
+                f"vs {rest.cpu_us_per_req:.0f} µs per call)"
+            )
     out = args.out.with_name("serving-grpc.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
