@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test lint typecheck clean
+.PHONY: install browser postgres demo test lint typecheck clean
 
 # One venv with every extra, pinned by constraints.txt (torch is the CPU wheel on this disk).
 $(STAMP): pyproject.toml constraints.txt
@@ -34,7 +34,21 @@ browser:
 	    echo "The browser tests need Chromium: run 'sudo apt-get install chromium' (Debian) and retry." >&2; exit 1; \
 	  fi; }
 
-test: install browser lint typecheck
+# The PostgreSQL store's tests start a throwaway cluster (tests/pg_support.py) with initdb/pg_ctl from
+# Debian's package; they fail (never skip) without it.
+# As root the tests run the server as the unprivileged 'postgres' user (the package creates it).
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else \
+	    echo "The database tests need PostgreSQL: run 'sudo apt-get install postgresql' (Debian) and retry." >&2; exit 1; \
+	  fi; }
+	@if [ "$$(id -u)" = 0 ] && ! id -u postgres >/dev/null 2>&1; then \
+	  useradd --system --home-dir /var/lib/postgresql --shell /usr/sbin/nologin postgres; \
+	fi
+
+test: install browser postgres lint typecheck
 	$(BIN)/pytest
 
 clean:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -12,6 +13,7 @@ import pytest
 from slipstream.artifact import Bundle
 from slipstream.importers import import_onnx
 from tests.onnx_models import build_mlp, build_token_scorer
+from tests.pg_support import PostgresCluster
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,3 +57,22 @@ def bundle_copy(mlp_bundle_dir: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "bundle"
     shutil.copytree(mlp_bundle_dir, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster for the session (tests/pg_support.py); restartable for fault tests.
+
+    Never skipped: when PostgreSQL cannot start, the fixture raises and the error says why."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(postgres_cluster: PostgresCluster) -> str:
+    """``postgresql://postgres@127.0.0.1:PORT/slipstream`` of the session's cluster."""
+    return postgres_cluster.dsn

@@ -111,11 +111,12 @@ def test_refused_before_anything_is_written(tmp_path: Path) -> None:
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "fixed", [x], [y])
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
     fixed = import_onnx(tmp_path / "f.onnx", tmp_path / "fixed")
-    options = DeployOptions(batching=True, storage_uri="s3://bucket/app")
+    options = DeployOptions(batching=True, storage_uri="s3://bucket/app", monitor_db="mysql://db/log")
     with pytest.raises(ExportRefusedError) as caught:
         export(fixed.path, "ray", tmp_path / "app", options)
-    assert len(caught.value.reasons) == 2
-    assert "'s3://bucket/app'" in caught.value.reasons[0] and "cannot batch" in caught.value.reasons[1]
+    assert len(caught.value.reasons) == 3
+    assert "scheme 'mysql://'" in caught.value.reasons[0]
+    assert "'s3://bucket/app'" in caught.value.reasons[1] and "cannot batch" in caught.value.reasons[2]
     assert not (tmp_path / "app").exists() and not list(tmp_path.glob(".app.*"))
 
 
@@ -129,7 +130,14 @@ def test_a_replica_refuses_bundles_other_than_the_exported_ones(mlp_bundle: Bund
         check_models(other.path, swapped)
 
 
-def test_replica_settings_take_keys_from_the_node_and_refuse_a_dsn() -> None:
+def test_the_exported_app_carries_the_fleets_store_to_every_replica(mlp_bundle: Bundle, tmp_path: Path) -> None:
+    shared = "postgresql://slipstream@db:5432/monitor"
+    export(mlp_bundle.path, "ray", tmp_path / "app", DeployOptions(monitor_db=shared))
+    args = RayAppArgs.model_validate(_config(tmp_path / "app")["applications"][0]["args"])
+    assert args.monitor_db == shared
+
+
+def test_replica_settings_take_keys_from_the_node_and_share_a_postgresql_store() -> None:
     models = [{"name": "m", "version": "1", "model_sha256": "x"}]
     args = RayAppArgs.model_validate({"root": "model", "models": models, "settings": {"host": "0.0.0.0"}})
     keyed = replica_settings(args, {API_KEYS_ENV: API_KEY}, "r1")
@@ -141,8 +149,14 @@ def test_replica_settings_take_keys_from_the_node_and_refuse_a_dsn() -> None:
         args.model_copy(update={"monitor_db": "/data/log.sqlite"}), {API_KEYS_ENV: API_KEY}, "r2"
     )
     assert monitored.monitor.store is not None and monitored.monitor.store.path == Path("/data/log.r2.sqlite")
-    with pytest.raises(ConfigError, match="database URL"):
+    shared = "postgresql://slipstream@db:5432/monitor?sslmode=require"  # one store for the fleet, TLS via the DSN
+    assert monitor_path(shared, "r1") == monitor_path(shared, "r2") == shared
+    fleet = replica_settings(args.model_copy(update={"monitor_db": shared}), {API_KEYS_ENV: API_KEY}, "r1")
+    assert fleet.monitor.store is not None and fleet.monitor.store.url == shared
+    with pytest.raises(ConfigError, match="carries a password"):
         monitor_path("postgresql://user:pw@db/monitor", "r1")
+    with pytest.raises(ConfigError, match="scheme 'mysql://'"):
+        monitor_path("mysql://db/monitor", "r1")
 
 
 # -- live: a two-node cluster, the exported application, clients through Ray's proxy ----------------------

@@ -41,8 +41,8 @@ from slipstream.serve.app import create_app
 from slipstream.serve.grpc import generate
 from slipstream.serve.grpc import grpc_predict_v2_pb2 as pb
 from slipstream.serve.grpc import grpc_predict_v2_pb2_grpc as stubs
-from slipstream.serve.grpc.convert import decode_request, encode_response
-from slipstream.serve.grpc.server import STATUS_CODES
+from slipstream.serve.grpc.convert import decode_request, encode_response, split_raw
+from slipstream.serve.grpc.server import SPLIT_FROM_BYTES, STATUS_CODES
 from slipstream.serve.guard import hash_key
 from slipstream.serve.replies import error_reply, refusal
 from slipstream.serve.request import InferenceResponse, RequestedOutput
@@ -124,6 +124,39 @@ def test_decode_and_encode_raw_and_typed_without_a_server() -> None:
     assert not as_typed.raw_output_contents and list(as_typed.outputs[0].shape) == [2, 8]
     half = InferenceResponse("m", "1", "i", {"h": x.astype(np.float16)}, (RequestedOutput("h", None),))
     assert encode_response(half, raw=False).raw_output_contents == [x.astype(np.float16).tobytes()]  # FP16: raw only
+
+
+def test_split_raw_gives_what_protobuf_parses_without_copying_the_tensors() -> None:
+    rng = np.random.default_rng(2)
+    blobs = [rng.bytes(n) for n in (0, 5, 40_000)]
+    head = pb.ModelInferRequest(model_name="m", model_version="2", id="r")
+    head.parameters["group"].int64_param = 1 << 40
+    for i, blob in enumerate(blobs):
+        head.inputs.add(name=f"t{i}", datatype="UINT8", shape=[len(blob)])
+    head.outputs.add(name="o")
+    parts = [pb.ModelInferRequest(raw_input_contents=[b]).SerializeToString() for b in blobs]
+    unknown = b"\xa0\x06\x05"  # field 100, a varint: kept for the parser, as protobuf keeps unknown fields
+    # Fields in any order (protobuf merges repeated top-level fields), raw ones before, between and after.
+    data = parts[0] + head.SerializeToString() + parts[1] + unknown + parts[2]
+    split = split_raw(data)
+    assert split is not None
+    rest, raw = split
+    want = pb.ModelInferRequest.FromString(data)
+    assert [bytes(r) for r in raw] == list(want.raw_input_contents)
+    assert all(r.obj is data for r in raw)  # views of the received bytes: nothing copied
+    del want.raw_input_contents[:]
+    assert pb.ModelInferRequest.FromString(rest) == want and len(rest) < 200
+    plain = head.SerializeToString()
+    assert split_raw(plain) == (plain, [])
+    for broken in (b"\xff\xff\xff", b"\x3a\x05ab", b"\x0b", b"\x3a", b"\x00\x01"):  # the parser words these
+        assert split_raw(broken) is None, broken
+    x = np.arange(9, dtype=np.float32).reshape(1, 9)
+    odd = pb.ModelInferRequest(model_name="m", raw_input_contents=[x.tobytes()])
+    odd.inputs.add(name="pixels", datatype="FP32", shape=[1, 9])
+    rest, raw = split_raw(odd.SerializeToString()) or (b"", [])
+    got = decode_request(pb.ModelInferRequest.FromString(rest), max_id_chars=256, size=100, raw=raw).inputs["pixels"]
+    np.testing.assert_array_equal(got, x)
+    assert got.flags.aligned  # a view at an odd offset is copied once: onnxruntime's own copy is far slower
 
 
 def test_every_refusal_maps_to_its_grpc_code_with_the_rest_body_text() -> None:
@@ -343,6 +376,31 @@ def test_a_malformed_request_gets_the_code_and_the_same_text_as_rest(
     assert refused.value.details() == text
     assert status == (404 if code is grpc.StatusCode.NOT_FOUND else 400)
     assert "Traceback" not in text
+
+
+def test_a_large_raw_request_is_answered_as_rest_answers_it(
+    client: triton.InferenceServerClient, stub: stubs.GRPCInferenceServiceStub, rest: httpx.Client
+) -> None:
+    """From SPLIT_FROM_BYTES on, the tensors are taken as views of the message (at any byte offset)."""
+    rows = SPLIT_FROM_BYTES // 32 + 7
+    x = np.random.default_rng(3).standard_normal((rows, 8)).astype(np.float32)
+    got = client.infer("mlp", [_triton_input("pixels", x, "FP32")], headers=dict(KEY)).as_numpy("probabilities")
+    body, headers = _binary("FP32", [rows, 8], x.tobytes(), parameters={"binary_data_output": True})
+    response = rest.post("/v2/models/mlp/infer", content=body, headers=headers)
+    length = int(response.headers["inference-header-content-length"])
+    np.testing.assert_array_equal(got, np.frombuffer(response.content[length:], np.float32).reshape(rows, 4))
+    for offset in range(1, 4):  # odd offsets: an id of 1-3 characters moves the tensor off 4-byte alignment
+        request = _raw("mlp", "FP32", [rows, 8], x.tobytes(), id="i" * offset)
+        answer = stub.ModelInfer(request, metadata=KEY)
+        np.testing.assert_array_equal(np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(rows, 4), got)
+    nan = x.copy()
+    nan[-1, -1] = np.nan  # past SUM_SCREEN_BELOW values: the NaN screen's other branch
+    for shape, blob in (([rows, 8], x.tobytes()[:-4]), ([rows, 8], nan.tobytes())):  # refused with REST's text
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(_raw("mlp", "FP32", shape, blob), metadata=KEY)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details() == _rest_error(rest, "/v2/models/mlp/infer", *_binary("FP32", shape, blob))[1]
+    assert "1 NaN or Inf" in refused.value.details()
 
 
 def test_auth_comes_from_the_same_metadata_keys_as_rest_headers(

@@ -35,6 +35,10 @@ FLAGS: dict[str, tuple[list[str], Check]] = {
         ["--monitor-db", "{db}"],
         lambda s, w: w.store.config.path == s.db_path and s.db_path.name == "m.db",
     ),
+    "monitor_db_degraded_start": (
+        ["--monitor-db-degraded-start"],
+        lambda s, w: w.store.config.degraded_start is True,
+    ),
     "monitor_sample_rate": (["--monitor-sample-rate", "0.25"], lambda s, w: w.config.sample_rate == 0.25),
     "monitor_raw_inputs": (["--monitor-raw-inputs"], lambda s, w: w.config.log_raw_inputs is True),
     "ood_reject": (["--ood-reject", "7.5"], lambda s, w: w.config.threats.reject_ood_above == 7.5),

@@ -264,8 +264,19 @@ def serve(
         bool, typer.Option(help="gc.freeze() after each model load: steadier p99 (process-wide).")
     ] = True,
     monitor_db: Annotated[
-        Path | None, typer.Option(help="Monitor into this SQLite prediction log (off when not given).")
+        str | None,
+        typer.Option(
+            help="Monitor into this prediction log: a SQLite file, or postgresql://user@host/db shared by a "
+            "fleet (password from PGPASSWORD or PGPASSFILE, never here). Off when not given."
+        ),
     ] = None,
+    monitor_db_degraded_start: Annotated[
+        bool,
+        typer.Option(
+            help="With a postgresql:// log: start even when the database cannot be reached (logged); records "
+            "wait in the bounded buffer until it answers."
+        ),
+    ] = False,
     monitor_sample_rate: Annotated[float, typer.Option(help="Share of requests logged (0..1).")] = 1.0,
     monitor_raw_inputs: Annotated[bool, typer.Option(help="Log raw inputs too, not only summaries.")] = False,
     ood_reject: Annotated[
@@ -339,6 +350,7 @@ def serve(
         "monitor": {
             "store": None if monitor_db is None else {
                 "path": monitor_db, "max_age_s": monitor_retention_days * 86400, "max_rows": monitor_max_rows,
+                "degraded_start": monitor_db_degraded_start,
             },
             "config": {
                 "sample_rate": monitor_sample_rate, "log_raw_inputs": monitor_raw_inputs,

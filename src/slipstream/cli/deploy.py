@@ -24,6 +24,9 @@ def export_command(
     image: Annotated[str, typer.Option(help="Image that runs slipstream serve.")] = "slipstream-serve:latest",
     base_image: Annotated[str, typer.Option(help="Base image of the Dockerfile.")] = "python:3.11-slim",
     storage_uri: Annotated[str | None, typer.Option(help="Where KServe fetches the bundle (s3://, pvc://...).")] = None,
+    monitor_db: Annotated[
+        str | None, typer.Option(help="Ray: postgresql:// URL every replica logs to (one fleet), or a file path.")
+    ] = None,
     architecture: Annotated[str | None, typer.Option(help="x86_64 or aarch64 (default: this machine's).")] = None,
     accelerator: Annotated[str, typer.Option(help="Triton accelerator: auto, none, tensorrt, openvino.")] = "auto",
     instances: Annotated[int, typer.Option(help="Model instances per replica (Triton).")] = 1,
@@ -51,6 +54,7 @@ def export_command(
         "image": image,
         "base_image": base_image,
         "storage_uri": storage_uri,
+        "monitor_db": monitor_db,
         "architecture": architecture,
         "accelerator": accelerator,
         "instances_per_replica": instances,

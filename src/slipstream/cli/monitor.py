@@ -16,7 +16,14 @@ monitor_app = typer.Typer(
     name="monitor", help="Read a prediction log: a terminal summary or an offline HTML report.", no_args_is_help=True
 )
 
-DbOpt = Annotated[Path, typer.Option("--db", help="The SQLite prediction log the server writes.")]
+DbOpt = Annotated[
+    str,
+    typer.Option(
+        "--db",
+        help="The prediction log the server writes: a SQLite file, or postgresql://user@host/db (password from "
+        "PGPASSWORD or PGPASSFILE).",
+    ),
+]
 PositiveOpt = Annotated[float, typer.Option("--positive-label", help="The class counted as 'selected' per group.")]
 
 

@@ -104,6 +104,11 @@ class DeployOptions(Frozen):
     )
     image: str = Field(default="slipstream-serve:latest", description="Container image that runs `slipstream serve`.")
     base_image: str = Field(default="python:3.11-slim", description="Base image of the generated Dockerfile.")
+    monitor_db: str | None = Field(
+        default=None,
+        description="Ray: the prediction log every replica writes: a postgresql:// URL (one fleet; the password "
+        "from PGPASSWORD/PGPASSFILE on the nodes) or a file path (one SQLite file per replica); unset: no monitor.",
+    )
     storage_uri: str | None = Field(
         default=None, description="Where KServe finds the bundle (s3://, gs://, pvc://...); required for kserve."
     )

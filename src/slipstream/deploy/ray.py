@@ -27,7 +27,9 @@ from pydantic import Field
 
 from slipstream.deploy.base import DeployOptions, DeploySource
 from slipstream.deploy.resources import batchable, cpus_for
+from slipstream.errors import ConfigError
 from slipstream.frozen import Frozen
+from slipstream.monitor.location import parse_location
 from slipstream.serve.settings import ServeSettings
 
 CONFIG_FILE = "serve_config.yaml"
@@ -63,8 +65,9 @@ class RayAppArgs(Frozen):
     )
     monitor_db: str | None = Field(
         default=None,
-        description="Monitoring: a prediction log path (each replica writes <path>.<replica>.sqlite beside it). "
-        "The shared PostgreSQL store that makes the replicas one fleet is issue 21's and does not exist yet.",
+        description="Monitoring: a postgresql:// URL that every replica writes (one fleet: shared feedback join, "
+        "one elected evaluator, one webhook per alert; password from PGPASSWORD/PGPASSFILE on the nodes), or a "
+        "file path (each replica then writes its own <path>.<replica>.sqlite beside it).",
     )
 
 
@@ -75,6 +78,11 @@ class RayDeployer:
 
     def refusals(self, source: DeploySource, options: DeployOptions) -> list[str]:
         reasons = []
+        if options.monitor_db is not None:
+            try:
+                parse_location(options.monitor_db, field="monitor_db")
+            except ConfigError as exc:
+                reasons.append(exc.message)
         uri = options.storage_uri
         if uri is not None and not (
             uri.startswith("local://") or (uri.startswith(REMOTE_SCHEMES) and uri.endswith(".zip"))
@@ -105,7 +113,7 @@ class RayDeployer:
             dest = into / root / b.name / b.version if source.repository else into / root
             shutil.copytree(b.path, dest)
             written += [p for p in dest.rglob("*") if p.is_file()]
-        args = app_args(source, options, root=root)
+        args = app_args(source, options, root=root, monitor_db=options.monitor_db)
         config = serve_config(source, options, args)
         (into / CONFIG_FILE).write_text(_HEADER + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         (into / MODULE_FILE).write_text(_MODULE, encoding="utf-8")

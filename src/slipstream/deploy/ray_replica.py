@@ -18,7 +18,8 @@ from typing import Any
 
 from slipstream.deploy.base import DeploySource
 from slipstream.deploy.ray import DEPLOYMENT_NAME, RayAppArgs
-from slipstream.errors import BundleError, ConfigError, MissingDependencyError, ServingError
+from slipstream.errors import BundleError, MissingDependencyError, ServingError
+from slipstream.monitor.location import parse_location
 from slipstream.serve.app import SlipstreamApp, create_app
 from slipstream.serve.guard import ADMIN_KEYS_ENV, API_KEYS_ENV, read_keys
 from slipstream.serve.settings import ServeSettings
@@ -43,21 +44,18 @@ def replica_settings(args: RayAppArgs, environ: Mapping[str, str], replica: str)
     return ServeSettings.model_validate(fields)
 
 
-def monitor_path(monitor_db: str, replica: str) -> Path:
-    """One SQLite prediction log per replica: replicas on one node would otherwise contend for one writer lock.
+def monitor_path(monitor_db: str, replica: str) -> Path | str:
+    """Where one replica logs: the fleet's PostgreSQL database itself, or a SQLite file of its own.
 
-    A ``postgresql://`` DSN is refused: the shared store (issue 21) that would let every replica write one
-    fleet-wide log does not exist yet.
+    Every replica writes the same ``postgresql://`` store, so they are one fleet: feedback to any replica joins
+    any prediction, and one elected replica evaluates (slipstream.monitor.fleet). A SQLite file is one per
+    replica (``<path>.<replica>.sqlite``): replicas on one node would otherwise contend for one writer lock.
+    Any other URL, or a URL with a password in it, is refused here as by ``serve --monitor-db``.
     """
-    if "://" in monitor_db:
-        raise ConfigError(
-            f"monitor_db '{monitor_db.split('@')[-1]}' is a database URL; a replica can only write a SQLite "
-            "prediction log file today.",
-            field="monitor_db",
-            hint="Give a file path (each replica writes <path>.<replica>.sqlite), or leave monitor_db unset.",
-        )
-    path = Path(monitor_db)
-    return path.with_name(f"{path.stem}.{replica}.sqlite")
+    location = parse_location(monitor_db, field="monitor_db")
+    if isinstance(location, str):
+        return location
+    return location.with_name(f"{location.stem}.{replica}.sqlite")
 
 
 def check_models(root: Path, expected: RayAppArgs) -> None:

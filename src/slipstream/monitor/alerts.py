@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 from pydantic import Field
@@ -183,6 +183,16 @@ class AlertManager:
         self.webhook = Webhook(self.config) if self.config.webhook_url else None
 
     def update(self, metrics: Mapping[str, float | None], now: float | None = None) -> list[AlertEvent]:
+        """Step every rule with fresh metric values, then log the transitions and send them to the webhook."""
+        events = self.step(metrics, now)
+        self.notify(events)
+        return events
+
+    def step(self, metrics: Mapping[str, float | None], now: float | None = None) -> list[AlertEvent]:
+        """The transitions fresh metric values cause, applied to the held state; nothing is logged or sent.
+
+        Apart from :meth:`notify` so that a fleet (slipstream.monitor.fleet) can step the state it loaded from
+        the database and send the events only once the transaction that records them has committed."""
         t = self._clock() if now is None else now
         events: list[AlertEvent] = []
         with self._lock:
@@ -233,13 +243,24 @@ class AlertManager:
                     high=high,
                     reason=reason,
                 )
+        return events
+
+    def notify(self, events: list[AlertEvent]) -> None:
+        """Log each transition and queue it for the webhook (never blocks)."""
         for e in events:
             log.log(
                 logging.WARNING if e.state == "firing" else logging.INFO, "alert %s %s: %s", e.rule, e.state, e.reason
             )
             if self.webhook is not None:
                 self.webhook.send(e)
-        return events
+
+    def load(self, states: Iterable[AlertState]) -> None:
+        """Take these states as the held ones (a fleet's, read from its database); rules not among them keep
+        theirs, and states of rules not in force are ignored."""
+        with self._lock:
+            for s in states:
+                if s.rule in self._states:
+                    self._states[s.rule] = s
 
     def states(self) -> list[AlertState]:
         with self._lock:

@@ -1,14 +1,16 @@
 """Reading a prediction log file: its batches, its records joined with their labels, its summaries.
 
 The server's :class:`~slipstream.monitor.store.SQLiteStore` reads through these, and so do the offline
-report and ``slipstream monitor export``, on a read-only connection of their own.
+report and ``slipstream monitor export``, on a read-only connection of their own. :func:`collect_labeled`
+(the join of predictions and labels) is shared with the PostgreSQL store.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import orjson
@@ -99,6 +101,34 @@ def labeled_rows(
     ]  # fmt: skip
 
 
+def collect_labeled(
+    batches: Iterable[PredictionBatch],
+    labels_of: Callable[[list[str]], dict[str, float]],
+    *,
+    since_ts: float | None,
+    limit: int | None,
+    labeled_only: bool,
+    max_scan_rows: int,
+) -> list[LabeledRow]:
+    """Rows of ``batches`` (given newest first) joined with their labels, returned oldest first: what
+    ``Store.labeled`` means for every store. ``limit`` keeps the newest ``limit`` rows, and then the read
+    looks back through at most ``max(limit, max_scan_rows)`` rows."""
+    chunks: list[list[LabeledRow]] = []  # newest first
+    total = scanned = 0
+    budget = None if limit is None else max(limit, max_scan_rows)
+    for batch in batches:
+        labels = labels_of(batch.request_ids)
+        if labels or not labeled_only:
+            keep = labeled_rows(batch, labels, since_ts=since_ts, labeled_only=labeled_only)
+            chunks.append(keep)
+            total += len(keep)
+        scanned += len(batch)
+        if limit is not None and (total >= limit or (budget is not None and scanned >= budget)):
+            break
+    out = [r for chunk in reversed(chunks) for r in chunk]
+    return out[len(out) - limit :] if limit is not None and len(out) > limit else out
+
+
 def read_snapshots(path: Path, *, limit: int | None = None, timeout_s: float = 1.0) -> list[Snapshot]:
     """Monitor summaries from a prediction log file (also usable offline, by the report)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout_s)
@@ -109,3 +139,67 @@ def read_snapshots(path: Path, *, limit: int | None = None, timeout_s: float = 1
     finally:
         conn.close()
     return [Snapshot(*row) for row in reversed(rows)]
+
+
+class LogReader(Protocol):
+    """A prediction log opened for reading by the offline views (``slipstream monitor status|report|export``),
+    whatever holds it: a SQLite file (:class:`SQLiteLogReader`) or PostgreSQL (``store_pg.PostgresLogReader``)."""
+
+    location: str
+
+    def batches(self) -> Iterator[PredictionBatch]: ...
+    def labels_for(self, request_ids: list[str]) -> dict[str, float]: ...
+    def all_labels(self) -> dict[str, float]: ...
+    def snapshots(self) -> list[Snapshot]: ...
+    def close(self) -> None: ...
+
+
+class SQLiteLogReader:
+    """A SQLite log file, opened read-only; ConfigError when it is missing or not a slipstream log."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.location = str(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"No prediction log at '{path}'.",
+                field="db",
+                hint="Pass the SQLite file the server logs to, or its postgresql:// URL (--db).",
+            )
+        try:
+            self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
+            refuse_legacy(self.conn, path, field="db")
+            self.conn.execute("SELECT 1 FROM prediction_log LIMIT 1")
+        except sqlite3.Error as exc:
+            raise ConfigError(
+                f"'{path}' is not a slipstream prediction log ({exc}).",
+                field="db",
+                hint="Pass the SQLite file the server logs to.",
+            ) from exc
+
+    def batches(self) -> Iterator[PredictionBatch]:
+        return read_batches(self.conn)
+
+    def labels_for(self, request_ids: list[str]) -> dict[str, float]:
+        return labels_for(self.conn, request_ids)
+
+    def all_labels(self) -> dict[str, float]:
+        return dict(self.conn.execute("SELECT request_id, label FROM feedback").fetchall())
+
+    def snapshots(self) -> list[Snapshot]:
+        return read_snapshots(self.path)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def open_log(db: str | Path) -> LogReader:
+    """The log at ``db`` (a file path or a postgresql:// URL, parsed by slipstream.monitor.location)."""
+    from slipstream.monitor.location import parse_location
+
+    where = parse_location(db, field="db")
+    if isinstance(where, Path):
+        return SQLiteLogReader(where)
+    from slipstream.monitor.store_pg import PostgresLogReader
+
+    return PostgresLogReader(where)

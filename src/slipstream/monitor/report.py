@@ -1,12 +1,12 @@
 """Offline views of a prediction log: a summary (for ``slipstream monitor status``) and a self-contained HTML
 report with inline SVG plots (``slipstream monitor report``): latency over time, drift per feature, accuracy
-realized and estimated, per-group metrics, security events and alerts. Reads the SQLite file read-only.
+realized and estimated, per-group metrics, security events and alerts. Reads the log (a SQLite file,
+read-only, or a PostgreSQL database a fleet shares) through :func:`slipstream.monitor.logfile.open_log`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 from collections.abc import Iterator
 from html import escape
 from pathlib import Path
@@ -19,7 +19,7 @@ from slipstream.errors import ConfigError
 from slipstream.frozen import Frozen
 from slipstream.monitor import svg
 from slipstream.monitor.fairness import FairnessConfig, FairnessReport, fairness_report
-from slipstream.monitor.logfile import labels_for, read_batches, read_snapshots, refuse_legacy
+from slipstream.monitor.logfile import LogReader, open_log
 from slipstream.monitor.records import PredictionBatch, concat_column
 from slipstream.monitor.snapshot import DriftSummary, MonitorSnapshot
 
@@ -77,31 +77,13 @@ SERIES = (
 )
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    if not path.is_file():
-        raise ConfigError(
-            f"No prediction log at '{path}'.", field="db", hint="Pass the SQLite file the server logs to (--db)."
-        )
+def _batches(log: LogReader) -> Iterator[PredictionBatch]:
+    """The log's batches; one that cannot be read is a ConfigError naming the log."""
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
-        refuse_legacy(conn, path, field="db")
-        conn.execute("SELECT 1 FROM prediction_log LIMIT 1")
-    except sqlite3.Error as exc:
-        raise ConfigError(
-            f"'{path}' is not a slipstream prediction log ({exc}).",
-            field="db",
-            hint="Pass the SQLite file the server logs to.",
-        ) from exc
-    return conn
-
-
-def _batches(conn: sqlite3.Connection, path: Path) -> Iterator[PredictionBatch]:
-    """The log's batches; one that cannot be read is a ConfigError naming the file."""
-    try:
-        yield from read_batches(conn)
+        yield from log.batches()
     except ValueError as exc:
         raise ConfigError(
-            f"'{path}' holds a logged batch this slipstream cannot read: {exc}.",
+            f"'{log.location}' holds a logged batch this slipstream cannot read: {exc}.",
             field="db",
             hint="Read the log with the slipstream version that wrote it.",
         ) from exc
@@ -111,21 +93,20 @@ def export_rows(db: str | Path, output: Path) -> int:
     """Every logged prediction with its label (null until it comes) as JSON lines, batch by batch (the log
     is never held in memory whole); written to a temporary file and renamed, so a failure leaves no half
     file. Returns the number of rows."""
-    path = Path(db)
-    conn = _connect(path)
+    log = open_log(db)
     tmp = output.with_name(f".{output.name}.tmp")
     rows = 0
     try:
         with tmp.open("wb") as f:
-            for batch in _batches(conn, path):
-                labels = labels_for(conn, batch.request_ids)
+            for batch in _batches(log):
+                labels = log.labels_for(batch.request_ids)
                 for record in batch.records():
                     doc = {**dataclasses.asdict(record), "label": labels.get(record.request_id)}
                     f.write(orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE))
                     rows += 1
         tmp.replace(output)
     finally:
-        conn.close()
+        log.close()
         tmp.unlink(missing_ok=True)
     return rows
 
@@ -133,13 +114,13 @@ def export_rows(db: str | Path, output: Path) -> int:
 def summarize(
     db: str | Path, *, buckets: int = 30, ood_threshold: float = 3.0, positive_label: float = 1.0
 ) -> DbSummary:
-    path = Path(db)
-    conn = _connect(path)
+    log = open_log(db)
     try:
-        batches = list(_batches(conn, path))
-        labels = dict(conn.execute("SELECT request_id, label FROM feedback").fetchall())
+        batches = list(_batches(log))
+        labels = log.all_labels()
+        snaps = log.snapshots()
     finally:
-        conn.close()
+        log.close()
     ids = [rid for b in batches for rid in b.request_ids]
     groups = [g for b in batches for g in b.groups]
     n = len(ids)
@@ -178,10 +159,9 @@ def summarize(
         if grouped
         else None
     )
-    snaps = read_snapshots(path)
     parsed = [MonitorSnapshot.model_validate_json(s.body) for s in snaps]
     return DbSummary(
-        path=str(path),
+        path=log.location,
         models=sorted({f"{b.model}:{b.version}" for b in batches}),
         predictions=n,
         labeled=int(labeled.sum()),

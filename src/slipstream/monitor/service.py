@@ -135,6 +135,12 @@ def _shift_metrics(name: str, result: ShiftResult | None) -> dict[str, float | N
     }
 
 
+def _percentiles(latency_ms: np.ndarray | None) -> dict[str, float]:
+    if latency_ms is None:
+        return {}
+    return dict(zip(("p50", "p90", "p99"), np.percentile(latency_ms, [50, 90, 99]).tolist(), strict=True))
+
+
 def check_feedback(items: Iterable[tuple[str, float]], now: float) -> list[Feedback]:
     """Labels as :class:`Feedback`; raises InputError (400) naming every bad entry, so that a client's bad
     batch is refused whole (a label must be a finite number, an id a non-empty string)."""
@@ -210,6 +216,10 @@ class Monitor(RequestPath):
         self._eval_lock = threading.Lock()  # the monitor thread and an on-demand caller take turns
         self._last_dropped = 0
         self._last: MonitorSnapshot | None = None
+        # A fleet (slipstream.monitor.fleet) replaces these two: the alert state lives in its database, and
+        # the drift window is read from the log every replica writes. None: this process alone.
+        self.share_alerts: Callable[[AlertManager, dict[str, float | None], float], object] | None = None
+        self.window_source: Callable[[WindowView], WindowView] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -324,7 +334,7 @@ class Monitor(RequestPath):
             self.store.flush(timeout_s=self.config.evaluate_flush_timeout_s)
         now = self._clock()
         window = self.ingestor.window()
-        drift = self._drift(window)
+        drift = self._drift(window if self.window_source is None else self.window_source(window))
         quality, fairness = self._quality_and_fairness(now)
         integrity = None
         if self.integrity is not None:
@@ -369,7 +379,10 @@ class Monitor(RequestPath):
             "monitor.ingest_dropped": float(ing.dropped),
         }
         self._last_dropped = dropped
-        self.alerts.update(metrics, now)
+        if self.share_alerts is None:
+            self.alerts.update(metrics, now)
+        else:
+            self.share_alerts(self.alerts, metrics, now)
         snap = MonitorSnapshot(
             model=self.model,
             version=self.version,
@@ -379,11 +392,7 @@ class Monitor(RequestPath):
             sampled=sampled,
             observe_errors=errors,
             ingest_dropped=ing.dropped,
-            latency_ms=(
-                dict(zip(("p50", "p90", "p99"), np.percentile(lat, [50, 90, 99]).tolist(), strict=True))
-                if lat is not None
-                else {}
-            ),
+            latency_ms=_percentiles(lat),
             drift=drift,
             quality=quality,
             fairness=fairness,
@@ -397,6 +406,23 @@ class Monitor(RequestPath):
         self._last = snap
         if self.store is not None and self.config.snapshot_to_store:
             self.store.put_snapshot(Snapshot(ts=now, model=self.model, body=snap.model_dump_json()))
+        return snap
+
+    def follow(self, fleet_json: str) -> MonitorSnapshot:
+        """Take the fleet's evaluation (another replica evaluated this version: slipstream.monitor.fleet) as
+        this monitor's latest, with this replica's own traffic counters, latency, log counts and security
+        counters in place of the evaluator's; drift, quality, fairness and the alerts stay the fleet's."""
+        fleet = MonitorSnapshot.model_validate_json(fleet_json)
+        ing, counts = self.ingestor, self.store.counts() if self.store is not None else {}
+        errors = ing.errors + self.screen_errors
+        own = {"monitor.observe_errors": float(errors), "monitor.ingest_dropped": float(ing.dropped)}
+        if self.store is not None:
+            own["store.dropped_total"] = float(counts.get("dropped", 0))
+        update = {"requests": ing.requests, "rows": ing.rows, "sampled": ing.sampled, "store": counts}
+        update |= {"observe_errors": errors, "ingest_dropped": ing.dropped, "metrics": {**fleet.metrics, **own}}
+        update["latency_ms"] = _percentiles(ing.window().latency_ms)
+        update["security"] = fleet.security.model_copy(update={"counters": self.counters.snapshot()})
+        self._last = snap = fleet.model_copy(update=update)
         return snap
 
     @property

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from slipstream.errors import ConfigError
 from slipstream.frozen import Frozen
 from slipstream.monitor.config import MonitorConfig
 from slipstream.monitor.process.placement import PlacementMode
@@ -141,8 +142,9 @@ class MonitorServing(Frozen):
 
     store: StoreConfig | None = Field(
         default=None,
-        description="The SQLite prediction log (WAL): its path, retention and write buffers. Monitoring is on "
-        "when this is set, off (free: slipstream.monitor's statistics are never imported) when not.",
+        description="The prediction log: a SQLite file (WAL) or a postgresql:// database a fleet shares, its "
+        "retention and write buffers. Monitoring is on when this is set, off (free: slipstream.monitor's "
+        "statistics are never imported) when not.",
     )
     config: MonitorConfig = Field(
         default_factory=MonitorConfig,
@@ -185,6 +187,15 @@ class MonitorServing(Frozen):
         "disk, and the rows are dropped and counted; None: no cap.",
     )
 
+    @model_validator(mode="after")
+    def _cap_needs_sqlite(self) -> MonitorServing:
+        if self.log_max_mb is not None and self.store is not None and self.store.url is not None:
+            raise ValueError(
+                "log_max_mb caps a SQLite log file (max_page_count); a PostgreSQL log is sized by its database "
+                "(retention: max_age_s, max_rows). Leave log_max_mb unset with a postgresql:// log."
+            )
+        return self
+
     def restart_backoff_s(self, restarts: int) -> float:
         """The wait before restart number ``restarts`` in a row (1, 2, ...)."""
         return float(
@@ -207,10 +218,25 @@ class MonitorServing(Frozen):
     def enabled(self) -> bool:
         return self.store is not None
 
+    def required_store(self, who: str) -> StoreConfig:
+        """The prediction log's config, for ``who`` (the part that cannot run without one); ConfigError if unset."""
+        if self.store is None:
+            raise ConfigError(
+                f"{who} needs a prediction log; these monitor settings have none (store=None).",
+                field="monitor.store",
+                hint="Start the server with --monitor-db FILE or postgresql://..., or serve without monitoring.",
+            )
+        return self.store
+
     @property
     def db_path(self) -> Path | None:
         """The prediction log's file (``store.path``), None when monitoring is off."""
         return None if self.store is None else self.store.path
+
+    @property
+    def log_location(self) -> str | None:
+        """Where the prediction log is (a file path or a URL without its password), for messages."""
+        return None if self.store is None else self.store.location
 
     @property
     def ood_reject_above(self) -> float | None:

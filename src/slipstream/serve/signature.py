@@ -25,6 +25,10 @@ from slipstream.errors import InputError
 from slipstream.serve.codec import DATATYPE_OF, datatype_of_array
 from slipstream.serve.settings import NonFinitePolicy
 
+# The NaN/Inf screen sums small float inputs in float64 (one call, 1.5 µs for 64 values); from this many
+# values on, np.isfinite(...).all() is cheaper, as the sum casts every value (1 MiB FP32: 29 µs against 101).
+SUM_SCREEN_BELOW = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class Problem:
@@ -132,7 +136,7 @@ class Signature:
                     return False
                 if math.isfinite(low) and math.isfinite(high):  # within finite bounds, hence finite
                     continue
-            if plan.sum_finite:
+            if plan.sum_finite and array.size < SUM_SCREEN_BELOW:
                 if not math.isfinite(np.add.reduce(array, axis=None, dtype=np.float64)):
                     return False
             elif plan.finite and not np.isfinite(array).all():

@@ -111,14 +111,14 @@ class _Parent:
     def start_monitor(self) -> None:
         if not self.settings.monitor.enabled:
             return
-        from slipstream.monitor import SQLiteStore
         from slipstream.monitor.process.supervisor import Supervisor
+        from slipstream.monitor.store import prepare_store
 
         if self.settings.monitor.store is not None:
-            SQLiteStore.prepare(self.settings.monitor.store)  # an unwritable log fails here, before any worker
+            prepare_store(self.settings.monitor.store)  # an unwritable log fails here, before any worker
         self.monitor = Supervisor(self.worker_settings.monitor, listen=str(self.rundir / "monitor.sock"))
         log.info("monitor process %d started for %d workers, logging to %s", self.monitor.process.pid,
-                 self.workers, self.settings.monitor.db_path)  # fmt: skip
+                 self.workers, self.settings.monitor.log_location)  # fmt: skip
 
     def spawn(self, slot: _Slot) -> None:
         read, write = os.pipe()

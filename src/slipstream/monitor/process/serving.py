@@ -22,13 +22,14 @@ import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from slipstream.errors import ConfigError, InputError, ModelNotFoundError, ProtocolError, SlipstreamError, first_few
-from slipstream.monitor import SQLiteStore, load_profile
+from slipstream.errors import InputError, ModelNotFoundError, ProtocolError, SlipstreamError, first_few
+from slipstream.monitor import load_profile
 from slipstream.monitor.process.placement import pin_thread, plan
 from slipstream.monitor.process.proxy import RemoteMonitor
 from slipstream.monitor.process.supervisor import Supervisor
 from slipstream.monitor.process.worker import Key
 from slipstream.monitor.prometheus import MonitorCollector
+from slipstream.monitor.store import prepare_store
 from slipstream.serve.settings import MonitorServing
 
 if TYPE_CHECKING:
@@ -50,15 +51,10 @@ class ServeMonitors:
     """Every live monitor of one server, and the process they run in."""
 
     def __init__(self, settings: MonitorServing) -> None:
-        if settings.store is None:
-            raise ConfigError(
-                "Monitoring needs a prediction log; these monitor settings have none (store=None).",
-                field="monitor.store",
-                hint="Start the server with --monitor-db FILE, or serve without monitoring.",
-            )
+        store = settings.required_store("Monitoring")
         self.settings = settings
         self.config = settings.config  # the one config: the monitor process receives this same object
-        SQLiteStore.prepare(settings.store)  # an unwritable log fails here, before anything is served
+        prepare_store(store)  # an unwritable log fails here, before anything is served
         self.active: dict[Key, RemoteMonitor] = {}
         self.screening = settings.config.threats.reject_ood_above is not None
         self.process: Supervisor | None = None
@@ -88,7 +84,7 @@ class ServeMonitors:
                 else:
                     self.process = Supervisor(self.settings, cpus=self.placement.monitor, on_snapshot=self._on_snapshot)
                 log.info("monitor process %d started in %.2f s, logging to %s", self.process.process.pid,
-                         time.perf_counter() - started, self.settings.db_path)  # fmt: skip
+                         time.perf_counter() - started, self.settings.log_location)  # fmt: skip
             return self.process
 
     @property

@@ -286,7 +286,7 @@ class Supervisor:
             if run.run in self._settled:
                 return 0
             acked_written, dropped = run.acked
-            written = written_by_run(self.settings.db_path, run.run) if self.settings.db_path is not None else None
+            written = written_by_run(self.settings.store, run.run) if self.settings.store is not None else None
             if written is None:  # unreadable log: the acknowledged count (rows written after it count as lost)
                 written = acked_written
             with self._lock:  # the books and the set of settled runs change together (see totals)

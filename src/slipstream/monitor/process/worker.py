@@ -51,12 +51,12 @@ from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 from typing import Any
 
-from slipstream.errors import ConfigError
 from slipstream.logs import RateLimitFilter
 from slipstream.monitor import Monitor, Profile
 from slipstream.monitor.drift import load_statistics
+from slipstream.monitor.fleet import coordinator
 from slipstream.monitor.ingest import Columns
-from slipstream.monitor.process.accounting import AccountedStore
+from slipstream.monitor.process.accounting import accounted_store
 from slipstream.monitor.process.placement import parse_cpu_list, pin_thread
 from slipstream.serve.settings import MonitorServing
 
@@ -104,12 +104,7 @@ class Worker:
     Unix socket (``slipstream serve --workers N``: one per worker); see the module docstring."""
 
     def __init__(self, conn: Connection, settings: MonitorServing, run: str = "", listen: str | None = None) -> None:
-        if settings.store is None:
-            raise ConfigError(
-                "The monitor process needs a prediction log; the server's monitor settings have none (store=None).",
-                field="monitor.store",
-                hint="Start the server with --monitor-db FILE, or serve without monitoring.",
-            )
+        store = settings.required_store("The monitor process")
         self.conn = conn
         self.settings = settings
         self.config = settings.config  # the server's own config object, as it sent it: no translation
@@ -119,7 +114,10 @@ class Worker:
         self.listen = listen
         self.listener = _listen(listen) if listen is not None else None
         cap = None if settings.log_max_mb is None else int(settings.log_max_mb * 1e6)
-        self.store = AccountedStore(settings.store, run=run, max_bytes=cap)
+        self.store = accounted_store(store, run=run, max_bytes=cap)
+        # A fleet on PostgreSQL: one evaluator per version, its alert state and snapshots shared
+        # (slipstream.monitor.fleet). SQLite (one machine): None, and evaluation stays as it was.
+        self.fleet = coordinator(store)
         self.monitors: dict[Key, Monitor] = {}
         self._due: dict[Key, float] = {}
         self.holders: dict[Key, set[Client]] = {}  # which servers monitor each version
@@ -285,6 +283,8 @@ class Worker:
                 bundle_dir=bundle_dir,
             )  # fmt: skip
             self._due[key] = time.monotonic() + self.config.evaluate_interval_s
+            if self.fleet is not None:
+                self.fleet.join(key, self.monitors[key])
         holders.add(client)
         client.keys.add(key)
 
@@ -300,12 +300,16 @@ class Worker:
         self._due.pop(key, None)
         if mon is not None:
             mon.close(close_store=False)
+        if self.fleet is not None:
+            self.fleet.resign(key)
 
     def _evaluate(self, key: Key) -> str:
+        """Evaluate a version now; in a fleet, only its evaluator does: the others take its latest snapshot
+        (until it published one, or while the database is away, they evaluate their own traffic)."""
         mon = self.monitors.get(key)
         if mon is None:
             raise KeyError(f"no monitor for {key[0]} version {key[1]}")
-        return mon.evaluate().model_dump_json()
+        return mon.evaluate().model_dump_json() if self.fleet is None else self.fleet.evaluate(key, mon)
 
     def _evaluate_due(self) -> None:
         now = time.monotonic()
@@ -335,6 +339,8 @@ class Worker:
             self._due.pop(key, None)
             mon.close(close_store=False)
         self.store.close()
+        if self.fleet is not None:
+            self.fleet.close()  # the server releases the evaluator roles: another replica takes them
         for client in self.clients.values():  # raced with the close: counted, never gone
             client.dropped["closed"] += self.store.settled(client.name or "")[2]
         with contextlib.suppress(Exception):  # the servers may be gone already

@@ -7,11 +7,17 @@ has no typed field, so it only travels raw. The checks and their texts are the H
 same words over both protocols. The reply is raw when the request was (as Triton answers), typed
 otherwise, unless an output has no typed field (FP16): then all of it is raw, as the protocol forbids
 mixing the two in one reply.
+
+A large request skips protobuf's copies of its tensors: :func:`split_raw` walks the message's top-level
+fields (a few per request) and hands ``raw_input_contents`` on as views of the received bytes, so only the
+small rest of the message goes through the parser. Parsing all of it would copy each tensor twice (into
+the parser's arena, then out as a new ``bytes``): for a 1 MiB tensor that is two 1 MiB copies and, as the
+allocator hands the pages back between calls, 512 fresh page faults per request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,6 +51,7 @@ CONTENTS_FIELD: dict[str, str] = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
+RAW_TAG = (7 << 3) | 2  # ModelInferRequest.raw_input_contents: field 7, length-delimited
 _HINT = "See the Open Inference Protocol v2 gRPC ModelInferRequest (raw_input_contents or typed contents)."
 
 
@@ -62,12 +69,72 @@ def parameters(params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def decode_request(message: pb.ModelInferRequest, *, max_id_chars: int, size: int) -> InferenceRequest:
-    """The typed request ``message`` holds; ``size`` is its wire size (bounds what a shape may claim).
+def split_raw(data: bytes) -> tuple[bytes, list[memoryview]] | None:
+    """``data`` (a serialized ModelInferRequest) without its ``raw_input_contents``, and those contents as
+    views of ``data``, in order; no tensor byte is copied. None where ``data`` is not well-formed wire format
+    (or uses groups): the full parser then decides, and words the refusal."""
+    view = memoryview(data)
+    kept: list[memoryview] = []
+    raw: list[memoryview] = []
+    pos, end, run = 0, len(data), 0  # run: where the current stretch of kept fields began
+    try:
+        while pos < end:
+            start = pos
+            tag, pos = _varint(data, pos)
+            wire = tag & 7
+            if wire == 2:
+                length, pos = _varint(data, pos)
+                stop = pos + length
+            elif wire == 0:
+                stop = _varint(data, pos)[1]
+            elif wire == 1 or wire == 5:
+                stop = pos + (8 if wire == 1 else 4)
+            else:
+                return None
+            if stop > end or tag >> 3 == 0:
+                return None
+            if tag == RAW_TAG:
+                if run < start:
+                    kept.append(view[run:start])
+                raw.append(view[pos:stop])
+                run = stop
+            pos = stop
+    except IndexError:  # a varint running past the end
+        return None
+    if not raw:
+        return data, raw
+    kept.append(view[run:end])
+    return b"".join(kept), raw
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The base-128 varint at ``pos`` and the position after it; IndexError past the end."""
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 64:
+            raise IndexError("varint longer than 10 bytes")
+
+
+def decode_request(
+    message: pb.ModelInferRequest,
+    *,
+    max_id_chars: int,
+    size: int,
+    raw: Sequence[bytes | memoryview] | None = None,
+) -> InferenceRequest:
+    """The typed request ``message`` holds; ``size`` is its wire size (bounds what a shape may claim), and
+    ``raw`` its raw_input_contents when :func:`split_raw` took them out (else the message's own).
 
     Raises ProtocolError (400) for anything the protocol does not allow, with the HTTP codec's texts.
     """
-    raw = message.raw_input_contents
+    if raw is None:
+        raw = message.raw_input_contents
     if not message.inputs:
         raise _fail("The request needs 'inputs', a non-empty list of tensors.")
     if raw and len(raw) != len(message.inputs):
@@ -89,7 +156,12 @@ def decode_request(message: pb.ModelInferRequest, *, max_id_chars: int, size: in
                     f"Input '{name}' has typed contents, but the request also carries raw_input_contents.",
                     "Send every input raw, or every input typed; the protocol does not mix them in one request.",
                 )
-            inputs[name] = _from_binary(memoryview(raw[index]), dt, shape, name)
+            array = _from_binary(memoryview(raw[index]), dt, shape, name)
+            if not array.flags.aligned:
+                # A view of the message at an odd offset: onnxruntime would take an aligned copy element by
+                # element (280 µs for 1 MiB FP32 here); one memcpy costs 25.
+                array = array.copy()
+            inputs[name] = array
         else:
             inputs[name] = _typed(tensor.contents, dt, shape, count, name)
     return InferenceRequest(
