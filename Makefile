@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser postgres demo test lint typecheck clean
+.PHONY: install browser postgres bench-tools demo test lint typecheck clean
 
 # One venv with every extra, pinned by constraints.txt (torch is the CPU wheel on this disk).
 $(STAMP): pyproject.toml constraints.txt
@@ -32,6 +32,15 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else \
 	    echo "The browser tests need Chromium: run 'sudo apt-get install chromium' (Debian) and retry." >&2; exit 1; \
+	  fi; }
+
+# The load generators benchmarks/ drives (wrk for REST, h2load for gRPC), from Debian's packages.
+bench-tools:
+	@command -v wrk >/dev/null && command -v h2load >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client >/dev/null; \
+	  else \
+	    echo "The benchmarks need wrk and h2load: run 'sudo apt-get install wrk nghttp2-client' (Debian) and retry." >&2; exit 1; \
 	  fi; }
 
 # The PostgreSQL store's tests start a throwaway cluster (tests/pg_support.py) with initdb/pg_ctl from
