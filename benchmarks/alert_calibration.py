@@ -29,7 +29,11 @@ key's rows distinct (drawn without replacement), all within the watch's 60 s win
 Power: the same windows with a real shift: inverted pixels, pixel noise, a class-prior shift (digits); a
 0.5 sd mean shift and a ×1.5 spread in 10 % of the columns, shifted small-count Poisson columns (synthetic,
 breast cancer), a 10-point accuracy drop (labels), and a real bias (for group 'b', half the rows the model
-would select as the class of interest get their top two scores swapped).
+would select as the class of interest get their top two scores swapped), and a boundary-probing client: one
+key bisects between pairs of window rows the model puts in different classes, by the model's own answers (4
+pairs, 10 steps each, 44 queries), alone or with one or three ordinary queries after each of its own (88 or
+164 queries; the last is below the rule's minimum share near the boundary by design, so it shows where the
+rule stops seeing a diluted prober).
 
     .venv/bin/python benchmarks/alert_calibration.py [--quick] [--null 500] [--power 50] [--jobs 2]
 """
@@ -332,6 +336,47 @@ def _keys(rng: np.random.Generator, rows: int) -> list[int]:
     return [s for s in sizes if s > 0]
 
 
+PROBING = {
+    "boundary-probing key (44 queries)": 0,
+    "boundary-probing key, 1 in 2 queries ordinary (88)": 1,
+    "boundary-probing key, 3 in 4 queries ordinary (164)": 3,
+}
+PROBE_PAIRS, PROBE_STEPS = 4, 10
+
+
+def with_prober(sc: Scenario, rng: np.random.Generator, w: Window, ordinary: int) -> tuple[Window, int]:
+    """The window with its last rows replaced by a prober's queries: per pair of rows of different predicted
+    classes, the first row, then a bisection of the segment between them by the model's answers (the rows
+    sit ever closer to the decision boundary), ``ordinary`` window rows after each query. Returns the
+    window and how many rows the prober sent."""
+    name = next(iter(w.inputs))
+    x = w.inputs[name]
+    score = _prediction_output(sc.profile)
+    pred = sc.run({name: x})[score].argmax(axis=1)
+    rows: list[np.ndarray] = []
+    for _ in range(PROBE_PAIRS):
+        i = int(rng.integers(len(x)))
+        others = np.flatnonzero(pred != pred[i])
+        if others.size == 0:
+            continue
+        a, b = x[i], x[int(rng.choice(others))]
+        lo, hi = 0.0, 1.0
+        rows.append(a)
+        for _ in range(PROBE_STEPS):
+            t = (lo + hi) / 2
+            row = (a + t * (b - a)).astype(x.dtype)
+            rows.append(row)
+            rows += [x[int(rng.integers(len(x)))] for _ in range(ordinary)]
+            if int(sc.run({name: row[None]})[score].argmax()) == pred[i]:
+                lo = t
+            else:
+                hi = t
+    n = min(len(rows), len(x))
+    probed = x.copy()
+    probed[len(x) - n :] = np.stack(rows[:n])
+    return Window({name: probed}, w.labels, w.shifted_columns), n
+
+
 # -- one evaluation through a real Monitor ------------------------------------------------------------
 
 
@@ -370,6 +415,9 @@ def run_condition(sc: Scenario, shift: str | None, size: int, evaluations: int, 
             w = sc.draw(rng, size, keys)
             if shift in sc.shifts:
                 w = sc.shifts[shift](rng, w)
+            probe_rows = 0
+            if shift in PROBING:
+                w, probe_rows = with_prober(sc, rng, w, PROBING[shift])
             outputs = sc.run(w.inputs)
             groups = np.where(rng.random(size) < 0.5, "a", "b")
             if shift == "bias against group b":
@@ -377,7 +425,9 @@ def run_condition(sc: Scenario, shift: str | None, size: int, evaluations: int, 
             labels = w.labels
             if shift == "accuracy −10 points":
                 labels = accuracy_drop(rng, w, outputs[score].argmax(axis=1).astype(np.float64), classes)
-            key_ids = np.repeat([f"k{e}-{i}" for i in range(len(keys))], keys)
+            key_ids = np.repeat([f"k{e}-{i}" for i in range(len(keys))], keys).astype(object)
+            if probe_rows:
+                key_ids[size - probe_rows :] = f"prober-{e}"
             ids = [f"{e}-{i}" for i in range(size)]
             x = w.inputs[name]
             step = 50.0 / size  # the whole window inside the extraction watch's 60 s
@@ -442,7 +492,7 @@ def cpu_line() -> str:
     return f"{model} ({os.cpu_count()} logical cores; flags: {flags or 'n/a'})"
 
 
-COMMON_SHIFTS = ("accuracy −10 points", "bias against group b")
+COMMON_SHIFTS = ("accuracy −10 points", "bias against group b", *PROBING)
 _WORK: Path = Path()
 _SCENARIOS: list[Scenario] = []
 
@@ -530,6 +580,7 @@ RELEVANT: dict[str, list[str]] = {
     "flipped left-right": ["input_drift", "prediction_drift", "output_shift", "embedding_drift"],
     "accuracy −10 points": ["accuracy_drop"],
     "bias against group b": ["demographic_parity", "demographic_parity_ratio", "equalized_odds"],
+    **{probe: ["boundary_probing", "model_extraction"] for probe in PROBING},
 }
 NULL_NOTE = (
     "Null traffic: groups 'a'/'b' at random per row; labels are the rows' true labels, so the window's accuracy "
@@ -615,6 +666,10 @@ def _minimum_windows() -> list[str]:
         "enough rows to judge' until the interval can exclude the threshold.",
         f"- model_extraction: the near-duplicate share needs {t.extraction_min_requests} requests from a key; "
         f"volume alone flags above {t.extraction_max_requests} requests in {t.extraction_window_s:g} s.",
+        f"- boundary_probing: judged when the profile holds the reference's top-2 margins (a classifier); a key "
+        f"needs {t.probing_min_requests} rows in {t.probing_window_s:g} s, rows below the reference's "
+        f"{t.probing_quantile:g} margin quantile beyond a binomial test at {t.probing_alpha:g} shared by the keys "
+        f"judged (Bonferroni), and at least {t.probing_min_share:.0%} of its rows there.",
         f"- out_of_distribution: judged from one row; a row counts above score {t.ood_threshold:g} (3 × the "
         "reference's 99th percentile of reconstruction error).",
         "",
@@ -692,7 +747,18 @@ def render(
         "",
         "'shifted columns flagged': the share of the shifted columns that the input-drift decision named, "
         "over all windows (the window-level rows say whether the rule fired at all).",
+        "",
+        "### boundary_probing on shifted traffic without a prober (false alarms: a shift is for the drift rules)",
+        "",
+        "| scenario | shift | " + " | ".join(f"{s} rows" for s in SIZES) + " |",
+        "|---|---|" + "---|" * len(SIZES),
     ]
+    for sc in scenarios:
+        for shift in [*sc.shifts, *COMMON_SHIFTS]:
+            if shift not in PROBING:
+                ts = [power[sc.name, shift, s] for s in SIZES]
+                cells = [_cell(t.fired["boundary_probing"], t.judged["boundary_probing"], t.evaluations) for t in ts]
+                lines.append(f"| {sc.name} | {shift} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

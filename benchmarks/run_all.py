@@ -26,7 +26,8 @@ RESULTS = HERE / "results"
 # Order of sections in BENCHMARKS.md; scripts not listed run after these, alphabetically.
 ORDER = [
     "model_speed", "passes", "pruning", "build", "serving", "serving-grpc", "workers", "monitoring",
-    "monitor_overhead", "drift", "torch-import", "keras-export", "trust", "hostile", "zoo", "engines", "deploy",
+    "monitor_overhead", "fleet", "drift", "torch-import", "keras-export", "trust", "robustness", "hostile", "zoo",
+    "engines", "engines_cpu", "slim_transformers", "deploy",
 ]  # fmt: skip
 # Modules another script runs as its sections (benchmarks/hostile.py, serving.py --grpc) or its load client
 # (grpc_load.py), not benchmarks of their own.

@@ -52,6 +52,27 @@ def mlp_bundle(mlp_bundle_dir: Path) -> Bundle:
     return Bundle.load(mlp_bundle_dir)
 
 
+@pytest.fixture(scope="session")
+def built_bundle_dir(mlp_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The winner of a real `build` of the MLP (baseline only, a short timing): model.onnx, manifest.json,
+    profile.json and sbom.cdx.json, as every build packages them. Read-only: copy it to change it."""
+    import numpy as np
+
+    from slipstream.build.recipe import parse_recipe
+    from slipstream.build.search import run_build
+
+    work = tmp_path_factory.mktemp("built")
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((256, 8)).astype(np.float32)
+    np.savez(work / "eval.npz", pixels=pixels, labels=rng.integers(0, 4, len(pixels)))
+    recipe = {
+        "name": "mlp", "model": str(mlp_onnx), "data": {"eval": str(work / "eval.npz")},
+        "budget": {"max_accuracy_drop": 0.01}, "batch_size": 8, "bench_time_s": 0.1, "output": str(work / "out"),
+        "candidates": [],
+    }  # fmt: skip
+    return run_build(parse_recipe(recipe)).winner.path
+
+
 @pytest.fixture
 def bundle_copy(mlp_bundle_dir: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "bundle"

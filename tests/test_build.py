@@ -166,6 +166,23 @@ def test_build_report_shows_table_and_plots(built: tuple[BuildResult, BuildResul
     assert report["pareto_latency"] and report["selection"]["winner"]
 
 
+def test_an_onnx_source_gets_the_gradient_free_robustness_checks(built: tuple[BuildResult, BuildResult, Path]) -> None:
+    first, second, work = built
+    summary = first.record.robustness
+    assert summary is not None and summary.status == "measured" and summary.gradient_source is None
+    assert "source framework 'onnx' gives no gradients" in (summary.gradient_note or "")
+    measured = [first.record.baseline, *(c for c in first.record.candidates if c.status == "ok")]
+    for cand in measured:
+        robust = cand.robustness
+        assert robust is not None and robust.error is None, cand.name
+        assert {r.attack for r in robust.results} == {"uniform", "gaussian", "simba"}
+        for r in robust.results:  # SimBA only ever lowers the true class's margin: it cannot fix a wrong row
+            assert r.attack != "simba" or (r.accuracy <= robust.clean_accuracy and (r.queries or 0) > 0)
+    assert [c.robustness for c in second.record.candidates] == [c.robustness for c in first.record.candidates]
+    page = (work / "out" / "report.html").read_text()
+    assert '<table id="robustness">' in page and "No FGSM/PGD: source framework" in page
+
+
 def test_second_build_reuses_the_cache(built: tuple[BuildResult, BuildResult, Path]) -> None:
     first, second, _ = built
     ok = [c for c in second.record.candidates if c.status == "ok"]
@@ -180,8 +197,8 @@ def test_report_renders_in_headless_chromium(built: tuple[BuildResult, BuildResu
     facts = screenshot((work / "out" / "report.html").as_uri(), png, selector="svg.plot")
     assert facts["title"] == "slipstream build: digits"
     svgs = facts["svgs"]
-    assert isinstance(svgs, list) and len(svgs) == 2
-    for svg in svgs:  # both Pareto plots are laid out with real size and one point per measured model
+    assert isinstance(svgs, list) and len(svgs) == 3
+    for svg in svgs:  # the three Pareto plots are laid out with real size and one point per measured model
         assert svg["w"] > 300 and svg["h"] > 200 and svg["points"] == 4
     assert facts["tableRows"] == 1 + 5  # header, baseline, four candidates
     assert png.stat().st_size > 20_000

@@ -13,6 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from slipstream.artifact import Bundle
+from slipstream.build.recipe import Budget
+from slipstream.build.record import RunRecord
+from slipstream.build.select import select
 from slipstream.cli import app
 from slipstream.demo import run_demo
 from slipstream.demo.digits import held_out
@@ -20,6 +23,7 @@ from slipstream.demo.report import drift_label
 from slipstream.demo.result import DemoResult
 from slipstream.demo.session import DemoServer, demo_server
 from slipstream.demo.traffic import Sampler, mirrored_for_minority
+from slipstream.evaluate.robust import worst_drop
 from slipstream.monitor.features import featurize
 
 BIAS_RULES = {"demographic_parity", "demographic_parity_ratio", "equalized_odds"}
@@ -73,6 +77,42 @@ def test_demo_runs_end_to_end(demo: tuple[DemoResult, str]) -> None:
     winner = Bundle.load(result.winner)
     assert winner.manifest.lineage[-1].step == "build.select@1"
     assert (result.workdir / "build" / "report.html").is_file()
+
+
+def test_the_demo_build_reports_clean_and_robust_accuracy_for_every_candidate(demo: tuple[DemoResult, str]) -> None:
+    """FGSM and PGD at two ε, crafted on the torch source and sent to every candidate's onnxruntime session, beside
+    clean accuracy; the robust budget applied to the real run record rejects exactly the candidates that lose."""
+    out = demo[0].workdir / "build"
+    record = RunRecord.model_validate_json((out / "run.json").read_text())
+    summary = record.robustness
+    assert summary is not None and summary.status == "measured" and summary.eps_of_range == (0.02, 0.05)
+    assert summary.duration_s > 0 and summary.labels == "data"
+    assert any(line.startswith("robust accuracy at ε 0.05 of the input range") for line in record.headline)
+    measured = [c for c in (record.baseline, *record.candidates) if c.status == "ok"]
+    assert {c.name for c in measured} == {"baseline", "int8-static", "pruned-50"}
+    page = (out / "report.html").read_text()
+    table = page[page.index('<table id="robustness">') :]
+    table = table[: table.index("</table>")]
+    for cand in measured:
+        robust = cand.robustness
+        assert robust is not None and robust.error is None, cand.name
+        for eps in (0.02, 0.05):
+            fgsm, pgd = robust.accuracy("fgsm", eps), robust.accuracy("pgd", eps)
+            assert fgsm is not None and pgd is not None
+        pgd = robust.accuracy("pgd", 0.05)
+        assert pgd is not None and pgd < robust.clean_accuracy, cand.name  # the transferred examples hurt
+        assert f"<td>{cand.name}</td>" in table
+    for head in ("FGSM ε 0.02", "PGD ε 0.02", "FGSM ε 0.05", "PGD ε 0.05"):
+        assert head in table
+    strict = Budget(max_accuracy_drop=1.0, max_robust_accuracy_drop=0.0, min_speedup=1.0)
+    reasons = {r.name: r.reason for r in select(record, strict).rejections}
+    base = record.baseline.robustness
+    for cand in record.candidates:
+        assert base is not None and cand.robustness is not None
+        worst = worst_drop(base, cand.robustness, relative=False)
+        assert worst is not None
+        over = reasons.get(cand.name, "").startswith("over budget: robust accuracy drop")
+        assert over == (worst[0] > 0), (cand.name, worst, reasons)
 
 
 def test_the_cli_takes_a_seed() -> None:

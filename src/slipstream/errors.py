@@ -9,7 +9,9 @@
     │   ├── BundleNotFoundError     404  no bundle where one was expected
     │   ├── BundleExistsError            the output path is taken and overwriting was not asked for
     │   ├── SchemaError                  manifest.json is unreadable, invalid or from a newer slipstream
-    │   └── IntegrityError               a file's sha256 or size differs from the manifest (``file``)
+    │   ├── IntegrityError               a file's sha256 or size differs from the manifest (``file``)
+    │   └── SignatureError               a bundle is unsigned, modified since signing, or not signed by a trusted
+    │                                    key (``reason``, ``file``)
     ├── ConversionError                  a source model could not become a bundle (``source``)
     │   ├── InvalidModelError       400  the model file is not a valid model of its kind
     │   ├── UntrustedPickleError         loading the source would run pickled code, and that was not allowed
@@ -72,6 +74,7 @@ __all__ = [
     "SchemaError",
     "ServerBusyError",
     "ServingError",
+    "SignatureError",
     "SlipstreamError",
     "UnauthorizedError",
     "UnsupportedOpError",
@@ -149,6 +152,19 @@ class IntegrityError(BundleError):
 
     def __init__(self, message: str, *, path: Path | str, file: str, hint: str | None = None) -> None:
         super().__init__(message, path=path, hint=hint)
+        self.file = file
+
+
+class SignatureError(BundleError):
+    """A bundle's OpenSSF model signature is missing, does not match its files, or was not made by a trusted key.
+
+    ``reason`` is one of 'unsigned', 'modified', 'untrusted' or 'unreadable'; ``file`` names the bundle file that
+    failed (the signature file itself for 'unsigned', 'untrusted' and 'unreadable').
+    """
+
+    def __init__(self, message: str, *, path: Path | str, reason: str, file: str, hint: str | None = None) -> None:
+        super().__init__(message, path=path, hint=hint)
+        self.reason = reason
         self.file = file
 
 

@@ -40,9 +40,11 @@ EXPORT = [n for n in ALL if CATALOGUE[n].input_kind == "torch" and CATALOGUE[n].
 OPTIONS: dict[str, dict[str, object]] = {
     "weights.binarize": {"min_elements": 512},
     "quantize.static": {"num_samples": 32},
+    "quantize.nncf": {"num_samples": 32},
     "prune.structured": {"amount": 0.25},
     "prune.unstructured": {"amount": 0.3},
     "train.finetune": {"epochs": 1, "batch_size": 128, "distill_alpha": 0.5},  # the teacher path too
+    "train.distill": {"steps": 4, "batch_size": 128},
 }
 
 
@@ -142,7 +144,8 @@ def _cfg(name: str) -> PassConfig:
 
 def test_the_suite_covers_the_whole_catalogue() -> None:
     assert sorted([*ONNX, *TORCH, *EXPORT]) == ALL
-    assert TORCH == ["prune.structured", "prune.unstructured", "train.finetune"] and EXPORT == ["export"]
+    assert TORCH == ["prune.structured", "prune.unstructured", "train.distill", "train.finetune"]
+    assert EXPORT == ["export"]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -307,7 +310,11 @@ def test_tolerance_lists_every_problem_and_demands_a_declaration() -> None:
 @pytest.mark.parametrize("name", ONNX)
 def test_every_onnx_pass_runs_on_a_transformer_export(name: str, transformer_bundle: Bundle, tmp_path: Path) -> None:
     """The same passes on a dynamo-exported nn.TransformerEncoder (dynamic batch and sequence)."""
-    run, _ = run_pass(transformer_bundle, name, tmp_path / "o", {"num_samples": 16} if "static" in name else None)
+    options: dict[str, object] | None = None
+    if name in ("quantize.static", "quantize.nncf"):  # token inputs: calibration needs data (no generated ids)
+        np.savez(tmp_path / "ids.npz", input_ids=np.random.default_rng(1).integers(0, 50, size=(16, 13)))
+        options = {"num_samples": 16, "data": str(tmp_path / "ids.npz")}
+    run, _ = run_pass(transformer_bundle, name, tmp_path / "o", options)
     onnx.checker.check_model(onnx.load(str(run.bundle.model_path)), full_check=False)
     ids = np.random.default_rng(0).integers(0, 50, size=(3, 13)).astype(np.int64)
     got = Engine(run.bundle).run({"input_ids": ids})["pooled"]

@@ -48,8 +48,10 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = DATA_FILE  # "model.onnx.data"
 MANIFEST_FILE = "manifest.json"
+# The OpenSSF model signature (slipstream.artifact.signing): made over every other file, manifest included.
+SIGNATURE_FILE = "model.sig"
 # Files a bundle may carry that the manifest cannot list (a signature is made over the manifest).
-UNLISTED_ALLOWED = frozenset({"signature", "signature.json"})
+UNLISTED_ALLOWED = frozenset({"signature", "signature.json", SIGNATURE_FILE})
 # protobuf cannot serialize a message of 2 GiB or more; switch to external data well below that.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
 

@@ -1,8 +1,10 @@
-"""What `slipstream inspect` shows: io, ops, parameters, the largest weights, lineage and metrics."""
+"""What `slipstream inspect` shows: io, ops, parameters, the largest weights, lineage, metrics, and where the
+signature and the bills of materials are."""
 
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, JsonValue
@@ -47,6 +49,19 @@ class BundleSummary(BaseModel):
     resolved: dict[str, JsonValue]
     metrics: dict[str, JsonValue]
     parity: ParityRecord | None
+    signature: str | None = None  # model.sig, when the bundle is signed (`slipstream verify` checks it)
+    sbom: str | None = None  # the build environment's CycloneDX SBOM, when the build wrote one
+    image_sbom: str | None = None  # the serving image's SBOM, when the bundle sits in a `export --to container`
+
+
+def _image_sbom(bundle_dir: Path) -> Path | None:
+    """The SBOM of the container export holding this bundle (DIR/model/ or DIR/model/<name>/<version>/), if any."""
+    from slipstream.artifact.sbom import SBOM_FILE
+
+    for parent in list(bundle_dir.resolve().parents)[:3]:
+        if (parent / "requirements.lock").is_file() and (parent / SBOM_FILE).is_file():
+            return parent / SBOM_FILE
+    return None
 
 
 def _walk_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -80,6 +95,9 @@ def _initializer_info(t: onnx.TensorProto) -> InitializerInfo:
 
 def summarize(bundle: Bundle, *, top: int = 10) -> BundleSummary:
     """Describe a bundle: io specs, op histogram, parameters, the ``top`` largest weights, lineage."""
+    from slipstream.artifact.bundle import SIGNATURE_FILE
+    from slipstream.artifact.sbom import SBOM_FILE
+
     model = bundle.load_model()
     nodes = _walk_nodes(model.graph)
     histogram = Counter(n.op_type if not n.domain else f"{n.domain}::{n.op_type}" for n in nodes)
@@ -109,4 +127,7 @@ def summarize(bundle: Bundle, *, top: int = 10) -> BundleSummary:
         resolved=m.resolved,
         metrics=m.metrics,
         parity=m.parity,
+        signature=str(bundle.path / SIGNATURE_FILE) if (bundle.path / SIGNATURE_FILE).is_file() else None,
+        sbom=str(bundle.path / SBOM_FILE) if SBOM_FILE in m.files else None,
+        image_sbom=str(image) if (image := _image_sbom(bundle.path)) is not None else None,
     )

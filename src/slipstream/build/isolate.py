@@ -193,11 +193,11 @@ def _measure(bundle: Any, spec: MeasureSpec, status: _Status) -> dict[str, JsonV
     from slipstream.evaluate.bench import BenchSettings, bench
     from slipstream.evaluate.metrics import get_metric
     from slipstream.evaluate.quality import predict, score
-    from slipstream.runtime.engine import Engine
+    from slipstream.runtime.open import open_engine
     from slipstream.runtime.targets import Target
 
     status.update(stage="session")
-    engine = Engine(bundle, Target.model_validate(spec.target))
+    engine = open_engine(bundle, Target.model_validate(spec.target))
     status.update(stage="quality")
     with np.load(spec.data) as data:
         inputs = {k: data[k] for k in data.files if k != LABELS}
@@ -228,6 +228,7 @@ def child_main(task_file: str, status_file: str) -> int:
     """The child's whole life: produce, measure, write the outcome. Exit 1 on a Python error."""
     from slipstream.artifact.hashing import sha256_json
     from slipstream.errors import SlipstreamError
+    from slipstream.runtime.choice import engine_key
 
     task = ChildTask.model_validate_json(Path(task_file).read_text(encoding="utf-8"))
     status = _Status(Path(status_file))
@@ -238,7 +239,10 @@ def child_main(task_file: str, status_file: str) -> int:
     try:
         bundle = _produce(task, status)
         spec = task.measure
-        if spec is not None and sha256_json([bundle.model_sha256, *spec.key_salt]) not in spec.skip_keys:
+        if (
+            spec is not None
+            and sha256_json([engine_key(bundle.model_sha256, bundle.manifest), *spec.key_salt]) not in spec.skip_keys
+        ):
             status.update(metrics=_measure(bundle, spec, status))
     except Exception as exc:  # the parent records it as the candidate's error
         text = str(exc) if isinstance(exc, SlipstreamError) else f"{type(exc).__name__}: {exc}"

@@ -1,16 +1,24 @@
-"""The `auto` candidate ladder: the standard things to try, in order of risk."""
+"""The `auto` candidate ladder: the standard things to try, in order of risk, on every engine at hand."""
 
 from __future__ import annotations
 
+import importlib.util
+
 from slipstream.build.recipe import Candidate, Recipe
+from slipstream.runtime.choice import NEEDS, cpu_features
+
+OPENVINO_PREFIX = "openvino-"
 
 
 def auto_candidates(recipe: Recipe, calibration: str) -> tuple[Candidate, ...]:
-    """fp32 optimized, fp16, dynamic int8, then static int8 with each calibration method.
+    """fp32 optimized, fp16, dynamic int8, static int8 with each calibration method, then (with the openvino
+    extra) OpenVINO at f32, bf16 and int8.
 
     Dynamic int8 is tried on every graph: on Conv-heavy models it is measured and rejected as slower
     (ConvInteger is several times slower than fp32 here), which the report then shows with its reason.
     ``calibration`` is an .npz of real inputs that the build wrote from the recipe's calibration data.
+    Every candidate is measured at the thread count the target serves with and gated by the same budget, so
+    the engine and precision are chosen per model and per CPU like anything else.
     """
     ladder = [
         Candidate(name="fp32-optimized", passes=("graph.optimize",)),
@@ -20,4 +28,41 @@ def auto_candidates(recipe: Recipe, calibration: str) -> tuple[Candidate, ...]:
     for method in ("minmax", "entropy", "percentile"):
         options = {"calibration": method, "data": calibration, "per_channel": True}
         ladder.append(Candidate(name=f"int8-static-{method}", passes=({"quantize.static": options},)))
-    return tuple(ladder)
+    return (*ladder, *openvino_candidates(calibration))
+
+
+def openvino_candidates(calibration: str) -> tuple[Candidate, ...]:
+    """OpenVINO f32, bf16 and int8 on the source model; none without the openvino extra. int8 is NNCF's
+    post-training quantization on the recipe's calibration data (the nncf extra), else static QDQ."""
+    from slipstream.runtime.openvino_engine import openvino_available
+
+    if not openvino_available():
+        return ()
+    f32 = {"engine.openvino": {"precision": "f32"}}
+    bf16 = {"engine.openvino": {"precision": "bf16"}}
+    if importlib.util.find_spec("nncf") is not None:
+        int8: dict[str, dict[str, object]] = {"quantize.nncf": {"data": calibration}}
+    else:  # without the nncf extra: onnxruntime's static QDQ, which OpenVINO runs as int8 too
+        int8 = {"quantize.static": {"calibration": "minmax", "data": calibration, "per_channel": True}}
+    return (
+        Candidate(name=f"{OPENVINO_PREFIX}f32", passes=(f32,)),
+        Candidate(name=f"{OPENVINO_PREFIX}bf16", passes=(bf16,)),
+        Candidate(name=f"{OPENVINO_PREFIX}int8", passes=(int8, f32)),
+    )
+
+
+def engine_skip(cand: Candidate) -> str | None:
+    """Why an OpenVINO bf16 candidate is not tried on this CPU (None: try it).
+
+    Without AMX-BF16 or AVX512-BF16, OpenVINO compiles a bf16 hint to f32 (measured on an AVX2-only AMD
+    EPYC), so the candidate would be OpenVINO f32 under another name: it is recorded as skipped instead."""
+    wants_bf16 = any(
+        isinstance(p, dict) and (p.get("engine.openvino") or {}).get("precision") == "bf16" for p in cand.passes
+    )
+    have = cpu_features()
+    if not wants_bf16 or any(have.get(f) for f in NEEDS["bf16"]):
+        return None
+    return (
+        f"this CPU has none of {', '.join(NEEDS['bf16'])}: OpenVINO would run bf16 at f32 "
+        f"(the {OPENVINO_PREFIX}f32 candidate)"
+    )

@@ -25,7 +25,9 @@ from slipstream.build.record import CandidateMetrics
 from slipstream.data.datasets import Dataset, arrays_digest
 from slipstream.evaluate.metrics import Metric
 from slipstream.evaluate.sidebyside import SideBySide, interleave, side_by_side
-from slipstream.runtime.engine import Engine
+from slipstream.runtime.base import EngineBase
+from slipstream.runtime.choice import engine_key
+from slipstream.runtime.open import open_engine
 from slipstream.runtime.targets import Target
 
 # Bumped when what a measurement holds changes, so older cache entries are not misread.
@@ -67,7 +69,7 @@ class Measurer:
         return (self.data_key, r.metric, r.batch_size, r.target, r.seed, MEASURE_VERSION)
 
     def key(self, bundle: Bundle) -> str:
-        return sha256_json([bundle.model_sha256, *self.key_salt])
+        return sha256_json([engine_key(bundle.model_sha256, bundle.manifest), *self.key_salt])
 
     def _spec(self, level: str, *, reference: bool) -> MeasureSpec:
         settings = self.target.model_copy(update={"graph_optimization": level})
@@ -84,7 +86,7 @@ class Measurer:
             # (the fidelity reference) are gone.
             skip_keys=()
             if reference and not self.reference_file.is_file()
-            else tuple(k for k in self.cache if not k.startswith(("confirm:", "tune:", "torch-eager:"))),
+            else tuple(k for k in self.cache if not k.startswith(("confirm:", "tune:", "torch-eager:", "robust:"))),
         )
 
     def measure(self, bundle: Bundle, *, reference: bool = False) -> Measured:
@@ -167,9 +169,10 @@ class Measurer:
             notes=tuple(entry["notes"]),
         )
 
-    def engine(self, bundle: Bundle, level: str = "all", **settings: Any) -> Engine:
-        """An engine at the target's settings and a graph-optimization level that loaded in a child."""
-        return Engine(bundle, self.target.model_copy(update={"graph_optimization": level, **settings}))
+    def engine(self, bundle: Bundle, level: str = "all", **settings: Any) -> EngineBase:
+        """The bundle's engine (its recorded choice) at the target's settings and a graph-optimization level
+        that loaded in a child."""
+        return open_engine(bundle, self.target.model_copy(update={"graph_optimization": level, **settings}))
 
     def confirm(
         self, baseline: Bundle, candidate: Bundle, name: str, *, levels: tuple[str, str] = ("all", "all")

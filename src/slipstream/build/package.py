@@ -10,11 +10,13 @@ import shutil
 from typing import Any
 
 from slipstream.artifact.bundle import Bundle, Step, write_bundle
+from slipstream.artifact.sbom import SBOM_FILE, environment_sbom
 from slipstream.build.measure import Measurer, first_rows
 from slipstream.build.recipe import Recipe
 from slipstream.build.record import CandidateResult
 from slipstream.data.datasets import Dataset
 from slipstream.evaluate.bench import BenchSettings, bench
+from slipstream.runtime.choice import ENGINE_KEY, engine_choice, recorded_choice
 from slipstream.runtime.targets import physical_cores
 
 
@@ -32,8 +34,10 @@ def tune(bundle: Bundle, recipe: Recipe, measurer: Measurer, level: str = "all")
     budget = recipe.bench_time_s / 2
     settings = BenchSettings(batch_sizes=(recipe.batch_size,), warmup_runs=3, min_time_s=budget / 4, max_time_s=budget)
     trials: list[dict[str, Any]] = []
+    # OpenVINO has no execution mode to choose (its streams are the target's inter_op_threads): threads only.
+    modes = ("sequential",) if engine_choice(bundle.manifest).engine == "openvino" else ("sequential", "parallel")
     for threads in sorted({1, physical_cores()}):
-        for mode in ("sequential", "parallel"):
+        for mode in modes:
             engine = measurer.engine(bundle, level, intra_op_threads=threads, execution_mode=mode)
             report = bench(lambda engine=engine: engine, settings, feeds=feeds)  # type: ignore[misc]
             trials.append({"intra_op_threads": threads, "execution_mode": mode, "p50_ms": report.results[0].p50_ms})
@@ -97,12 +101,23 @@ def _package_profiled(
             "batch_size": recipe.batch_size,
             "target": recipe.target,
         }
-    resolved = {**src.manifest.resolved, "session": tuning["chosen"], "build_candidate": result.name}
+    measured = {"latency_p50_ms": m.latency_p50_ms, "batch_size": float(recipe.batch_size)} if m is not None else {}
+    if result.confirmed_gain is not None:
+        measured["gain"] = result.confirmed_gain
+    # Every consumer (serve, bench, export) opens the winner on this engine at this precision (runtime/open.py).
+    choice = recorded_choice(src.manifest, measured).model_dump(mode="json")
+    resolved = {
+        **src.manifest.resolved,
+        "session": tuning["chosen"],
+        "build_candidate": result.name,
+        ENGINE_KEY: choice,
+    }
     manifest = src.manifest.model_copy(update={"metrics": metrics, "resolved": resolved, "name": recipe.name})
     step = Step(
         name="build.select@1",
         config={"candidate": result.name, "recipe": recipe.name},
         input_sha256=src.model_sha256,
     )
-    extra = {PROFILE_FILE: profile.to_json_bytes()}
+    # The environment that built it, as a CycloneDX SBOM: a bundle file like any other, so a signature covers it.
+    extra = {PROFILE_FILE: profile.to_json_bytes(), SBOM_FILE: environment_sbom(manifest)}
     return write_bundle(dest, src.load_model(), manifest, step=step, extra_files=extra, overwrite=True)

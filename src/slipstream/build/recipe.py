@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slipstream.errors import ConfigError
 from slipstream.evaluate.metrics import METRIC_NAMES
+from slipstream.evaluate.robust import RobustnessConfig
 from slipstream.runtime.targets import TargetName
 
 Objective = Literal["latency", "throughput", "size"]
@@ -34,6 +35,12 @@ class Budget(_Strict):
     )
     min_speedup: float = Field(
         default=1.05, ge=1.0, description="A candidate must beat the baseline's objective by this factor to count."
+    )
+    max_robust_accuracy_drop: float | None = Field(
+        default=None,
+        ge=0,
+        description="Largest allowed loss of robust accuracy versus the baseline, over every attack and ε "
+        "measured (see robustness); absolute or relative like max_accuracy_drop. None: not enforced.",
     )
 
 
@@ -69,6 +76,10 @@ class Recipe(_Strict):
         default=2.0, gt=0, le=60, description="Time budget for each candidate's latency measurement, in seconds."
     )
     seed: int = Field(default=0, description="Seed for every random choice.")
+    robustness: RobustnessConfig = Field(
+        default_factory=RobustnessConfig,
+        description="Robust accuracy per candidate: FGSM/PGD from a torch source, noise and SimBA on any bundle.",
+    )
 
     @field_validator("metric")
     @classmethod

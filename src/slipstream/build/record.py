@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
+from slipstream.evaluate.robust import CandidateRobustness, RobustnessSummary
 from slipstream.evaluate.sidebyside import SideBySide
 
 
@@ -52,6 +53,9 @@ class CandidateResult(_Frozen):
         default="all", description="The onnxruntime graph-optimization level it was measured at (resolved)."
     )
     warnings: tuple[str, ...] = ()
+    robustness: CandidateRobustness | None = Field(
+        default=None, description="Clean and robust accuracy on the attack rows (see RunRecord.robustness)."
+    )
 
 
 class LayerSensitivity(_Frozen):
@@ -116,6 +120,9 @@ class RunRecord(_Frozen):
     source_timing: SideBySide | None = Field(
         default=None,
         description="The source framework (torch eager) against the winner: interleaved, at the winner's threads.",
+    )
+    robustness: RobustnessSummary | None = Field(
+        default=None, description="The robustness stage: rows, ε, attacks, cost, or why it did not apply."
     )
     headline: tuple[str, ...] = Field(
         default=(), description="The summary lines the CLI and the report print; every ratio in them is side by side."

@@ -10,6 +10,8 @@ are measured once. Every ratio in the headline is timed side by side (evaluate/s
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import platform
 import tempfile
 import time
@@ -22,11 +24,12 @@ import numpy as np
 
 from slipstream.artifact.bundle import Bundle
 from slipstream.artifact.hashing import sha256_json
-from slipstream.build.ladder import auto_candidates
+from slipstream.build.ladder import auto_candidates, engine_skip
 from slipstream.build.measure import Measurer, first_rows
 from slipstream.build.package import package, tune
 from slipstream.build.recipe import Candidate, Recipe, precheck_recipe_data
 from slipstream.build.record import CandidateMetrics, CandidateResult, RunRecord, SensitivityReport
+from slipstream.build.robustness import measure_robustness
 from slipstream.build.select import quality_drop, select
 from slipstream.build.sensitivity import analyze_sensitivity
 from slipstream.build.torch_source import (
@@ -42,7 +45,8 @@ from slipstream.data.datasets import Dataset, load_dataset
 from slipstream.errors import ConfigError, EngineError, SlipstreamError
 from slipstream.evaluate.metrics import Metric, get_metric
 from slipstream.evaluate.sidebyside import SideBySide
-from slipstream.runtime.targets import physical_cores, target
+from slipstream.runtime.choice import cpu_features, engine_key
+from slipstream.runtime.targets import cpu_model, physical_cores, target
 
 BASELINE = "baseline"
 
@@ -127,6 +131,8 @@ def _machine() -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "physical_cores": physical_cores(),
+        "cpu_model": cpu_model(),
+        "cpu_features": cpu_features(),  # what the engine x precision choice depends on (runtime/choice.py)
     }
 
 
@@ -136,7 +142,11 @@ def _versions() -> dict[str, str]:
 
     from slipstream import __version__
 
-    return {"slipstream": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    found = {"slipstream": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    for optional in ("openvino", "nncf"):
+        if importlib.util.find_spec(optional) is not None:
+            found[optional] = importlib.metadata.version(optional)
+    return found
 
 
 class _Run:
@@ -240,7 +250,7 @@ def _search(
     else:
         chosen = recipe.candidates
     results: list[CandidateResult] = []
-    seen = {baseline_bundle.model_sha256: BASELINE}
+    seen = {engine_key(baseline_bundle.model_sha256, baseline_bundle.manifest): BASELINE}
     best: tuple[float, str] | None = None
     for i, cand in enumerate(chosen):
         notify(BuildEvent("candidate", cand.name, i, len(chosen), best[1] if best else None))
@@ -266,6 +276,13 @@ def _search(
                 )
                 run.record = run.record.model_copy(update={"candidates": tuple(results)})
 
+    notify(BuildEvent(stage="robustness"))
+    summary, robust_base, robust_results = measure_robustness(
+        measurer, baseline_bundle, run.record.baseline, results, torch_ctx
+    )
+    run.record = run.record.model_copy(
+        update={"robustness": summary, "baseline": robust_base, "candidates": tuple(robust_results)}
+    )
     record = run.record
     selection = select(record, recipe.budget)
     # Timings on a shared machine drift; re-time each would-be winner alternately with the baseline and
@@ -354,7 +371,7 @@ def _try_candidate(
     and recorded as the same model (``seen`` maps model sha256 to the first candidate that made it)."""
     started = time.perf_counter()
     labels = tuple(_pass_label(p) for p in cand.passes)
-    if (skip := missing_labels(cand, torch_ctx)) is not None:
+    if (skip := missing_labels(cand, torch_ctx) or engine_skip(cand)) is not None:
         return CandidateResult(name=cand.name, passes=labels, status="skipped", error=skip)
     try:
         refs = [_pass_ref(p) for p in cand.passes]
@@ -383,7 +400,7 @@ def _try_candidate(
             bundle=measured.bundle, cache_hits=measured.cache_hits, duration_s=time.perf_counter() - started,
         )  # fmt: skip
     bundle = Bundle.load(measured.bundle)
-    same_as = seen.setdefault(bundle.model_sha256, cand.name)
+    same_as = seen.setdefault(engine_key(bundle.model_sha256, bundle.manifest), cand.name)
     warnings = [
         str(text)
         for entry in bundle.manifest.resolved.values()

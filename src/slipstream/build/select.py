@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from slipstream.build.recipe import Budget
 from slipstream.build.record import CandidateMetrics, CandidateResult, Rejection, RunRecord, Selection
+from slipstream.evaluate.robust import worst_drop
 
 
 def quality_drop(baseline: float, candidate: float, *, higher_is_better: bool, relative: bool) -> float:
@@ -32,6 +33,34 @@ def gain_text(cand: CandidateResult, first_pass: float) -> str:
 
 def _fmt_drop(drop: float, relative: bool) -> str:
     return f"{100 * drop:.2f} %" if relative else f"{drop:.4f}"
+
+
+def robust_rejection(record: RunRecord, cand: CandidateResult, budget: Budget) -> str | None:
+    """Why ``cand`` breaks ``budget.max_robust_accuracy_drop`` (None: within it, or no such budget)."""
+    allowed = budget.max_robust_accuracy_drop
+    if allowed is None:
+        return None
+    relative = budget.kind == "relative"
+    base, mine = record.baseline.robustness, cand.robustness
+    if base is None or mine is None or base.error is not None or mine.error is not None:
+        why = (
+            (mine.error if mine is not None else None)
+            or (base.error if base is not None else None)
+            or (record.robustness.reason if record.robustness is not None else None)
+            or "no robustness measurement in the run"
+        )
+        return f"robust accuracy not measured ({why}), so budget.max_robust_accuracy_drop cannot be checked"
+    worst = worst_drop(base, mine, relative=relative)
+    if worst is None:
+        return "robust accuracy not measured for any attack the baseline has, so the robust budget cannot be checked"
+    drop, where = worst
+    if drop <= allowed:
+        return None
+    how = "transferred from the source" if where.transfer else "on the candidate itself"
+    return (
+        f"over budget: robust accuracy drop {_fmt_drop(drop, relative)} under {where.attack} at ε "
+        f"{where.eps_of_range:g} of the input range ({how}) > {_fmt_drop(allowed, relative)} allowed"
+    )
 
 
 def select(record: RunRecord, budget: Budget) -> Selection:
@@ -66,6 +95,8 @@ def select(record: RunRecord, budget: Budget) -> Selection:
                     f"{_fmt_drop(budget.max_accuracy_drop, relative)} allowed",
                 )
             )
+        elif (robust := robust_rejection(record, cand, budget)) is not None:
+            rejections.append(Rejection(name=cand.name, reason=robust))
         elif cand.confirmed_gain is not None and cand.confirmed_gain < budget.min_speedup:
             rejections.append(
                 Rejection(

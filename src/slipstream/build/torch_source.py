@@ -22,7 +22,7 @@ from slipstream.data.synthetic import example_inputs
 from slipstream.errors import ConfigError
 from slipstream.evaluate.sidebyside import SideBySide
 from slipstream.evaluate.torch_eager import torch_side_by_side
-from slipstream.runtime.engine import Engine
+from slipstream.runtime.base import EngineBase
 
 if TYPE_CHECKING:
     from slipstream.passes.torch_model import TorchData, TorchModel
@@ -103,7 +103,7 @@ def missing_labels(cand: Candidate, ctx: TorchSourceContext | None) -> str | Non
 
 
 def torch_eager_timing(
-    ctx: TorchSourceContext, engine: Engine, feeds: dict[str, np.ndarray], recipe: Recipe, name: str
+    ctx: TorchSourceContext, engine: EngineBase, feeds: dict[str, np.ndarray], recipe: Recipe, name: str
 ) -> SideBySide:
     """torch eager against ``engine`` (the winner), interleaved, at the engine's threads, after warm-up."""
     budget = recipe.bench_time_s

@@ -12,6 +12,7 @@ from slipstream.cli.deploy import export_command
 from slipstream.cli.monitor import monitor_app
 from slipstream.cli.output import console, parse_dims, parse_ints, print_json, reporting, status
 from slipstream.cli.render import render_bench, render_parity, render_summary
+from slipstream.cli.signing import keygen_command, sign_command, verify_command
 
 if TYPE_CHECKING:
     from slipstream.importers.transformers_dir import Task
@@ -177,7 +178,7 @@ def bench(
     from slipstream.artifact import Bundle
     from slipstream.evaluate.bench import BenchSettings
     from slipstream.evaluate.bench import bench as do_bench
-    from slipstream.runtime import Engine, target
+    from slipstream.runtime import EngineBase, open_engine, target
 
     batches = parse_ints(batch, "--batch")
     dims = parse_dims(dim or [], "--dim")
@@ -186,10 +187,10 @@ def bench(
         tgt = target(target_name, intra_op_threads=threads, allow_fallback=allow_fallback)
         settings = BenchSettings(batch_sizes=batches, dims=dims, max_time_s=max_time)
         with status(f"Benchmarking {b.manifest.name} at batch {', '.join(map(str, batches))}…", quiet=as_json):
-            engines: list[Engine] = []  # bench builds it (timing the load); --compare re-uses it
+            engines: list[EngineBase] = []  # bench builds it (timing the load); --compare re-uses it
 
-            def build_engine() -> Engine:
-                engines.append(Engine(b, tgt))
+            def build_engine() -> EngineBase:
+                engines.append(open_engine(b, tgt))  # the bundle's recorded engine (onnxruntime or OpenVINO)
                 return engines[-1]
 
             report = do_bench(build_engine, settings)
@@ -263,6 +264,9 @@ def serve(
     gc_freeze: Annotated[
         bool, typer.Option(help="gc.freeze() after each model load: steadier p99 (process-wide).")
     ] = True,
+    missing_cpu_features: Annotated[
+        str, typer.Option(help="warn or refuse: a bundle built for CPU features this machine lacks (bf16, VNNI).")
+    ] = "warn",
     monitor_db: Annotated[
         str | None,
         typer.Option(
@@ -319,6 +323,17 @@ def serve(
     monitor_log_max_mb: Annotated[
         float | None, typer.Option(help="Cap on the prediction log's size; past it rows are dropped and counted.")
     ] = None,
+    require_signature: Annotated[
+        bool,
+        typer.Option(help="Serve only versions whose model.sig verifies with --trusted-key and covers every file."),
+    ] = False,
+    trusted_key: Annotated[
+        Path | None, typer.Option(help="The PEM public key signatures must verify with (--require-signature).")
+    ] = None,
+    trusted_certificate: Annotated[
+        list[Path] | None,
+        typer.Option(help="Instead of --trusted-key: a CA certificate signing certificates must chain to."),
+    ] = None,
 ) -> None:
     """Serve a bundle or a model repository over the Open Inference Protocol v2 (REST).
 
@@ -341,6 +356,7 @@ def serve(
         "max_body_bytes": max_body_bytes, "max_id_chars": max_id_chars, "non_finite": non_finite,
         "cors_origins": tuple(cors_origin or ()),
         "intra_op_threads": threads, "poll_interval_s": poll_interval, "access_log": access_log, "gc_freeze": gc_freeze,
+        "missing_cpu_features": missing_cpu_features,
         "http_limits": http_limits, "http_max_header_bytes": max_header_bytes,
         "http_max_header_count": max_header_count, "http_max_request_line_bytes": max_request_line_bytes,
         "http_header_timeout_s": header_timeout, "http_body_idle_timeout_s": body_idle_timeout,
@@ -364,6 +380,8 @@ def serve(
             "group_parameter": group_parameter, "process_nice": monitor_nice, "placement": monitor_placement,
             "standby": monitor_standby, "restart_max_s": monitor_restart_max, "log_max_mb": monitor_log_max_mb,
         },
+        "signing": {"require_signature": require_signature, "trusted_key": trusted_key,
+                    "certificate_chain": tuple(trusted_certificate or ())},
     }  # fmt: skip
     if threads is None:  # unset: each bundle's tuned resolved["session"] applies (serve/repository.py)
         options.pop("intra_op_threads")
@@ -449,6 +467,9 @@ def demo(
 
 
 app.command("export")(export_command)
+app.command("sign")(sign_command)
+app.command("verify")(verify_command)
+app.command("keygen")(keygen_command)
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(analyze_app, name="analyze")
 

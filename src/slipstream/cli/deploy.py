@@ -39,6 +39,10 @@ def export_command(
     operator_set: Annotated[str | None, typer.Option(help="Edge: a named minimal operator set (mlp, cnn...).")] = None,
     parity_data: Annotated[Path | None, typer.Option(help="Edge: real inputs (.npz) for the parity check.")] = None,
     wheel: Annotated[Path | None, typer.Option(help="Container: slipstream's wheel (default: built here).")] = None,
+    trusted_key: Annotated[
+        Path | None,
+        typer.Option(help="Container/Ray: the public key the bundles are signed with; the server then requires it."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
@@ -65,6 +69,7 @@ def export_command(
         "operator_set": operator_set,
         "parity_data": parity_data,
         "wheel": wheel,
+        "trusted_key": trusted_key,
         "overwrite": overwrite,
     }
 

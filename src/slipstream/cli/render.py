@@ -89,6 +89,12 @@ def render_summary(s: BundleSummary) -> None:
     console.print(lineage)
     if s.metrics:
         console.print("metrics:", s.metrics)
+    console.print(
+        f"signature: {escape(s.signature or 'none (slipstream sign BUNDLE --key private.pem)')}", highlight=False
+    )
+    console.print(f"build SBOM: {escape(s.sbom or 'none (written by slipstream build)')}", highlight=False)
+    if s.image_sbom is not None:
+        console.print(f"image SBOM: {escape(s.image_sbom)}", highlight=False)
 
 
 def render_bench(r: BenchReport) -> None:

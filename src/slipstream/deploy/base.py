@@ -141,6 +141,11 @@ class DeployOptions(Frozen):
     wheel: Path | None = Field(
         default=None, description="Container: the slipstream wheel to install; default: built from the source tree."
     )
+    trusted_key: Path | None = Field(
+        default=None,
+        description="Container and Ray: the PEM public key every bundle must be signed with (checked at export); "
+        "the export carries it, and the server starts with --require-signature.",
+    )
     overwrite: bool = Field(default=False, description="Replace an existing output directory.")
 
     @model_validator(mode="after")

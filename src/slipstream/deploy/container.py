@@ -5,6 +5,9 @@
     DIR/wheels/              the slipstream wheel itself
     DIR/model/               the bundle, or the repository, as verified here
     DIR/entrypoint.sh        verifies every bundle again, then execs `slipstream serve`
+    DIR/sbom.cdx.json        the image's CycloneDX bill of materials: the lock's packages and slipstream
+    DIR/trusted_key.pem      with --trusted-key: the key the bundles' model.sig must verify with; the entrypoint then
+                             verifies the signatures and serves with --require-signature
 
 Only the serving and monitoring extras go in: no torch and no TensorFlow, which the test of this target shows
 by installing the same wheel and lock into a fresh venv and serving from it with the entrypoint's command.
@@ -18,13 +21,18 @@ import sys
 from pathlib import Path
 from typing import ClassVar
 
+from slipstream.artifact.manifest import current_version
+from slipstream.artifact.sbom import SBOM_FILE, lock_sbom
 from slipstream.deploy.base import DeployOptions, DeploySource, host_architecture
 from slipstream.deploy.files import copy_bundle
 from slipstream.deploy.lock import SERVE_EXTRAS, lock_text, runtime_lock
 from slipstream.deploy.resources import build_target
+from slipstream.deploy.signed import TRUSTED_KEY_FILE, copy_trusted_key, signature_refusals
 from slipstream.errors import ConfigError
+from slipstream.runtime.choice import engine_choice
 
 MODEL_DIR = "/srv/model"
+TRUSTED_KEY = f"/srv/{TRUSTED_KEY_FILE}"
 ENTRYPOINT = "entrypoint.sh"
 USER_ID = 10001
 # What the entrypoint runs, with the model directory and port from the environment: the test runs these lines.
@@ -37,6 +45,20 @@ PORT="${PORT:-8000}"
 HOST="${HOST:-0.0.0.0}"
 python -m slipstream.deploy.verify "$MODEL_DIR"
 exec slipstream serve "$MODEL_DIR" --host "$HOST" --port "$PORT" "$@"
+"""
+# A signed export (--trusted-key): the signatures are verified too, and the server requires them.
+SIGNED_ENTRYPOINT_SCRIPT = """#!/bin/sh
+# Written by `slipstream export --to container --trusted-key ...`. Verifies every bundle's signature (model.sig,
+# against the trusted key) and files, then serves with --require-signature, so a version is refused at start and
+# at reload unless it is signed by that key. Off loopback the server needs API keys: pass SLIPSTREAM_API_KEYS.
+set -eu
+MODEL_DIR="${SLIPSTREAM_MODEL_DIR:-/srv/model}"
+PORT="${PORT:-8000}"
+HOST="${HOST:-0.0.0.0}"
+TRUSTED_KEY="${SLIPSTREAM_TRUSTED_KEY:-/srv/trusted_key.pem}"
+python -m slipstream.deploy.verify "$MODEL_DIR" --trusted-key "$TRUSTED_KEY"
+exec slipstream serve "$MODEL_DIR" --require-signature --trusted-key "$TRUSTED_KEY" \\
+  --host "$HOST" --port "$PORT" "$@"
 """
 _PLATFORMS = {"x86_64": "linux/amd64", "aarch64": "linux/arm64"}
 
@@ -58,7 +80,7 @@ class ContainerDeployer:
     def refusals(self, source: DeploySource, options: DeployOptions) -> list[str]:
         from slipstream.runtime.engine import full_range_int8
 
-        reasons = []
+        reasons = signature_refusals(source, options)
         if options.wheel is not None and not (options.wheel.is_file() and options.wheel.suffix == ".whl"):
             reasons.append(f"--wheel '{options.wheel}' is not a wheel file")
         elif options.wheel is None and source_tree() is None:
@@ -89,18 +111,26 @@ class ContainerDeployer:
         wheel = _wheel(options, into / "wheels")
         written.append(wheel)
         lock = into / "requirements.lock"
+        extras = (*SERVE_EXTRAS, "signing") if options.trusted_key is not None else SERVE_EXTRAS
+        if any(engine_choice(item.bundle.manifest).engine == "openvino" for item in source.bundles):
+            extras = (*extras, "openvino")  # the build chose OpenVINO for a model: the image runs it there
         header = (
-            f"slipstream[{','.join(SERVE_EXTRAS)}] runtime closure, pinned at the versions installed where it was "
+            f"slipstream[{','.join(extras)}] runtime closure, pinned at the versions installed where it was "
             f"exported\n(Python {sys.version.split()[0]}, {host_architecture()}). Installed with --no-deps: "
             "exactly these."
         )
-        lock.write_text(lock_text(runtime_lock(), header), encoding="utf-8")
+        pins = runtime_lock(extras)
+        lock.write_text(lock_text(pins, header), encoding="utf-8")
+        sbom = into / SBOM_FILE
+        sbom.write_bytes(lock_sbom({**pins, "slipstream": current_version()}, options.image))
         entrypoint = into / ENTRYPOINT
-        entrypoint.write_text(ENTRYPOINT_SCRIPT, encoding="utf-8")
+        signed = options.trusted_key is not None
+        entrypoint.write_text(SIGNED_ENTRYPOINT_SCRIPT if signed else ENTRYPOINT_SCRIPT, encoding="utf-8")
         entrypoint.chmod(0o755)
+        key = copy_trusted_key(options, into)
         dockerfile = into / "Dockerfile"
         dockerfile.write_text(dockerfile_text(options, wheel.name), encoding="utf-8")
-        return [*written, lock, entrypoint, dockerfile]
+        return [*written, lock, sbom, entrypoint, *key, dockerfile]
 
 
 def _wheel(options: DeployOptions, dest: Path) -> Path:
@@ -135,6 +165,7 @@ def dockerfile_text(options: DeployOptions, wheel_name: str) -> str:
         "import os, urllib.request; "
         "urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8000')}/v2/health/ready\", timeout=2)"
     )
+    key_copy = f"COPY {TRUSTED_KEY_FILE} {TRUSTED_KEY}\n" if options.trusted_key is not None else ""
     return f"""# Written by `slipstream export --to container`.
 #   docker build --platform {platform} -t {options.image} .
 #   docker run -p {options.port}:{options.port} -e SLIPSTREAM_API_KEYS="$(cat keys.txt)" {options.image}
@@ -152,7 +183,7 @@ RUN pip install --no-deps -r /tmp/requirements.lock \\
 
 RUN useradd --system --uid {USER_ID} --no-create-home --shell /usr/sbin/nologin slipstream
 COPY model/ {MODEL_DIR}/
-COPY {ENTRYPOINT} /usr/local/bin/slipstream-entrypoint
+{key_copy}COPY {ENTRYPOINT} /usr/local/bin/slipstream-entrypoint
 RUN chmod 0755 /usr/local/bin/slipstream-entrypoint && chmod -R a+rX,go-w {MODEL_DIR}
 
 USER {USER_ID}

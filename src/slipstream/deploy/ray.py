@@ -5,6 +5,7 @@ What is written (``slipstream export BUNDLE --to ray -o DIR``)::
     DIR/serve_config.yaml    Ray's own config schema (ServeDeploySchema): replicas or autoscaling, CPUs
     DIR/slipstream_app.py    the application builder that config's import_path names
     DIR/model/               the verified bundle (or DIR/repository/<model>/<version>/ for a repository)
+    DIR/trusted_key.pem      with --trusted-key: every replica serves with require_signature and this key
 
 Each replica is slipstream's own ASGI app (``slipstream.serve.app.create_app``) behind ``serve.ingress``
 (slipstream.deploy.ray_replica), so the protocol, the guard, batching and metrics are those of
@@ -27,6 +28,7 @@ from pydantic import Field
 
 from slipstream.deploy.base import DeployOptions, DeploySource
 from slipstream.deploy.resources import batchable, cpus_for
+from slipstream.deploy.signed import TRUSTED_KEY_FILE, copy_trusted_key, signature_refusals
 from slipstream.errors import ConfigError
 from slipstream.frozen import Frozen
 from slipstream.monitor.location import parse_location
@@ -77,7 +79,7 @@ class RayDeployer:
     name: ClassVar[str] = "ray"
 
     def refusals(self, source: DeploySource, options: DeployOptions) -> list[str]:
-        reasons = []
+        reasons = signature_refusals(source, options)
         if options.monitor_db is not None:
             try:
                 parse_location(options.monitor_db, field="monitor_db")
@@ -117,7 +119,7 @@ class RayDeployer:
         config = serve_config(source, options, args)
         (into / CONFIG_FILE).write_text(_HEADER + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         (into / MODULE_FILE).write_text(_MODULE, encoding="utf-8")
-        return [*written, into / CONFIG_FILE, into / MODULE_FILE]
+        return [*written, *copy_trusted_key(options, into), into / CONFIG_FILE, into / MODULE_FILE]
 
 
 def app_args(source: DeploySource, options: DeployOptions, *, root: str, monitor_db: str | None = None) -> RayAppArgs:
@@ -136,11 +138,23 @@ def app_args(source: DeploySource, options: DeployOptions, *, root: str, monitor
         batching["max_batch_size"] = options.max_batch_size
     if options.max_queue_delay_us is not None:
         batching["max_queue_delay_ms"] = options.max_queue_delay_us / 1000
-    settings = ServeSettings.model_validate({"host": "0.0.0.0", "batching": batching})
+    fields: dict[str, Any] = {"host": "0.0.0.0", "batching": batching}
+    if options.trusted_key is not None:  # relative to the application's directory: see anchored()
+        fields["signing"] = {"require_signature": True, "trusted_key": TRUSTED_KEY_FILE}
+    settings = ServeSettings.model_validate(fields)
     models = tuple(
         ExportedModel(name=b.name, version=b.version, model_sha256=b.bundle.model_sha256) for b in source.bundles
     )
     return RayAppArgs(root=root, models=models, settings=settings, monitor_db=monitor_db)
+
+
+def anchored(args: RayAppArgs, here: Path) -> RayAppArgs:
+    """``args`` with a relative trusted key resolved against the application's directory ``here`` on the node."""
+    signing = args.settings.signing
+    if signing.trusted_key is None or signing.trusted_key.is_absolute():
+        return args
+    resolved = signing.model_copy(update={"trusted_key": here / signing.trusted_key})
+    return args.model_copy(update={"settings": args.settings.model_copy(update={"signing": resolved})})
 
 
 def serve_config(source: DeploySource, options: DeployOptions, args: RayAppArgs) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from slipstream.deploy.base import DeploySource
-from slipstream.deploy.ray import DEPLOYMENT_NAME, RayAppArgs
+from slipstream.deploy.ray import DEPLOYMENT_NAME, RayAppArgs, anchored
 from slipstream.errors import BundleError, MissingDependencyError, ServingError
 from slipstream.monitor.location import parse_location
 from slipstream.serve.app import SlipstreamApp, create_app
@@ -104,7 +104,7 @@ class SlipstreamReplica:
 
 def application(here: Path, args: Mapping[str, Any]) -> Any:
     """The Serve application of an export: ``args`` from serve_config.yaml, paths relative to ``here``."""
-    parsed = RayAppArgs.model_validate(dict(args))
+    parsed = anchored(RayAppArgs.model_validate(dict(args)), here)
     root = Path(parsed.root)
     root = root if root.is_absolute() else here / root
     deployment: Any = SlipstreamReplica  # a serve.Deployment; Ray's decorators are untyped for mypy

@@ -59,17 +59,17 @@ class Footprint:
 
 
 def measure_footprint(bundle: Bundle) -> Footprint:
-    """Load the bundle in onnxruntime, run a warm-up batch, and take the growth of this process's resident memory.
+    """Load the bundle on its recorded engine, run a warm-up batch, and take the growth of this process's memory.
 
     The figure is a lower bound of what the session holds (memory freed back to the allocator earlier may be
     reused), so the request adds the serving baseline and headroom; the limit is twice the request.
     """
-    from slipstream.runtime import Engine, Target
+    from slipstream.runtime import Target, open_engine
 
     gc.collect()
     process = psutil.Process()
     before = process.memory_info().rss
-    engine = Engine(bundle, Target(intra_op_threads=1))
+    engine = open_engine(bundle, Target(intra_op_threads=1))  # onnxruntime or OpenVINO, as it will serve
     engine.run(placeholder_feeds(bundle.manifest.inputs))
     session_mb = max(process.memory_info().rss - before, 0) / 2**20
     del engine

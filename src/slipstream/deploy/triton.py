@@ -124,6 +124,7 @@ def model_config(item: SourceBundle, options: DeployOptions) -> str:
     elif accelerator == "openvino":
         config["optimization"] = {"execution_accelerators": {"cpu_execution_accelerator": [{"name": "openvino"}]}}
     notes.append(f"Execution accelerator: {accelerator} (bundle build target: {build_target(item.bundle) or 'none'}).")
+    notes.extend(_engine_notes(item))
     return pbtxt.dumps(config, comment="\n".join(notes))
 
 
@@ -171,5 +172,25 @@ def _tensor(spec: TensorSpec, batch: bool) -> pbtxt.Value:
 def _accelerator(item: SourceBundle, options: DeployOptions) -> str:
     if options.accelerator != "auto":
         return options.accelerator
+    from slipstream.runtime.choice import engine_choice
+
+    if engine_choice(item.bundle.manifest).engine == "openvino":  # the build chose OpenVINO: its accelerator
+        return "openvino"
     target = build_target(item.bundle)
     return target if target in ("tensorrt", "openvino") else "none"
+
+
+def _engine_notes(item: SourceBundle) -> list[str]:
+    """What the build chose to run the model on, so a reader of config.pbtxt sees the precision it measured."""
+    from slipstream.runtime.choice import engine_choice
+
+    choice = engine_choice(item.bundle.manifest)
+    if choice.engine != "openvino":
+        return []
+    text = f"The bundle records OpenVINO at {choice.precision} (inference precision {choice.inference_precision})"
+    if choice.inference_precision == "bf16":
+        text += (
+            "; Triton's OpenVINO accelerator picks its own precision (bf16 only on AMX CPUs): serve with "
+            "`slipstream serve` to run exactly what the build measured"
+        )
+    return [text + "."]

@@ -15,7 +15,7 @@ from slipstream.data.synthetic import example_inputs
 from slipstream.errors import ConfigError
 from slipstream.evaluate.flops import PeakEstimate, count_work, estimate_peak_gflops
 from slipstream.evaluate.sidebyside import SideBySide
-from slipstream.runtime.engine import Engine, EngineInfo
+from slipstream.runtime.base import EngineBase, EngineInfo
 
 Clock = Callable[[], float]
 
@@ -130,7 +130,7 @@ def time_batch(
 
 
 def bench(
-    engine_factory: Callable[[], Engine],
+    engine_factory: Callable[[], EngineBase],
     settings: BenchSettings | None = None,
     *,
     feeds: Mapping[int, Mapping[str, np.ndarray]] | None = None,

@@ -7,10 +7,10 @@ import numpy as np
 from slipstream.data.datasets import Dataset
 from slipstream.errors import DataError
 from slipstream.evaluate.metrics import Metric
-from slipstream.runtime.engine import Engine
+from slipstream.runtime.base import EngineBase
 
 
-def predict(engine: Engine, dataset: Dataset, batch_size: int = 256, output: str | None = None) -> np.ndarray:
+def predict(engine: EngineBase, dataset: Dataset, batch_size: int = 256, output: str | None = None) -> np.ndarray:
     """The model's ``output`` (default: its first) for every row, batched."""
     name = output or engine.outputs[0].name
     parts = [engine.run(feeds, [name])[name] for feeds, _ in dataset.batches(batch_size)]

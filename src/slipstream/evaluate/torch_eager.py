@@ -17,7 +17,7 @@ import numpy as np
 from slipstream.data.synthetic import example_inputs
 from slipstream.evaluate.bench import BenchSettings
 from slipstream.evaluate.sidebyside import Clock, SideBySide, interleave, side_by_side
-from slipstream.runtime.engine import Engine
+from slipstream.runtime.base import EngineBase
 
 TORCH_EAGER = "torch eager (fp32)"
 # torch's first calls build its kernels and grow its allocator: warm it up well, to be fair to it.
@@ -26,7 +26,7 @@ TORCH_WARMUP_RUNS = 20
 
 def torch_side_by_side(
     module: Any,
-    engine: Engine,
+    engine: EngineBase,
     feeds: Mapping[str, np.ndarray],
     *,
     subject: str,
@@ -64,7 +64,7 @@ def torch_side_by_side(
 
 
 def compare_torch_source(
-    source: str, engine: Engine, settings: BenchSettings, *, trust_pickle: bool = False
+    source: str, engine: EngineBase, settings: BenchSettings, *, trust_pickle: bool = False
 ) -> tuple[SideBySide, ...]:
     """Time the torch source (entry point, TorchScript, .pt2) side by side with ``engine`` at each batch size."""
     from slipstream.importers.torch_sources import load_torch_module

@@ -9,7 +9,9 @@ gap that sampling noise alone could explain never fires. A firing interval rule 
 estimate is back on the good side of the threshold; while only the interval still reaches past it, the rule is
 undecided and stays as it is, and the reason says so.
 
-Every transition is logged and returned as an :class:`AlertEvent`; a :class:`Webhook` posts events as JSON
+Per-key rules (extraction, boundary probing) name their keys: the monitor passes a note per metric
+(:meth:`AlertManager.explain`), added to the reason while the rule holds. Every transition is logged and
+returned as an :class:`AlertEvent`; a :class:`Webhook` posts events as JSON
 from its own thread through a bounded queue, so neither evaluating rules nor a slow receiver ever blocks a
 caller. A metric with no value (``None``) leaves the state as it is.
 """
@@ -99,6 +101,8 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
     AlertRule(name="prediction_log_drops", metric="store.dropped", threshold=0, direction="above"),
     AlertRule(name="out_of_distribution", metric="threats.ood_share", threshold=0.05, direction="above"),
     AlertRule(name="model_extraction", metric="threats.suspicious_keys", threshold=0, direction="above"),
+    # The keys whose rows sit near the decision boundary far more often than the reference's (monitor.probing).
+    AlertRule(name="boundary_probing", metric="threats.probing_keys", threshold=0, direction="above"),
     AlertRule(
         name="model_integrity", metric="threats.integrity_ok", threshold=0.5, direction="below", severity="critical"
     ),
@@ -181,6 +185,13 @@ class AlertManager:
             for r in self.config.rules
         }
         self.webhook = Webhook(self.config) if self.config.webhook_url else None
+        self._notes: dict[str, str] = {}
+
+    def explain(self, notes: Mapping[str, str]) -> None:
+        """What the next steps add to the reason of a holding rule on each metric (e.g. which keys); replaces
+        the notes given before."""
+        with self._lock:
+            self._notes = {k: v for k, v in notes.items() if v}
 
     def update(self, metrics: Mapping[str, float | None], now: float | None = None) -> list[AlertEvent]:
         """Step every rule with fresh metric values, then log the transitions and send them to the webhook."""
@@ -209,6 +220,8 @@ class AlertManager:
                 old = self._states[rule.name]
                 holds = _holds(rule, float(bound))
                 reason = _describe(rule, value, low, high)
+                if holds and rule.metric in self._notes:
+                    reason = f"{reason}: {self._notes[rule.metric]}"
                 state, since = old.state, old.since
                 if holds:
                     if old.state in ("inactive", "resolved"):

@@ -5,7 +5,8 @@ microsecond, never blocks or raises; a full deque drops and counts). :func:`colu
 into :class:`Columns`, one per tensor signature: the rows of every request side by side, cheap to build and
 to send to another process (the server ships them to its monitor process). :meth:`Ingestor.ingest` then does
 the work, vectorized: features, out-of-distribution scores, predictions, the rolling drift window, per-key
-extraction tracking, sampling, and the prediction-log batch. :meth:`Ingestor.drain` is both in one process.
+extraction and boundary-probing tracking, sampling, and the prediction-log batch. :meth:`Ingestor.drain` is
+both in one process.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from slipstream.monitor.categorical import by_tensor, tensor_codes
 from slipstream.monitor.content import EMBEDDING_OUTPUT
 from slipstream.monitor.features import featurize
+from slipstream.monitor.probing import top2_margin
 from slipstream.monitor.profile import Profile, predictions
 from slipstream.monitor.records import PredictionBatch
 from slipstream.monitor.store import Store
@@ -316,19 +318,11 @@ class Ingestor:
         spec = self.profile.prediction if self.profile is not None else None
         if spec is not None and spec.output in raw_out:
             pred, conf = predictions(spec, raw_out[spec.output])
-        if z is not None:
-            keys = set(cols.key_ids)
-            if len(keys) == 1:  # one caller (or one key) sent the whole batch: no per-request grouping
-                (key,) = keys
-                if key is not None:
-                    self.extraction.record_many(key, z[starts], cols.ts.tolist())
-            else:
-                by_key: dict[str, list[int]] = {}
-                for idx, key in enumerate(cols.key_ids):
-                    if key is not None:
-                        by_key.setdefault(key, []).append(idx)
-                for key, idxs in by_key.items():  # one vectorized comparison per key and batch
-                    self.extraction.record_many(key, z[starts[idxs]], cols.ts[idxs].tolist())
+        margins = None
+        if self.extraction.probing is not None and spec is not None and spec.output in raw_out:
+            margins = top2_margin(spec.kind, raw_out[spec.output])
+        # Per key: the near-duplicate comparison (one vectorized one per key and batch) and the probing count.
+        self.extraction.record_batch(cols.key_ids, cols.ts, starts, counts, z, margins)
         sampled = self._rng.random(total) < self.s.sample_rate
         with self._lock:
             self.requests += cols.requests

@@ -3,8 +3,9 @@
 Stored as ``profile.json`` in a bundle (a new bundle, step ``profile@1``). Everything the server needs to
 compare a window with the reference is prepared here once: decile bin edges and the reference's fraction in
 each bin, quantiles, mean and std, class frequencies, the confidence calibration for label-free accuracy
-estimates, a PCA basis for the multivariate drift signal and the per-request out-of-distribution score, and
-reference samples of the model's probabilities and embedding for the content tests (:mod:`.content`).
+estimates, a PCA basis for the multivariate drift signal and the per-request out-of-distribution score,
+reference samples of the model's probabilities and embedding for the content tests (:mod:`.content`), and a
+classifier's top-2 margins for the boundary-probing signal (:mod:`.probing`).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from slipstream.monitor._blas import cross
 from slipstream.monitor.categorical import CategoricalFeature, categorical_inputs, is_categorical
 from slipstream.monitor.content import EMBEDDING_OUTPUT, ContentReference, build_content_reference
 from slipstream.monitor.features import TensorKind, channel_pixels, feature_names, featurize, tensor_kind
+from slipstream.monitor.probing import MarginReference, margin_reference
 
 if TYPE_CHECKING:
     from slipstream.data.datasets import Dataset
 
 PROFILE_FILE = "profile.json"
-PROFILE_SCHEMA_VERSION = 3  # 2: ``content``; 3: ``categorical`` (string columns); versions 1 and 2 still load
+PROFILE_SCHEMA_VERSION = 4  # 2: ``content``; 3: ``categorical``; 4: ``margin``; versions 1 to 3 still load
 PROFILE_STEP = "profile@1"
 QUANTILE_LEVELS: tuple[float, ...] = (0.0, 0.01, 0.05, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
 QUANTILE_LEVELS += (0.95, 0.99, 1.0)
@@ -159,6 +161,9 @@ class Profile(Frozen):
     )
     categorical: list[CategoricalFeature] = Field(
         default_factory=list, description="String (BYTES) input columns as categories (monitor.categorical)."
+    )
+    margin: MarginReference | None = Field(
+        default=None, description="Classifiers: the top-2 margins (monitor.probing); None before schema 4."
     )
 
     def to_json_bytes(self) -> bytes:
@@ -414,6 +419,7 @@ def build_profile(
         multivariate=_multivariate(np.concatenate(feats, axis=1), cfg) if feats else None,
         content=content,
         categorical=categorical,
+        margin=margin_reference(kind, np.asarray(outputs[out_name])) if task == "classification" else None,
     )
 
 
@@ -464,11 +470,11 @@ def profile_from_bundle(
     *,
     batch_size: int = 256,
 ) -> Profile:
-    """Run the bundle's model (onnxruntime, CPU) on reference inputs and profile inputs and outputs."""
+    """Run the bundle's model (on its recorded engine, CPU) on reference inputs and profile inputs and outputs."""
     from slipstream.artifact.bundle import Bundle
-    from slipstream.runtime.engine import Engine
+    from slipstream.runtime.open import open_engine
 
-    engine = Engine(Bundle.load(bundle_dir))
+    engine = open_engine(Bundle.load(bundle_dir))  # the engine the bundle records, as serve runs it
     fetch = [s.name for s in engine.outputs] + list(engine.monitoring_outputs)  # the embedding, when exposed
     n = next(iter(inputs.values())).shape[0]
     parts: dict[str, list[np.ndarray]] = {}

@@ -355,6 +355,8 @@ def render_html(s: DbSummary) -> str:
         rows = [[f"rejected: {k}", str(v)] for k, v in (rejected.items() if isinstance(rejected, dict) else [])]
         rows += [[f"failed auth: {k}", str(v)] for k, v in (failed.items() if isinstance(failed, dict) else [])]
         rows += [[f"suspicious key {a.key_id}", a.reason] for a in sec.suspicious_keys]
+        rows += [[f"boundary probing by key {a.key_id}", a.reason] for a in sec.probing_keys]
+        rows += [["note", note] for note in sec.notes]
         if sec.integrity is not None:
             rows.append(["model files", "verified" if sec.integrity.ok else f"FAILED: {sec.integrity.error}"])
         security.append(_table(["event", "detail"], rows or [["none", ""]]))

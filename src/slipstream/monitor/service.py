@@ -6,7 +6,7 @@ bundle_dir=)``), call :meth:`Monitor.start` (its thread ingests every ``ingest_i
 
 Per request, after inference, the server calls :meth:`Monitor.observe`: it appends a reference to the
 request's arrays to a bounded queue (about a microsecond; never blocks, never raises). Everything else
-(features, drift window, out-of-distribution score, per-key extraction tracking, sampling, the log batch)
+(features, drift window, out-of-distribution score, per-key extraction and probing tracking, sampling, the log batch)
 happens on the monitor thread, vectorized over whatever arrived since the last pass. Optionally, before
 inference, :meth:`Monitor.screen` scores the inputs (~5 µs for one row) and says whether to refuse them.
 Labels arrive through :meth:`Monitor.feedback_many`. Drift, quality, fairness, alert rules and the integrity
@@ -32,6 +32,7 @@ from slipstream.monitor.content import ContentDrift
 from slipstream.monitor.drift import DriftDetector, DriftReport
 from slipstream.monitor.fairness import FairnessReport, fairness_metrics, fairness_report
 from slipstream.monitor.ingest import Ingestor, IngestSettings, PendingRow, WindowView
+from slipstream.monitor.probing import probing_test
 from slipstream.monitor.profile import Profile
 from slipstream.monitor.quality import QualityMonitor, QualityReport
 from slipstream.monitor.records import Feedback, Snapshot
@@ -41,6 +42,7 @@ from slipstream.monitor.store import Store
 from slipstream.monitor.threats import (
     ExtractionWatch,
     IntegrityWatch,
+    KeyActivity,
     OODScorer,
     SecurityCounters,
 )
@@ -141,6 +143,14 @@ def _percentiles(latency_ms: np.ndarray | None) -> dict[str, float]:
     return dict(zip(("p50", "p90", "p99"), np.percentile(latency_ms, [50, 90, 99]).tolist(), strict=True))
 
 
+def _keys_note(keys: list[KeyActivity] | None, shown: int = 3) -> str:
+    """The flagged keys for an alert's reason: the first few, each with why."""
+    if not keys:
+        return ""
+    named = "; ".join(f"key {a.key_id}: {a.reason}" for a in keys[:shown])
+    return named + (f"; and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
 def check_feedback(items: Iterable[tuple[str, float]], now: float) -> list[Feedback]:
     """Labels as :class:`Feedback`; raises InputError (400) naming every bad entry, so that a client's bad
     batch is refused whole (a label must be a finite number, an id a non-empty string)."""
@@ -187,7 +197,19 @@ class Monitor(RequestPath):
         self.content = ContentDrift(profile.content, c.content_drift) if profile is not None else None
         self.quality = QualityMonitor(profile, c.quality) if profile is not None and profile.prediction else None
         self.scorer = OODScorer(profile) if profile is not None and profile.multivariate is not None else None
-        self.extraction = ExtractionWatch(c.threats, clock=clock)
+        t = c.threats
+        probing, off = probing_test(
+            profile,
+            quantile=t.probing_quantile,
+            window_s=t.probing_window_s,
+            min_requests=t.probing_min_requests,
+            min_share=t.probing_min_share,
+            alpha=t.probing_alpha,
+        )
+        self.security_notes = [off] if off is not None and profile is not None else []
+        for note in self.security_notes:  # once per monitored version; the status shows it on
+            log.info("monitor %s/%s: %s", model, version, note)
+        self.extraction = ExtractionWatch(c.threats, clock=clock, probing=probing)
         self.counters = SecurityCounters()
         self.integrity = (
             IntegrityWatch(bundle_dir, interval_s=c.threats.integrity_interval_s, clock=clock) if bundle_dir else None
@@ -346,6 +368,10 @@ class Monitor(RequestPath):
         store_counts = self.store.counts() if self.store is not None else {}
         dropped = store_counts.get("dropped", 0)
         suspicious = self.extraction.suspicious_keys(now)
+        probing = self.extraction.probing_keys(now)
+        self.alerts.explain(
+            {"threats.suspicious_keys": _keys_note(suspicious), "threats.probing_keys": _keys_note(probing)}
+        )
         ood_share = float(ood.mean()) if ood is not None and ood.size else None
         metrics: dict[str, float | None] = {
             "drift.drifted_features": float(len(drift.drifted_features)) if drift and drift.judged else None,
@@ -374,6 +400,7 @@ class Monitor(RequestPath):
             "store.dropped_total": float(dropped) if self.store is not None else None,
             "threats.ood_share": ood_share,
             "threats.suspicious_keys": float(len(suspicious)),
+            "threats.probing_keys": None if probing is None else float(len(probing)),
             "threats.integrity_ok": None if integrity is None else float(integrity.ok),
             "monitor.observe_errors": float(errors),
             "monitor.ingest_dropped": float(ing.dropped),
@@ -397,7 +424,12 @@ class Monitor(RequestPath):
             quality=quality,
             fairness=fairness,
             security=SecuritySummary(
-                counters=self.counters.snapshot(), ood_share=ood_share, suspicious_keys=suspicious, integrity=integrity
+                counters=self.counters.snapshot(),
+                ood_share=ood_share,
+                suspicious_keys=suspicious,
+                integrity=integrity,
+                probing_keys=probing or [],
+                notes=self.security_notes,
             ),
             store=store_counts,
             alerts=self.alerts.states(),

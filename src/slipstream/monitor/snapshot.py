@@ -45,6 +45,10 @@ class SecuritySummary(Frozen):
     ood_share: float | None = Field(description="Share of window rows above the OOD threshold.")
     suspicious_keys: list[KeyActivity]
     integrity: IntegrityStatus | None
+    probing_keys: list[KeyActivity] = Field(
+        default_factory=list, description="Keys whose requests sit near the decision boundary (monitor.probing)."
+    )
+    notes: list[str] = Field(default_factory=list, description="Why a security signal is off, e.g. boundary probing.")
 
 
 class MonitorSnapshot(Frozen):

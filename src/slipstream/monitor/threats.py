@@ -4,7 +4,9 @@ and the integrity of the model files on disk.
 * :class:`OODScorer`: per row, the PCA reconstruction error of the standardized input features divided by
   the reference's 99th percentile (so ~1 is the edge of the reference; NaN or inf inputs score inf).
 * :class:`ExtractionWatch`: per API key, the request volume in a sliding window and the share of requests
-  that nearly repeat one of the key's recent inputs (probing a decision boundary by small steps).
+  that nearly repeat one of the key's recent inputs (probing a decision boundary by small steps); and, given
+  a :class:`~.probing.ProbingTest`, the share of the key's rows whose top-2 margin sits far below the
+  reference's (probing the boundary by any steps: :mod:`.probing`).
 * :class:`SecurityCounters`: plain thread-safe counters the server increments (rejections by reason,
   failed authentication, out-of-distribution rows seen and refused).
 * :class:`IntegrityWatch`: re-hashes the bundle's files against its manifest, on demand or when due.
@@ -17,9 +19,10 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -28,6 +31,7 @@ from slipstream.errors import ConfigError, SlipstreamError
 from slipstream.frozen import Frozen
 from slipstream.monitor._blas import cross
 from slipstream.monitor.features import featurize
+from slipstream.monitor.probing import BUCKETS_PER_WINDOW, ProbeCounts, ProbingTest
 from slipstream.monitor.profile import Profile, reconstruction_error
 
 
@@ -46,6 +50,17 @@ class ThreatConfig(Frozen):
     history_per_key: int = Field(default=64, ge=1, description="Recent inputs kept per key for the comparison.")
     max_keys: int = Field(default=10_000, ge=1, description="Keys tracked at once (least recent evicted).")
     integrity_interval_s: float = Field(default=300.0, gt=0, description="How often the bundle is re-hashed.")
+    probing_quantile: float = Field(
+        default=0.05, ge=0.001, le=0.1, description="A row is near the boundary below this reference margin quantile."
+    )
+    probing_window_s: float = Field(default=300.0, gt=0, description="Sliding window of a key's rows for probing.")
+    probing_min_requests: int = Field(default=30, ge=1, description="Below this many rows a key is not judged.")
+    probing_min_share: float = Field(
+        default=0.25, gt=0, le=1, description="Flag only a key with at least this share of its rows near the boundary."
+    )
+    probing_alpha: float = Field(
+        default=1e-6, gt=0, lt=1, description="False-alarm probability per evaluation, shared by the keys judged."
+    )
 
 
 class OODScorer:
@@ -116,6 +131,7 @@ class _KeyState:
     history: np.ndarray | None = None  # [history_per_key, features] ring of recent standardized inputs
     filled: int = 0
     next: int = 0
+    probes: ProbeCounts | None = None  # rows and rows near the decision boundary (with a ProbingTest)
 
 
 def _compare_rows(state: _KeyState, rows: np.ndarray, times: list[float], limit: float) -> None:
@@ -157,13 +173,26 @@ class KeyActivity(Frozen):
     near_duplicates_in_window: int
     suspicious: bool
     reason: str
+    signal: Literal["extraction", "boundary_probing"] = Field(
+        default="extraction", description="Which watch judged the key (probing: rows, not requests, counted)."
+    )
+    near_boundary_in_window: int | None = Field(default=None, description="Probing: rows near the boundary.")
+    p_value: float | None = Field(default=None, description="Probing: the key's binomial p-value.")
 
 
 class ExtractionWatch:
-    """Per-key volume and near-duplicate probing over a sliding window. Thread-safe; O(history) per call."""
+    """Per-key volume and near-duplicate probing over a sliding window, and with a ``probing`` test the key's
+    rows near the decision boundary (:mod:`.probing`). Thread-safe; O(history) per call."""
 
-    def __init__(self, config: ThreatConfig | None = None, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: ThreatConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        probing: ProbingTest | None = None,
+    ) -> None:
         self.config = config or ThreatConfig()
+        self.probing = probing
         self._clock = clock
         self._keys: OrderedDict[str, _KeyState] = OrderedDict()
         self._lock = threading.Lock()
@@ -186,14 +215,72 @@ class ExtractionWatch:
         with self._lock:
             self._record(key_id, rows, times)
 
+    def record_batch(
+        self,
+        key_ids: Sequence[str | None],
+        ts: np.ndarray,
+        starts: np.ndarray,
+        counts: np.ndarray,
+        z: np.ndarray | None,
+        margins: np.ndarray | None,
+    ) -> None:
+        """Record an ingest batch of requests (``starts``/``counts``: each request's rows), grouped by key: each
+        request's first standardized row ``z`` for the near-duplicate comparison, every row's top-2 margin for
+        the probing count. Requests without a key are not tracked."""
+        probing = self.probing
+        if z is None and (margins is None or probing is None):
+            return
+        single = len(set(key_ids)) == 1
+        groups = [(key_ids[0], None)] if single else _by_key(key_ids)
+        one_row_each = int(counts.sum()) == len(key_ids)
+        near, width = None, 0.0
+        if margins is not None and probing is not None:  # compared once for the whole batch
+            near, width = margins < probing.threshold, probing.window_s / BUCKETS_PER_WINDOW
+        for key, idx in groups:
+            if key is None:
+                continue
+            if z is not None:
+                self.record_many(
+                    key, z[starts if idx is None else starts[idx]], (ts if idx is None else ts[idx]).tolist()
+                )
+            if near is None:
+                continue
+            if idx is None:
+                rows, times = near, ts if one_row_each else np.repeat(ts, counts)
+            elif one_row_each:
+                rows, times = near[idx], ts[idx]
+            else:
+                rows = near[np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in idx.tolist()])]
+                times = np.repeat(ts[idx], counts[idx])
+            self._count_near(key, rows, times, width)
+
+    def record_margins(self, key_id: str, margins: np.ndarray, times: np.ndarray) -> None:
+        """Count one key's rows (their top-2 margins, in arrival order) for the probing test; a no-op without it."""
+        test = self.probing
+        if test is not None:
+            near = np.asarray(margins) < test.threshold
+            self._count_near(key_id, near, np.asarray(times), test.window_s / BUCKETS_PER_WINDOW)
+
+    def _count_near(self, key_id: str, near: np.ndarray, times: np.ndarray, width: float) -> None:
+        with self._lock:
+            state = self._state(key_id)
+            if state.probes is None:
+                state.probes = ProbeCounts()
+            state.probes.add(times, near, width)
+
+    def _state(self, key_id: str) -> _KeyState:
+        """The key's state, now the most recent (the least recent keys beyond ``max_keys`` are evicted)."""
+        state = self._keys.pop(key_id, None) or _KeyState()
+        self._keys[key_id] = state
+        while len(self._keys) > self.config.max_keys:
+            self._keys.popitem(last=False)
+        return state
+
     def _record(self, key_id: str, rows: np.ndarray, times: list[float]) -> _KeyState:
         c = self.config
         z = np.asarray(rows, dtype=np.float32)  # float32 halves the distance arithmetic; near is far above its error
         m, d = z.shape
-        state = self._keys.pop(key_id, None) or _KeyState()
-        self._keys[key_id] = state
-        while len(self._keys) > c.max_keys:
-            self._keys.popitem(last=False)
+        state = self._state(key_id)
         if state.history is None or state.history.shape[1] != d:
             state.history = np.empty((c.history_per_key, d), dtype=np.float32)
             state.filled = state.next = 0
@@ -231,6 +318,43 @@ class ExtractionWatch:
         with self._lock:
             judged = [self._judge(k, s, t) for k, s in self._keys.items()]
         return [a for a in judged if a.suspicious]
+
+    def probing_keys(self, now: float | None = None) -> list[KeyActivity] | None:
+        """The keys whose rows sit near the decision boundary beyond what the reference implies; None when
+        there is no probing test (no margin reference: see :func:`~.probing.probing_test`)."""
+        test = self.probing
+        if test is None:
+            return None
+        t = self._clock() if now is None else now
+        width = test.window_s / BUCKETS_PER_WINDOW
+        with self._lock:
+            counted = [
+                (k, s.probes.totals(t - test.window_s, width)) for k, s in self._keys.items() if s.probes is not None
+            ]
+        verdicts = test.judge([c for _, c in counted])
+        return [
+            KeyActivity(
+                key_id=key,
+                requests_in_window=n,
+                near_duplicates_in_window=0,
+                suspicious=True,
+                reason=v.reason,
+                signal="boundary_probing",
+                near_boundary_in_window=near,
+                p_value=v.p_value,
+            )
+            for (key, (n, near)), v in zip(counted, verdicts, strict=True)
+            if v.suspicious
+        ]
+
+
+def _by_key(key_ids: Sequence[str | None]) -> list[tuple[str | None, np.ndarray | None]]:
+    """The positions of each key's requests, keys in order of first appearance."""
+    by_key: dict[str, list[int]] = {}
+    for idx, key in enumerate(key_ids):
+        if key is not None:
+            by_key.setdefault(key, []).append(idx)
+    return [(key, np.asarray(idxs)) for key, idxs in by_key.items()]
 
 
 class SecurityCounters:

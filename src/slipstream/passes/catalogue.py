@@ -52,8 +52,18 @@ _ENTRIES = (
     _onnx("prune.magnitude", "prune", "PruneMagnitude", "zero the smallest weights (unstructured)"),
     _onnx("prune.random", "prune", "PruneRandom", "zero random weights (unstructured, seeded)"),
     PassSpec(
+        "engine.openvino", 1, "slipstream.passes.engine_openvino", "EngineOpenVino", "onnx", "onnx",
+        "run on OpenVINO (f32, or bf16 on AMX/AVX512-BF16 CPUs); the model is unchanged", extra="openvino",
+        requires=("openvino",),
+    ),
+    PassSpec(
+        "quantize.nncf", 1, "slipstream.passes.quantize_nncf", "QuantizeNncf", "onnx", "onnx",
+        "int8 QDQ by NNCF post-training quantization on real data (OpenVINO's int8 layout)", extra="nncf",
+        requires=("nncf",),
+    ),
+    PassSpec(
         "prune.structured", 1, "slipstream.passes.prune_structured", "PruneStructured", "torch", "torch",
-        "remove channels/neurons (L1, L2, random, Taylor); really smaller and faster",
+        "remove channels/neurons/attention heads (L1, L2, random, Taylor); really smaller and faster",
         extra="torch", requires=("torch", "torch_pruning"),
     ),
     PassSpec(
@@ -63,6 +73,11 @@ _ENTRIES = (
     PassSpec(
         "train.finetune", 1, "slipstream.passes.finetune", "Finetune", "torch", "torch",
         "recovery training: SGD/Adam, LR decay, clipping, early stopping, distillation",
+        extra="torch", requires=("torch",),
+    ),
+    PassSpec(
+        "train.distill", 1, "slipstream.passes.distill", "Distill", "torch", "torch",
+        "label-free recovery: match the original's outputs (MSE/cosine) on data or text at hand",
         extra="torch", requires=("torch",),
     ),
     PassSpec(

@@ -1,20 +1,18 @@
-"""Engine: an onnxruntime session built from a bundle and a target, with checked inputs."""
+"""Engine: an onnxruntime session built from a bundle and a target, with checked inputs (runtime/base.py)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import BaseModel, ConfigDict, Field
 
 from slipstream.artifact.bundle import Bundle
-from slipstream.artifact.manifest import MONITORING_OUTPUTS
-from slipstream.artifact.tensor import TensorSpec, numpy_dtype
-from slipstream.errors import EngineError, InputError, ProviderUnavailableError
+from slipstream.errors import EngineError, ProviderUnavailableError
+from slipstream.runtime.base import EngineBase, EngineInfo
+from slipstream.runtime.choice import model_precision
 from slipstream.runtime.targets import BUNDLE_SESSION_KEYS, PROVIDER_PACKAGES, Target, int8_fusion
 
 log = logging.getLogger(__name__)
@@ -72,28 +70,12 @@ def _choose_providers(target: Target) -> tuple[list[str], str | None]:
     return chosen, f"requested {', '.join(wanted)}; unavailable: {', '.join(missing)}"
 
 
-class EngineInfo(BaseModel):
-    """What an engine actually runs on: written back to reports and manifests."""
-
-    model_config = ConfigDict(frozen=True)
-
-    target: str
-    providers: tuple[str, ...] = Field(description="Providers onnxruntime actually started, in order.")
-    fallback: str | None = Field(description="Why the target's first provider is not in use, if it is not.")
-    intra_op_threads: int
-    execution_mode: str
-    graph_optimization: str
-    int8_kernels: str = Field(default="", description="Whether int8 QDQ runs fused on this CPU, and why.")
-    from_bundle: tuple[str, ...] = Field(
-        default=(), description="Settings taken from the bundle's tuned resolved['session'] (not set by the caller)."
-    )
-
-
-class Engine:
+class Engine(EngineBase):
     """A ready-to-run onnxruntime session for one bundle on one target."""
 
-    def __init__(self, bundle: Bundle, target: Target | None = None) -> None:
+    def __init__(self, bundle: Bundle, target: Target | None = None, *, warnings: tuple[str, ...] = ()) -> None:
         self.bundle = bundle
+        self.warnings = warnings  # from open_engine: the bundle's recorded choice against this machine
         # The build's tuned settings (resolved["session"]) apply wherever the caller did not set its own.
         self.requested_target = target or Target()
         self.target = self.requested_target.with_bundle_session(bundle.manifest.resolved.get("session"))
@@ -133,20 +115,13 @@ class Engine:
         self.fallback = fallback
         if fallback:
             log.warning("Engine for %s runs on %s (%s)", bundle.path, self.providers[0], fallback)
-        self.inputs: tuple[TensorSpec, ...] = bundle.manifest.inputs
-        self.outputs: tuple[TensorSpec, ...] = bundle.manifest.outputs
-        self._input_by_name = {s.name: s for s in self.inputs}
-        self._output_names = [s.name for s in self.outputs]
-        listed = bundle.manifest.resolved.get(MONITORING_OUTPUTS)
-        in_graph = {o.name for o in self.session.get_outputs()}
-        self.monitoring_outputs: tuple[str, ...] = tuple(
-            n for n in (listed if isinstance(listed, dict) else {}) if n in in_graph and n not in self._output_names
-        )
+        self._set_io(bundle, (o.name for o in self.session.get_outputs()))
 
     def resolved(self) -> EngineInfo:
         """The settings actually in force, for manifests and reports."""
         return EngineInfo(
             target=self.target.name,
+            precision=model_precision(self.bundle.manifest),
             providers=tuple(self.providers),
             fallback=self.fallback,
             intra_op_threads=self.target.resolved_intra_op_threads(),
@@ -156,94 +131,15 @@ class Engine:
             from_bundle=tuple(
                 k for k in BUNDLE_SESSION_KEYS if getattr(self.target, k) != getattr(self.requested_target, k)
             ),
+            warnings=self.warnings,
         )
 
-    def check_inputs(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate names, dtypes and shapes; cast losslessly where numpy can. Raises InputError.
-
-        The casts serve in-process callers (plain Python ints, float64 arrays). The server refuses a datatype
-        other than the model's before this runs, as the Open Inference Protocol requires (serve/codec.py).
-        """
-        missing = [n for n in self._input_by_name if n not in feeds]
-        extra = [n for n in feeds if n not in self._input_by_name]
-        if missing or extra:
-            expected = ", ".join(self._input_by_name)
-            raise InputError(
-                f"Expected inputs [{expected}]; got [{', '.join(feeds)}]"
-                + (f"; missing {missing}" if missing else "")
-                + (f"; unknown {extra}" if extra else "")
-                + ".",
-                input_name=(missing or extra)[0],
-                hint="Send exactly the inputs listed by `slipstream inspect`.",
-            )
-        checked: dict[str, np.ndarray] = {}
-        symbols: dict[str, int] = {}
-        for name, spec in self._input_by_name.items():
-            checked[name] = _check_one(spec, np.asarray(feeds[name]), symbols)
-        return checked
-
-    def run(
-        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None, *, check: bool = True
-    ) -> dict[str, np.ndarray]:
-        """Run the model; returns the requested outputs (all by default, monitoring-only ones when named) by name."""
-        names = list(outputs) if outputs is not None else self._output_names
-        unknown = [n for n in names if n not in self._output_names and n not in self.monitoring_outputs]
-        if unknown:
-            raise InputError(
-                f"Requested outputs {unknown} do not exist; the model has [{', '.join(self._output_names)}].",
-                hint="Ask for outputs by the names `slipstream inspect` lists.",
-            )
-        arrays = self.check_inputs(feeds) if check else dict(feeds)
+    def _infer(self, arrays: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         try:
-            results = self.session.run(names, arrays)
+            results = self.session.run(names, dict(arrays))
         except Exception as exc:  # onnxruntime's errors are untyped
             raise EngineError(f"onnxruntime failed while running '{self.bundle.manifest.name}': {exc}") from exc
         return dict(zip(names, results, strict=True))
 
 
-def _castable(have: np.dtype[Any], want: np.dtype[Any]) -> bool:
-    """Same-kind casts (float64 → float32) and integers into floats; never floats into integers."""
-    if have.kind == want.kind:
-        return True
-    return have.kind in "biu" and want.kind in "fiu" and np.can_cast(have, want, casting="same_kind")
-
-
-def _check_one(spec: TensorSpec, array: np.ndarray, symbols: dict[str, int]) -> np.ndarray:
-    if spec.dtype == "bfloat16":
-        raise InputError(f"Input '{spec.name}' is bfloat16, which numpy cannot carry.", input_name=spec.name)
-    want = numpy_dtype(spec.dtype)
-    if array.dtype != want:
-        if spec.dtype == "string" and array.dtype.kind in "US":
-            array = array.astype(object)
-        elif _castable(array.dtype, want):
-            array = array.astype(want)
-        else:
-            raise InputError(
-                f"Input '{spec.name}' must be {spec.dtype}; got {array.dtype}.",
-                input_name=spec.name,
-                hint=f"Convert the data with .astype('{spec.dtype}').",
-            )
-    if array.ndim != spec.rank:
-        raise InputError(
-            f"Input '{spec.name}' must have shape {spec.shape_text()} (rank {spec.rank}); "
-            f"got {list(array.shape)} (rank {array.ndim}).",
-            input_name=spec.name,
-            hint="Reshape the data to the model's rank.",
-        )
-    for axis, (dim, size) in enumerate(zip(spec.shape, array.shape, strict=True)):
-        if isinstance(dim, int) and dim != size:
-            raise InputError(
-                f"Input '{spec.name}' must have shape {spec.shape_text()}; got {list(array.shape)} "
-                f"(axis {axis} must be {dim}).",
-                input_name=spec.name,
-                hint="Reshape the data, or re-export the model with a dynamic axis there.",
-            )
-        if isinstance(dim, str):
-            seen = symbols.setdefault(dim, size)
-            if seen != size:
-                raise InputError(
-                    f"Input '{spec.name}' axis {axis} is '{dim}', which another input set to {seen}; got {size}.",
-                    input_name=spec.name,
-                    hint=f"All inputs must agree on the size of '{dim}'.",
-                )
-    return array
+__all__ = ["Engine", "EngineInfo", "full_range_int8"]

@@ -16,6 +16,7 @@ from slipstream.errors import ConfigError, invalid_setting
 TargetName = Literal["cpu", "edge-cpu", "cuda", "tensorrt", "openvino"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 ExecutionMode = Literal["sequential", "parallel"]
+MissingFeaturePolicy = Literal["warn", "refuse"]
 
 # What each target asks onnxruntime for, most preferred first; CPU is always last as the host fallback.
 PROVIDERS: dict[str, tuple[str, ...]] = {
@@ -108,6 +109,11 @@ class Target(BaseModel):
     allow_fallback: bool = Field(
         default=False,
         description="Run on the next available provider when the target's first one is missing, and record it.",
+    )
+    missing_cpu_features: MissingFeaturePolicy = Field(
+        default="warn",
+        description="A bundle whose engine choice needs CPU features this machine lacks (bf16, int8 dot "
+        "product): warn with the measured consequence and run, or refuse to load it.",
     )
 
     @property

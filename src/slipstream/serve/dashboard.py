@@ -196,6 +196,7 @@ function render(doc) {
     for (const ev of ["rejected", "auth_failed"]) for (const [r, n] of Object.entries(c[ev] || {})) sec.push([esc(mm.model), ev, esc(r), n]);
     sec.push([esc(mm.model), "out-of-distribution rows", "", c.ood_rows || 0]);
     for (const k of (mm.security || {}).suspicious_keys || []) sec.push([esc(mm.model), "extraction?", esc(k.key_id), esc(k.reason)]);
+    for (const k of (mm.security || {}).probing_keys || []) sec.push([esc(mm.model), "boundary probing?", esc(k.key_id), esc(k.reason)]);
     const integ = (mm.security || {}).integrity;
     if (integ) sec.push([esc(mm.model), "bundle integrity", integ.ok ? '<span class="ok">ok</span>' : '<span class="firing">FAILED</span>', integ.checks]);
   }

@@ -77,6 +77,12 @@ class ServeMetrics(Collector):
         self.load_failures = Counter(
             "slipstream_model_load_failures", "Versions refused at load.", ["model", "version"], registry=r
         )
+        self.signature_refusals = Counter(
+            "slipstream_signature_refusals",
+            "Versions refused by --require-signature, by reason (unsigned, modified, untrusted, unreadable).",
+            ["model", "reason"],
+            registry=r,
+        )
         self.model_ready = Gauge(
             "slipstream_model_ready", "1 while a version serves traffic.", ["model", "version"], registry=r
         )

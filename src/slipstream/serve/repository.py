@@ -4,7 +4,9 @@ A version takes traffic only after it has loaded, passed verification (every fil
 parity record for a converted model) and run a warm-up batch. Loading happens in a worker thread;
 the swap is one dict assignment on the event loop, so a request sees the old version or the new one,
 never half of either. A version that fails keeps its reason in the index, the logs and the metrics,
-and never displaces a good one.
+and never displaces a good one. With ``signing.require_signature``, a version must also carry a model.sig that
+verifies against the trusted key and covers every file (slipstream.artifact.signing); a refusal is counted in
+``slipstream_signature_refusals_total{model,reason}``.
 
 A failed version is retried on later scans with backoff (``ServeSettings.reload``), so a version whose
 ``manifest.json`` landed before its ``model.onnx`` was complete is served once the copy finishes; a
@@ -27,10 +29,18 @@ import numpy as np
 
 from slipstream.artifact.bundle import MANIFEST_FILE, Bundle
 from slipstream.artifact.manifest import Manifest
+from slipstream.artifact.signing import TrustAnchor, check_signed_manifest, verify_bundle
 from slipstream.artifact.specs import is_batchable, placeholder_feeds
-from slipstream.errors import ConfigError, IntegrityError, ModelNotFoundError, ServerBusyError, SlipstreamError
+from slipstream.errors import (
+    ConfigError,
+    IntegrityError,
+    ModelNotFoundError,
+    ServerBusyError,
+    SignatureError,
+    SlipstreamError,
+)
 from slipstream.monitor.process.placement import unpinned
-from slipstream.runtime import Engine, Target
+from slipstream.runtime import EngineBase, Target, open_engine
 from slipstream.serve.batching import Batcher, InlinePolicy
 from slipstream.serve.metrics import ServeMetrics
 from slipstream.serve.request import RequestedOutput
@@ -64,7 +74,7 @@ class ModelVersion:
     stamp: tuple[int, ...] = ()  # identity of the directory and manifest; a change makes a rescan retry at once
     attempts: int = 0  # failed loads of these same files so far
     retry_at: float = 0.0  # when a rescan may retry a failed version (Repository.clock)
-    engine: Engine | None = None
+    engine: EngineBase | None = None
     batcher: Batcher | None = None
     batchable: bool = False
     load_s: float = 0.0
@@ -100,10 +110,26 @@ def has_parity_record(manifest: Manifest) -> bool:
     return manifest.parity is not None and manifest.parity.status == "passed"
 
 
-def load_version(entry: ModelVersion, settings: ServeSettings) -> None:
-    """Load, verify and warm one version (blocking; runs in a worker thread). Raises SlipstreamError."""
+def trust_anchor(settings: ServeSettings) -> TrustAnchor | None:
+    """What every version's signature must verify against, or None when signatures are not required.
+
+    Built once at start, so that a missing or malformed key stops the server before any model loads."""
+    signing = settings.signing
+    if not signing.require_signature:
+        return None
+    return TrustAnchor(public_key=signing.trusted_key, certificate_chain=signing.certificate_chain)
+
+
+def load_version(entry: ModelVersion, settings: ServeSettings, trust: TrustAnchor | None = None) -> None:
+    """Load, verify and warm one version (blocking; runs in a worker thread). Raises SlipstreamError.
+
+    With ``trust``, the version's signature is checked first (it covers every file, manifest included), and the
+    loaded manifest must list the signed digests: the files then loaded are checked against those."""
     started = time.perf_counter()
+    signed = verify_bundle(entry.path, trust) if trust is not None else None
     bundle = Bundle.load(entry.path, verify=True)
+    if signed is not None:
+        check_signed_manifest(entry.path, signed, bundle.manifest)
     if not has_parity_record(bundle.manifest):
         raise IntegrityError(
             f"Bundle '{entry.path}' came from {bundle.manifest.source.framework} but records no passed parity "
@@ -117,7 +143,8 @@ def load_version(entry: ModelVersion, settings: ServeSettings) -> None:
     session = bundle.manifest.resolved.get("session")
     tuned = isinstance(session, dict) and "intra_op_threads" in session
     threads = None if tuned and "intra_op_threads" not in settings.model_fields_set else settings.intra_op_threads
-    engine = Engine(bundle, Target(intra_op_threads=threads))
+    # The bundle's recorded engine (onnxruntime or OpenVINO), checked against this CPU's features.
+    engine = open_engine(bundle, Target(intra_op_threads=threads, missing_cpu_features=settings.missing_cpu_features))
     feeds = placeholder_feeds(bundle.manifest.inputs)
     calls = []
     for _ in range(5):
@@ -165,6 +192,7 @@ class Repository:
         self.unloaded: set[str] = set()
         self.monitors: ServeMonitors | None = None  # the app sets it when monitoring is on
         self.clock = clock
+        self.trust = trust_anchor(settings)
         self._lock = asyncio.Lock()
 
     # -- discovery ----------------------------------------------------------------------------
@@ -240,7 +268,7 @@ class Repository:
         # On every CPU the process may use, wherever this worker thread was placed: a version found after
         # startup gets the same inference pool as one loaded at startup (slipstream.monitor.process.placement).
         with unpinned(self.monitors.placement if self.monitors is not None else None):
-            load_version(entry, self.settings)
+            load_version(entry, self.settings, self.trust)
 
     async def _load_one(self, current: dict[str, ModelVersion], entry: ModelVersion) -> None:
         try:
@@ -249,6 +277,9 @@ class Repository:
             entry.state, entry.reason = "UNAVAILABLE", str(exc).replace("\n", " ")
             integrity = isinstance(exc, IntegrityError)
             entry.failure = "its files failed their integrity check" if integrity else "it failed to load"
+            if isinstance(exc, SignatureError):
+                entry.failure = "its signature was refused"
+                self.metrics.signature_refusals.labels(entry.name, exc.reason).inc()
             entry.attempts += 1
             wait_s = self.settings.reload.backoff_s(entry.attempts)
             entry.retry_at = self.clock() + wait_s

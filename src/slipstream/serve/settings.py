@@ -258,6 +258,36 @@ class ReloadSettings(Frozen):
         return float(min(self.retry_max_s, self.retry_initial_s * self.retry_factor ** min(max(0, attempts - 1), 64)))
 
 
+class SigningSettings(Frozen):
+    """Refusing bundles that are not signed by a trusted key (OpenSSF model signing; slipstream.artifact.signing)."""
+
+    require_signature: bool = Field(
+        default=False,
+        description="Serve a version only when its model.sig verifies against the trust anchor below and covers "
+        "every file; an unsigned, modified or foreign-signed version is refused at start and at hot reload, "
+        "and counted in slipstream_signature_refusals_total.",
+    )
+    trusted_key: Path | None = Field(
+        default=None, description="The PEM public key (ECDSA) the signatures must verify with."
+    )
+    certificate_chain: tuple[Path, ...] = Field(
+        default=(),
+        description="Instead of a key: the PEM certificates a signing certificate must chain to (model-signing's "
+        "certificate mode).",
+    )
+
+    @model_validator(mode="after")
+    def _anchor_goes_with_requirement(self) -> SigningSettings:
+        anchored = self.trusted_key is not None or bool(self.certificate_chain)
+        if self.require_signature and not anchored:
+            raise ValueError("require_signature needs trusted_key (a PEM public key) or certificate_chain")
+        if anchored and not self.require_signature:
+            raise ValueError("trusted_key/certificate_chain take effect only with require_signature: set it too")
+        if self.trusted_key is not None and self.certificate_chain:
+            raise ValueError("give trusted_key or certificate_chain, not both")
+        return self
+
+
 class ServeSettings(Frozen):
     """Everything `create_app` needs besides the repository path."""
 
@@ -275,6 +305,11 @@ class ServeSettings(Frozen):
     intra_op_threads: int = Field(
         default=1, ge=1, description="onnxruntime threads per model; 1 because the HTTP layer shares the cores."
     )
+    missing_cpu_features: Literal["warn", "refuse"] = Field(
+        default="warn",
+        description="A bundle whose recorded engine choice needs CPU features this machine lacks (OpenVINO bf16 "
+        "without AMX/AVX512-BF16, int8 without VNNI): load it with a warning, or refuse it.",
+    )
     poll_interval_s: float = Field(
         default=0.0, ge=0, description="How often to rescan the repository for new versions; 0: only on /load."
     )
@@ -290,6 +325,9 @@ class ServeSettings(Frozen):
     )
     monitor: MonitorServing = Field(
         default_factory=MonitorServing, description="Monitoring (the monitor's own config, embedded); off by default."
+    )
+    signing: SigningSettings = Field(
+        default_factory=SigningSettings, description="Signature checks of every version before it serves."
     )
     access_log: bool = Field(default=True, description="Write one JSON line per request to 'slipstream.access'.")
     drain_timeout_s: float = Field(default=30.0, gt=0, description="How long SIGTERM waits for in-flight requests.")
