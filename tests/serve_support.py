@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -256,3 +258,47 @@ def _fuzz_test(
             )
 
     return one if seed in (None, 0) else fixed_seed(seed)(one)
+
+
+def mlp_body(rows: int, seed: int) -> dict[str, Any]:
+    """A JSON inference request for the 'mlp' of :func:`model_for`: ``rows`` rows of 8 features."""
+    x = np.random.default_rng(seed).normal(size=(rows, 8)).astype(np.float32)
+    return {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [rows, 8], "data": x.ravel().tolist()}]}
+
+
+class Load:
+    """Closed-loop traffic to 'mlp' from a thread: requests of 1 and 3 rows; counts the rows answered 200 and
+    every other answer."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.rows_ok, self.failed = url, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as client:
+            i = 0
+            while not self._stop.is_set():
+                rows = 1 + 2 * (i % 2)
+                if client.post("/v2/models/mlp/infer", json=mlp_body(rows, i)).status_code == 200:
+                    self.rows_ok += rows
+                else:
+                    self.failed += 1
+                i += 1
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float = 30.0, poll_s: float = 0.01) -> None:
+    """Return once ``predicate()`` is true; AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(poll_s)

@@ -8,10 +8,8 @@ import os
 import re
 import signal
 import sqlite3
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -21,7 +19,7 @@ from slipstream.monitor.config import MonitorConfig
 from slipstream.monitor.process.serving import ServeMonitors
 from slipstream.monitor.store import StoreConfig
 from slipstream.serve.settings import MonitorServing
-from tests.serve_support import API_KEY, ServerThread, add_version, monitored_settings
+from tests.serve_support import API_KEY, Load, ServerThread, add_version, mlp_body, monitored_settings, wait_for
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -31,48 +29,6 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("repo")
     add_version(root, "mlp", "1", tmp_path_factory.mktemp("work"))
     return root
-
-
-def _body(rows: int, seed: int) -> dict[str, Any]:
-    x = np.random.default_rng(seed).normal(size=(rows, 8)).astype(np.float32)
-    return {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [rows, 8], "data": x.ravel().tolist()}]}
-
-
-class Load:
-    """Closed-loop traffic from a thread: requests of 1 and 3 rows; counts the rows answered 200."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.rows_ok, self.failed = url, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, headers=AUTH, timeout=30) as client:
-            i = 0
-            while not self._stop.is_set():
-                rows = 1 + 2 * (i % 2)
-                r = client.post("/v2/models/mlp/infer", json=_body(rows, i))
-                if r.status_code == 200:
-                    self.rows_ok += rows
-                else:
-                    self.failed += 1
-                i += 1
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-
-def _wait_for(predicate: Any, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.005)
 
 
 def _monitoring(client: httpx.Client) -> str:
@@ -110,22 +66,22 @@ def test_kill_9_under_load_restarts_the_monitor_and_every_prediction_is_accounte
         assert isinstance(monitors, ServeMonitors) and monitors.process is not None
         sup = monitors.process
         assert _monitoring(client) == "ok"
-        _wait_for(lambda: sup.standby == "warm")  # the spare the server keeps, imports done
+        wait_for(lambda: sup.standby == "warm")  # the spare the server keeps, imports done
         spares = _children() - {sup.process.pid}
         with Load(server.url) as load:
-            _wait_for(lambda: sup.totals()["written"] > 50)  # the log is being written under load
+            wait_for(lambda: sup.totals()["written"] > 50)  # the log is being written under load
             first = sup.process.pid
             os.kill(first, signal.SIGKILL)
-            _wait_for(lambda: _monitoring(client) == "degraded")
+            wait_for(lambda: _monitoring(client) == "degraded")
             seen_down = load.rows_ok
-            _wait_for(lambda: load.rows_ok > seen_down + 10)  # served while monitoring was down
+            wait_for(lambda: load.rows_ok > seen_down + 10)  # served while monitoring was down
             down_metrics = client.get("/metrics").text
-        _wait_for(lambda: _monitoring(client) == "ok")  # (without load: the test is about the books, not speed)
+        wait_for(lambda: _monitoring(client) == "ok")  # (without load: the test is about the books, not speed)
         with Load(server.url) as again:
-            _wait_for(lambda: again.rows_ok > 50)  # and monitored again
+            wait_for(lambda: again.rows_ok > 50)  # and monitored again
         assert load.failed == again.failed == 0 and "slipstream_monitor_process_up 0.0" in down_metrics
         assert sup.restarts == 1 and sup.process.pid in spares  # the spare took over
-        _wait_for(lambda: sup.standby == "warm")  # and a new spare is ready for the next death
+        wait_for(lambda: sup.standby == "warm")  # and a new spare is ready for the next death
         metrics = client.get("/metrics").text
         assert "slipstream_monitor_process_up 1.0" in metrics
         assert "slipstream_monitor_restarts_total 1.0" in metrics
@@ -157,12 +113,12 @@ def test_a_monitor_process_down_for_long_is_counted_and_said_so(repo: Path, tmp_
         monitors = server.app.monitors
         assert monitors is not None and monitors.process is not None
         sup = monitors.process
-        assert client.post("/v2/models/mlp/infer", json=_body(1, 0)).status_code == 200
+        assert client.post("/v2/models/mlp/infer", json=mlp_body(1, 0)).status_code == 200
         assert client.get("/v2/models/mlp/monitoring", params={"evaluate": "true"}).json()["requests"] == 1
         sup.process.kill()
-        _wait_for(lambda: not sup.alive)
+        wait_for(lambda: not sup.alive)
         assert "killed by SIGKILL" in str(sup.exit_reason) and _monitoring(client) == "degraded"
-        assert [client.post("/v2/models/mlp/infer", json=_body(2, i)).status_code for i in range(5)] == [200] * 5
+        assert [client.post("/v2/models/mlp/infer", json=mlp_body(2, i)).status_code for i in range(5)] == [200] * 5
         t = monitors.flush()
         assert t["observed"] == 11 and t["pending"] == 0 and t["lost"] >= 10
         assert t["written"] + sum(t["dropped"].values()) + t["lost"] == 11
@@ -190,7 +146,7 @@ def test_a_full_prediction_log_is_logged_once_counted_and_serving_goes_on(
         statuses = []
         for wave in range(6):  # each wave is written (and fails) in its own transaction
             statuses += [
-                client.post("/v2/models/mlp/infer", json=_body(64, 100 * wave + i)).status_code for i in range(8)
+                client.post("/v2/models/mlp/infer", json=mlp_body(64, 100 * wave + i)).status_code for i in range(8)
             ]
             t = monitors.flush()
         assert statuses == [200] * 48 and _monitoring(client) == "ok"

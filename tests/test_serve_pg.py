@@ -7,15 +7,12 @@ observed is written or dropped (by reason), exactly, and the database holds exac
 from __future__ import annotations
 
 import json
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import psycopg
 import pytest
 from typer.testing import CliRunner
@@ -25,7 +22,7 @@ from slipstream.monitor.process.serving import ServeMonitors
 from slipstream.serve.server import settings_from_options
 from slipstream.serve.settings import ServeSettings
 from tests.pg_support import PostgresCluster
-from tests.serve_support import API_KEY, ServerThread, add_version
+from tests.serve_support import API_KEY, Load, ServerThread, add_version, mlp_body, wait_for
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -57,47 +54,6 @@ def _settings(db: str, **store: Any) -> ServeSettings:
     return settings_from_options(options, {"SLIPSTREAM_API_KEYS": API_KEY})
 
 
-def _body(rows: int, seed: int) -> dict[str, Any]:
-    x = np.random.default_rng(seed).normal(size=(rows, 8)).astype(np.float32)
-    return {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [rows, 8], "data": x.ravel().tolist()}]}
-
-
-class Load:
-    """Closed-loop traffic from a thread; counts the rows answered 200 and every other answer."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.rows_ok, self.failed = url, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, headers=AUTH, timeout=30) as client:
-            i = 0
-            while not self._stop.is_set():
-                rows = 1 + 2 * (i % 2)
-                if client.post("/v2/models/mlp/infer", json=_body(rows, i)).status_code == 200:
-                    self.rows_ok += rows
-                else:
-                    self.failed += 1
-                i += 1
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-
-def _wait_for(predicate: Any, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.01)
-
-
 def _db_rows(url: str) -> tuple[int, int]:
     with psycopg.connect(url) as conn:
         logged = conn.execute("SELECT COALESCE(SUM(rows), 0) FROM prediction_log").fetchone()
@@ -117,13 +73,13 @@ def test_a_postgres_restart_under_load_loses_nothing_and_stops_no_request(
         assert isinstance(monitors, ServeMonitors) and monitors.process is not None
         sup = monitors.process
         with Load(server.url) as load:
-            _wait_for(lambda: sup.totals()["written"] > 50)  # the database is being written under load
+            wait_for(lambda: sup.totals()["written"] > 50)  # the database is being written under load
             before = load.rows_ok
             postgres_cluster.restart(down_s=1.5)  # every connection is cut; the server keeps serving
-            _wait_for(lambda: load.rows_ok > before + 50)
+            wait_for(lambda: load.rows_ok > before + 50)
             served_while_restarting = load.rows_ok - before
             after = sup.totals()["written"]
-            _wait_for(lambda: sup.totals()["written"] > after + 50)  # and writes again after reconnecting
+            wait_for(lambda: sup.totals()["written"] > after + 50)  # and writes again after reconnecting
         assert load.failed == 0 and served_while_restarting > 50
         assert client.get("/v2/health/ready").json()["ready"] is True
         t = monitors.flush()
@@ -138,7 +94,7 @@ def test_feedback_through_the_server_lands_in_postgres_and_joins(repo: Path, pg_
         ServerThread(repo, _settings(pg_url)) as server,
         httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
     ):
-        r = client.post("/v2/models/mlp/infer", json={**_body(1, 7), "id": "req-7"})
+        r = client.post("/v2/models/mlp/infer", json={**mlp_body(1, 7), "id": "req-7"})
         assert r.status_code == 200
         assert client.post("/v2/models/mlp/feedback", json={"id": "req-7", "label": 1}).status_code in (200, 202)
         monitors = server.app.monitors
@@ -167,7 +123,7 @@ def test_monitor_status_report_and_export_read_postgres(repo: Path, pg_url: str,
         httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
     ):
         for i in range(6):
-            assert client.post("/v2/models/mlp/infer", json={**_body(1, i), "id": f"q{i}"}).status_code == 200
+            assert client.post("/v2/models/mlp/infer", json={**mlp_body(1, i), "id": f"q{i}"}).status_code == 200
         fb = client.post("/v2/models/mlp/feedback", json={"id": "q0", "label": 0})
         assert fb.status_code in (200, 202), fb.text
         assert server.app.monitors is not None

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     )
     from slipstream.monitor.quality import QualityConfig, QualityMonitor, QualityReport
     from slipstream.monitor.records import Feedback, PredictionBatch, PredictionRecord
-    from slipstream.monitor.service import Monitor, Screening
+    from slipstream.monitor.request_path import Screening
+    from slipstream.monitor.service import Monitor
     from slipstream.monitor.snapshot import MonitorSnapshot
     from slipstream.monitor.store import SQLiteStore, Store, StoreConfig
     from slipstream.monitor.threats import ExtractionWatch, IntegrityWatch, OODScorer, SecurityCounters, ThreatConfig
@@ -58,7 +59,7 @@ _WHERE = {
     "QualityMonitor": "slipstream.monitor.quality",
     "QualityReport": "slipstream.monitor.quality",
     "SQLiteStore": "slipstream.monitor.store",
-    "Screening": "slipstream.monitor.service",
+    "Screening": "slipstream.monitor.request_path",
     "SecurityCounters": "slipstream.monitor.threats",
     "Store": "slipstream.monitor.store",
     "StoreConfig": "slipstream.monitor.store",

@@ -42,7 +42,7 @@ from slipstream.monitor.ingest import PendingRow, columns
 from slipstream.monitor.process.accounting import rows_of
 from slipstream.monitor.process.placement import cpu_list
 from slipstream.monitor.process.worker import Key
-from slipstream.monitor.service import RequestPath, check_feedback
+from slipstream.monitor.request_path import RequestPath, check_feedback
 from slipstream.serve.settings import MonitorServing
 
 if TYPE_CHECKING:
