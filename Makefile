@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install browser postgres bench-tools demo test lint typecheck clean
 
-# One venv with every extra, pinned by constraints.txt (torch is the CPU wheel on this disk).
-$(STAMP): pyproject.toml constraints.txt
+# One venv with every extra, pinned by constraints.txt (torch is the CPU wheel on this disk), installed by uv
+# from the indexes pip is configured with (tools/install.py; it falls back to pip if uv fails).
+$(STAMP): pyproject.toml constraints.txt tools/install.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[all,dev]'
+	$(PYTHON) tools/install.py $(VENV)
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -19,8 +20,8 @@ demo: install
 	$(BIN)/slipstream demo
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks $(wildcard examples/*/*.py)
+	$(BIN)/ruff check src tests benchmarks examples tools
+	$(BIN)/ruff format --check src tests benchmarks tools $(wildcard examples/*/*.py)
 
 typecheck: install
 	$(BIN)/mypy

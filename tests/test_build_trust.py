@@ -69,7 +69,7 @@ def _export(batch: object, path: Path) -> None:
 
 
 @contextmanager
-def oom_killer(candidate: str) -> Iterator[list[int]]:
+def oom_killer(candidate: str, root: Path) -> Iterator[list[int]]:
     """Kill -9 the child process that makes and measures ``candidate``, as the kernel's OOM killer would.
 
     A real signal from outside, delivered to the real child: the build must record it and go on."""
@@ -77,18 +77,19 @@ def oom_killer(candidate: str) -> Iterator[list[int]]:
     stop = threading.Event()
 
     def watch() -> None:
+        # The build writes each child's task next to the status file the child fills in, its pid first.
         while not stop.is_set() and not killed:
-            for proc in psutil.process_iter(["cmdline"]):
-                cmd = proc.info["cmdline"] or []
-                if "slipstream.build.isolate" not in cmd:
-                    continue
+            for task_file in Path(root).glob("**/task-*.json"):
                 try:
-                    task = json.loads(Path(cmd[-2]).read_text())
+                    task = json.loads(task_file.read_text())
+                    status = json.loads(task_file.with_name(task_file.name.replace("task-", "status-")).read_text())
                 except (OSError, ValueError):
                     continue
-                if str(task.get("dest") or "").endswith(f"/{candidate}"):
-                    proc.kill()
-                    killed.append(proc.pid)
+                pid = status.get("pid")
+                if str(task.get("dest") or "").endswith(f"/{candidate}") and pid and psutil.pid_exists(pid):
+                    psutil.Process(pid).kill()
+                    killed.append(pid)
+                    break
             stop.wait(0.01)
 
     thread = threading.Thread(target=watch, daemon=True)
@@ -123,7 +124,7 @@ def crash_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[BuildResult, 
             ],
         }
     )
-    with oom_killer("victim") as killed:
+    with oom_killer("victim", work) as killed:
         result = run_build(recipe)
     assert killed, "the watcher never saw the victim's child process"
     return result, work

@@ -6,6 +6,10 @@ is in) and its result to a JSON file; the parent reads that file whatever happen
 memory limit becomes "onnxruntime crashed with SIGSEGV while building the session", with the child's last
 stderr lines, and the build goes on with the next candidate.
 
+Children are forked from the build's fork server (build/forkserver.py), which has imported numpy, onnx,
+onnxruntime and the passes once: each candidate still gets a fresh process of its own, without a second of
+imports each.
+
 Measured here (onnxruntime 1.32): an fp16 ViT (``nn.TransformerEncoderLayer``) segfaults at graph optimization
 ``all`` (the ``NchwcTransformer`` + ``MatmulTransposeFusion`` pair) and loads at ``extended``. So when the child
 crashes while building the session, the parent retries at the next safer level, and records the level that
@@ -27,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, JsonValue
 
+from slipstream.build.forkserver import run_forked
 from slipstream.frozen import Frozen
 
 Stage = Literal["start", "passes", "session", "quality", "timing", "done"]
@@ -66,6 +71,7 @@ class ChildOutcome(Frozen):
     """What the child reported, and how it ended."""
 
     stage: Stage = Field(description="The last stage the child entered.")
+    pid: int | None = Field(default=None, description="The child's process id, written when it starts.")
     bundle: str | None = Field(default=None, description="The candidate's bundle, once the passes wrote it.")
     cache_hits: int = Field(default=0, description="Passes answered by the pass cache.")
     metrics: dict[str, JsonValue] | None = Field(default=None, description="CandidateMetrics, when measured.")
@@ -83,20 +89,30 @@ _STAGE_TEXT = {
 }
 
 
+def _run_process(args: tuple[str, str, str], timeout_s: float) -> int | None:
+    """The child's exit code (negative: the signal that killed it), or None when it ran past ``timeout_s``:
+    forked from the build's fork server, or a fresh interpreter when that is off or down."""
+    served, code = run_forked(args, timeout_s)
+    if served:
+        return code
+    task_file, status_file, stderr_file = args
+    cmd = [sys.executable, "-m", "slipstream.build.isolate", task_file, status_file]
+    try:
+        with Path(stderr_file).open("wb") as err:
+            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return None
+    return proc.returncode
+
+
 def run_child(task: ChildTask, workdir: Path, *, timeout_s: float = 1800.0) -> ChildOutcome:
-    """Run ``task`` in a fresh interpreter; a crash or timeout comes back as an outcome with its error."""
+    """Run ``task`` in a fresh child process; a crash or timeout comes back as an outcome with its error."""
     workdir.mkdir(parents=True, exist_ok=True)
     stamp = f"{os.getpid()}-{time.monotonic_ns()}"
     task_file, status_file = workdir / f"task-{stamp}.json", workdir / f"status-{stamp}.json"
     stderr_file = workdir / f"stderr-{stamp}.txt"
     task_file.write_text(task.model_dump_json(), encoding="utf-8")
-    cmd = [sys.executable, "-m", "slipstream.build.isolate", str(task_file), str(status_file)]
-    try:
-        with stderr_file.open("wb") as err:
-            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err, timeout=timeout_s, check=False)
-        rc: int | None = proc.returncode
-    except subprocess.TimeoutExpired:
-        rc = None
+    rc = _run_process((str(task_file), str(status_file), str(stderr_file)), timeout_s)
     status: dict[str, Any] = {"stage": "start"}
     if status_file.is_file():
         status = json.loads(status_file.read_text(encoding="utf-8"))
@@ -232,7 +248,7 @@ def child_main(task_file: str, status_file: str) -> int:
 
     task = ChildTask.model_validate_json(Path(task_file).read_text(encoding="utf-8"))
     status = _Status(Path(status_file))
-    status.update(stage="start")
+    status.update(stage="start", pid=os.getpid())
     if task.memory_limit_mb is not None:
         limit = task.memory_limit_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
+from slipstream.artifact.bundle import MODEL_FILE
 from slipstream.build.recipe import Candidate, Recipe
 from slipstream.runtime.choice import NEEDS, cpu_features
 
 OPENVINO_PREFIX = "openvino-"
 
 
-def auto_candidates(recipe: Recipe, calibration: str) -> tuple[Candidate, ...]:
-    """fp32 optimized, fp16, dynamic int8, static int8 with each calibration method, then (with the openvino
-    extra) OpenVINO at f32, bf16 and int8.
+def auto_candidates(recipe: Recipe, calibration: str, source: Path | None = None) -> tuple[Candidate, ...]:
+    """fp32 optimized, fp16, dynamic int8 (plus fused-attention int8 on transformers), static int8 with each
+    calibration method, then (with the openvino extra) OpenVINO at f32, bf16 and int8.
 
     Dynamic int8 is tried on every graph: on Conv-heavy models it is measured and rejected as slower
     (ConvInteger is several times slower than fp32 here), which the report then shows with its reason.
-    ``calibration`` is an .npz of real inputs that the build wrote from the recipe's calibration data.
+    ``calibration`` is an .npz of real inputs that the build wrote from the recipe's calibration data;
+    ``source`` the baseline's ONNX file (else the recipe's model is read where it is ONNX).
     Every candidate is measured at the thread count the target serves with and gated by the same budget, so
     the engine and precision are chosen per model and per CPU like anything else.
     """
@@ -25,10 +28,41 @@ def auto_candidates(recipe: Recipe, calibration: str) -> tuple[Candidate, ...]:
         Candidate(name="fp16", passes=("precision.fp16",)),
         Candidate(name="int8-dynamic", passes=({"quantize.dynamic": {"per_channel": True}},)),
     ]
+    if _maybe_transformer(source or Path(recipe.model)):
+        ladder.append(FUSED_INT8)
     for method in ("minmax", "entropy", "percentile"):
         options = {"calibration": method, "data": calibration, "per_channel": True}
         ladder.append(Candidate(name=f"int8-static-{method}", passes=({"quantize.static": options},)))
     return (*ladder, *openvino_candidates(calibration))
+
+
+# Self-attention fused into com.microsoft Attention (graph.optimize), then dynamic int8: QAttention does Q, K
+# and V in one integer GEMM and keeps the scores in fp32. Why it is in: see _maybe_transformer and
+# benchmarks/results/int8_variants.md. Only onnxruntime runs it (contrib ops): the OpenVINO candidates below
+# start from the source model, never from this graph.
+FUSED_INT8 = Candidate(
+    name="int8-dynamic-fused",
+    passes=("graph.optimize", {"quantize.dynamic": {"per_channel": True}}),
+)
+
+
+def _maybe_transformer(path: Path) -> bool:
+    """Whether the source may be a transformer (Softmax beside LayerNormalization or ReduceMean), which is
+    where the fused int8 candidate can differ from int8-dynamic. A source that is not an ONNX file or bundle
+    (a torch entry point) is not read here: it may be one."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from slipstream.passes.graph import looks_like_transformer
+
+    onnx_path = path / MODEL_FILE if path.is_dir() else path
+    if onnx_path.suffix != ".onnx" or not onnx_path.is_file():
+        return True
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False)
+    except (OSError, DecodeError):  # an unreadable source fails the build's own load, with its error
+        return True
+    return looks_like_transformer(graph)
 
 
 def openvino_candidates(calibration: str) -> tuple[Candidate, ...]:

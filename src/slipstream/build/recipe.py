@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from slipstream.build.text_slim import SlimLadderConfig
 from slipstream.errors import ConfigError
 from slipstream.evaluate.metrics import METRIC_NAMES
 from slipstream.evaluate.robust import RobustnessConfig
@@ -79,6 +80,11 @@ class Recipe(_Strict):
     robustness: RobustnessConfig = Field(
         default_factory=RobustnessConfig,
         description="Robust accuracy per candidate: FGSM/PGD from a torch source, noise and SimBA on any bundle.",
+    )
+    slim: SlimLadderConfig = Field(
+        default_factory=SlimLadderConfig,
+        description="Slim candidates of the auto ladder for a transformers text encoder source (heads and "
+        "feed-forward neurons pruned, then distilled on unlabeled text): amounts, training length, tokenizer.",
     )
 
     @field_validator("metric")

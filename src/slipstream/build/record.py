@@ -26,6 +26,14 @@ class CandidateMetrics(_Frozen):
     size_bytes: int = Field(description="Bundle size on disk.")
 
 
+class TrainingStep(_Frozen):
+    """A torch step before export (pruning, fine-tuning, distillation), as the candidate's bundle records it."""
+
+    step: str = Field(description="The step's stable name, e.g. 'train.distill@1'.")
+    summary: str = Field(description="What it did, in words: units removed; steps, loss and time of training.")
+    metrics: dict[str, JsonValue] = Field(default_factory=dict, description="What the step measured.")
+
+
 class CandidateResult(_Frozen):
     name: str
     passes: tuple[str, ...] = Field(description="The pass chain as written in the recipe.")
@@ -55,6 +63,9 @@ class CandidateResult(_Frozen):
     warnings: tuple[str, ...] = ()
     robustness: CandidateRobustness | None = Field(
         default=None, description="Clean and robust accuracy on the attack rows (see RunRecord.robustness)."
+    )
+    training: tuple[TrainingStep, ...] = Field(
+        default=(), description="The torch steps that made it (what was slimmed, how it was trained), if any."
     )
 
 

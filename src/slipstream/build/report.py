@@ -62,6 +62,8 @@ def _row(record: RunRecord, c: CandidateResult, decision: str) -> str:
     detail = html.escape(decision if c.status == "ok" else reason)
     if c.status == "ok" and c.warnings:
         detail += "<br>" + "<br>".join(html.escape(w) for w in c.warnings)
+    if c.training:  # what was slimmed and how it was trained, so a slim candidate's quality can be read
+        detail += "<br>" + "<br>".join(html.escape(t.summary) for t in c.training)
     cells.append(detail)
     return f'<tr class="{cls}">' + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>"
 

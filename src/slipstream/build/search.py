@@ -32,14 +32,18 @@ from slipstream.build.record import CandidateMetrics, CandidateResult, RunRecord
 from slipstream.build.robustness import measure_robustness
 from slipstream.build.select import quality_drop, select
 from slipstream.build.sensitivity import analyze_sensitivity
+from slipstream.build.text_slim import training_steps
 from slipstream.build.torch_source import (
     TorchSourceContext,
+    is_bundle_dir,
     is_torch_chain,
-    missing_labels,
+    load_source_module,
     run_torch_candidate,
+    skip_reason,
+    source_ladder,
     torch_context,
     torch_eager_timing,
-    torch_ladder,
+    torch_refusal,
 )
 from slipstream.data.datasets import Dataset, load_dataset
 from slipstream.errors import ConfigError, EngineError, SlipstreamError
@@ -103,18 +107,14 @@ def _write_calibration(recipe: Recipe, baseline: Bundle, eval_set: Dataset, dest
 
 
 def _entry_point_module(recipe: Recipe) -> Any:
-    """The torch module of a ``file.py:fn`` source, loaded once per build (None for other sources)."""
-    from slipstream.importers.torch_sources import is_entry_point, load_torch_module
-
-    if Path(recipe.model).exists() or not is_entry_point(recipe.model):
-        return None
-    return load_torch_module(recipe.model)
+    """The torch module of a ``file.py:fn`` or transformers-folder source, loaded once per build (else None)."""
+    return load_source_module(recipe.model)
 
 
 def _source_bundle(recipe: Recipe, dest: Path, module: Any) -> Bundle:
     """The baseline bundle: the recipe's bundle as is, or its source converted by the pass runner (the
     ``import@1`` step, cached by the pass cache while the source is unchanged)."""
-    if Path(recipe.model).is_dir():
+    if is_bundle_dir(recipe.model):  # a transformers model folder is converted like any source
         return Bundle.load(recipe.model)
     from slipstream.passes.export import import_source
 
@@ -244,17 +244,22 @@ def _search(
     run.record = run.record.model_copy(update={"baseline": baseline})
 
     if recipe.candidates == "auto":
-        chosen = auto_candidates(recipe, str(calibration))
-        if torch_ctx is not None and recipe.data.train is not None:  # without labels: recorded as skipped
-            chosen = (*chosen, *torch_ladder(str(calibration)))
+        label_free = measurer.metric.against != "labels"
+        chosen = auto_candidates(recipe, str(calibration), baseline_bundle.model_path)
+        chosen = (*chosen, *source_ladder(torch_ctx, recipe, str(calibration), label_free=label_free))
     else:
         chosen = recipe.candidates
     results: list[CandidateResult] = []
     seen = {engine_key(baseline_bundle.model_sha256, baseline_bundle.manifest): BASELINE}
     best: tuple[float, str] | None = None
     for i, cand in enumerate(chosen):
-        notify(BuildEvent("candidate", cand.name, i, len(chosen), best[1] if best else None))
-        result = _try_candidate(cand, baseline_bundle, out, measurer, recipe, torch_ctx, calibration, seen)
+        shown = best[1] if best else None
+        notify(BuildEvent("candidate", cand.name, i, len(chosen), shown))
+
+        def say(text: str, name: str = cand.name, i: int = i, shown: str | None = shown) -> None:
+            notify(BuildEvent("candidate", f"{name}: {text}", i, len(chosen), shown))
+
+        result = _try_candidate(cand, baseline_bundle, out, measurer, recipe, torch_ctx, calibration, seen, say)
         results.append(result)
         run.record = run.record.model_copy(update={"candidates": tuple(results)})
         if result.metrics is not None:
@@ -364,6 +369,7 @@ def _try_candidate(
     torch_ctx: TorchSourceContext | None,
     calibration: Path,
     seen: dict[str, str],
+    say: Callable[[str], None] | None = None,
 ) -> CandidateResult:
     """Build and measure one candidate in a child process (build/isolate.py): any failure, a crash included, is
     recorded. The recipe's calibration data reaches every pass that takes data (quantize.static calibrates on
@@ -371,19 +377,15 @@ def _try_candidate(
     and recorded as the same model (``seen`` maps model sha256 to the first candidate that made it)."""
     started = time.perf_counter()
     labels = tuple(_pass_label(p) for p in cand.passes)
-    if (skip := missing_labels(cand, torch_ctx) or engine_skip(cand)) is not None:
+    if (skip := skip_reason(cand, torch_ctx) or engine_skip(cand)) is not None:
         return CandidateResult(name=cand.name, passes=labels, status="skipped", error=skip)
     try:
         refs = [_pass_ref(p) for p in cand.passes]
         dest = out / "candidates" / cand.name
         if is_torch_chain(cand):
             if torch_ctx is None:
-                raise ConfigError(
-                    f"Candidate '{cand.name}' starts with a torch pass, but the source is not a single-input "
-                    "PyTorch model.",
-                    field="candidates",
-                )
-            bundle, hits = run_torch_candidate(torch_ctx, refs, dest, recipe, str(calibration))
+                raise torch_refusal(cand, recipe, baseline)
+            bundle, hits = run_torch_candidate(torch_ctx, refs, dest, recipe, str(calibration), say)
             measured = measurer.measure(bundle)
             measured = replace(measured, cache_hits=hits)
         else:
@@ -419,6 +421,7 @@ def _try_candidate(
         same_as=same_as if same_as != cand.name else None,
         graph_optimization=measured.graph_optimization,
         warnings=(*measured.notes, *warnings),
+        training=training_steps(bundle),
     )
 
 

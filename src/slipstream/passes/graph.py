@@ -1,4 +1,9 @@
-"""graph.optimize: onnxruntime's offline graph optimization, plus transformer fusions for BERT-like graphs."""
+"""graph.optimize: onnxruntime's offline graph optimization, plus transformer fusions for BERT-like graphs.
+
+The fusions are onnxruntime.transformers' (LayerNorm, Gelu, ...) preceded by our own self-attention fusion
+(passes/_attention.py), which matches the torch dynamo exports theirs misses: quantize.dynamic after it
+makes QAttention, one integer GEMM for Q, K and V.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from typing import Literal
 import onnx
 from pydantic import Field, JsonValue
 
+from slipstream.passes._attention import fuse_attention
 from slipstream.passes._onnx import load, op_histogram, save
 from slipstream.passes.base import OnnxPass, PassConfig, PassContext, PassOutput
 from slipstream.passes.tolerance import Tolerance
@@ -25,11 +31,16 @@ class GraphOptimizeConfig(PassConfig):
         description="Run onnxruntime.transformers fusions (LayerNorm, Gelu, Attention...); 'auto' when the "
         "graph looks like a transformer (Softmax and LayerNormalization present).",
     )
+    attention: bool = Field(
+        default=True,
+        description="With the fusions: fuse self-attention blocks into com.microsoft Attention first (the "
+        "mask checked by a probe run; blocks that do not match stay as they are).",
+    )
     num_heads: int = Field(default=0, ge=0, description="Attention heads for the fusions; 0 detects them.")
     hidden_size: int = Field(default=0, ge=0, description="Hidden size for the fusions; 0 detects it.")
 
 
-def _looks_like_transformer(model: onnx.ModelProto) -> bool:
+def looks_like_transformer(model: onnx.ModelProto) -> bool:
     ops = {n.op_type for n in model.graph.node}
     return "Softmax" in ops and ("LayerNormalization" in ops or "ReduceMean" in ops)
 
@@ -46,17 +57,22 @@ class GraphOptimize(OnnxPass[GraphOptimizeConfig]):
 
         before = op_histogram(model)
         fusions: dict[str, JsonValue] = {}
+        attention_note, n_attention = "off", 0
         use_fusions = config.transformer_fusions == "bert" or (
-            config.transformer_fusions == "auto" and _looks_like_transformer(model)
+            config.transformer_fusions == "auto" and looks_like_transformer(model)
         )
         if use_fusions:
             from onnxruntime.transformers.optimizer import optimize_model
 
+            if config.attention:
+                model, n_attention, attention_note = fuse_attention(model)
             optimized = optimize_model(
                 model, model_type="bert", num_heads=config.num_heads, hidden_size=config.hidden_size, opt_level=0
             )
             stats = optimized.get_fused_operator_statistics()
             fusions = {k: int(v) for k, v in sorted(stats.items()) if int(v) > 0}
+            if n_attention:
+                fusions["Attention"] = n_attention
             model = optimized.model
         src = save(model, ctx.workdir / "in.onnx")
         out = ctx.workdir / "out.onnx"
@@ -77,6 +93,7 @@ class GraphOptimize(OnnxPass[GraphOptimizeConfig]):
             "level": config.level,
             "transformer_fusions": "bert" if use_fusions else "off",
             "fused_operators": fusions,
+            "attention_fusion": attention_note,
         }
         notes = []
         if config.level == "all":

@@ -24,6 +24,9 @@ CONV_WARNING = (
 )
 
 
+QATTENTION = "com.microsoft.QAttention"  # as op_histogram names a contrib op
+
+
 class QuantizeDynamicConfig(PassConfig):
     weight_type: Literal["qint8", "quint8"] = Field(default="qint8", description="Element type of the weights.")
     per_channel: bool = Field(default=True, description="One scale per output channel (much better fidelity).")
@@ -34,6 +37,11 @@ class QuantizeDynamicConfig(PassConfig):
         default=(), description="Operator types to quantize; empty means onnxruntime's default set."
     )
     nodes_to_exclude: tuple[str, ...] = Field(default=(), description="Node names to leave in fp32.")
+    matmul_const_b_only: bool = Field(
+        default=False,
+        description="Quantize only MatMuls with a constant weight; activation × activation MatMuls (attention "
+        "scores) stay fp32.",
+    )
 
 
 class QuantizeDynamic(OnnxPass[QuantizeDynamicConfig]):
@@ -61,7 +69,10 @@ class QuantizeDynamic(OnnxPass[QuantizeDynamicConfig]):
             nodes_to_exclude=list(config.nodes_to_exclude) or None,
             # A graph already fused by graph.optimize has contrib ops whose output types the quantizer
             # cannot infer; without a default type it fails on them.
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            extra_options={
+                "DefaultTensorType": onnx.TensorProto.FLOAT,
+                "MatMulConstBOnly": config.matmul_const_b_only,
+            },
         )
         result = load(out)
         before, after = op_histogram(model), op_histogram(result)
@@ -78,9 +89,14 @@ class QuantizeDynamic(OnnxPass[QuantizeDynamicConfig]):
             "op_types": list(config.op_types) or "onnxruntime default",
             "preprocess": pre,
             "input_was_fused": fused,
+            "matmul_const_b_only": config.matmul_const_b_only,
         }
+        if n_qattention := after.get(QATTENTION, 0):
+            # A fused Attention (graph.optimize) becomes QAttention: one integer GEMM for Q, K and V; the
+            # scores and the weighted sum stay fp32 inside it.
+            resolved["fused_attention"] = f"{n_qattention} QAttention"
         metrics: dict[str, JsonValue] = {
-            "integer_ops": {k: v for k, v in after.items() if "Integer" in k or "Quantize" in k},
+            "integer_ops": {k: v for k, v in after.items() if "Integer" in k or "Quantize" in k or k == QATTENTION},
             "fp32_matmul_left": after.get("MatMul", 0),
             "fp32_conv_left": after.get("Conv", 0),
             "nodes_in": sum(before.values()),

@@ -70,6 +70,13 @@ class EngineBase(ABC):
             n for n in (listed if isinstance(listed, dict) else {}) if n in present and n not in self._output_names
         )
 
+    @property
+    def parallel_requests(self) -> int:
+        """How many calls of :meth:`run` are worth running at once (the server keeps that many batches in
+        flight). 1 unless the engine runs concurrent calls on separate cores, as OpenVINO's streams do:
+        onnxruntime's intra-op threads already use every core for one call."""
+        return 1
+
     @abstractmethod
     def resolved(self) -> EngineInfo:
         """The settings actually in force, for manifests and reports."""

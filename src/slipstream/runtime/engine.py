@@ -47,6 +47,8 @@ def _session_options(target: Target, *, fuse_int8: bool = True) -> ort.SessionOp
         ort.ExecutionMode.ORT_PARALLEL if target.execution_mode == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
     )
     opts.graph_optimization_level = _GRAPH_LEVELS[target.graph_optimization]
+    if target.intra_op_spinning is not None:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if target.intra_op_spinning else "0")
     opts.log_severity_level = 3
     return opts
 

@@ -36,7 +36,13 @@ PROVIDER_PACKAGES: dict[str, str] = {
 
 
 # The session settings a bundle may carry as tuned choices (resolved["session"]), which an Engine applies.
-BUNDLE_SESSION_KEYS = ("intra_op_threads", "inter_op_threads", "execution_mode", "graph_optimization")
+BUNDLE_SESSION_KEYS = (
+    "intra_op_threads",
+    "inter_op_threads",
+    "execution_mode",
+    "graph_optimization",
+    "intra_op_spinning",
+)
 
 
 def physical_cores() -> int:
@@ -105,6 +111,12 @@ class Target(BaseModel):
     )
     inter_op_threads: int | None = Field(default=None, ge=1, description="Threads across operators.")
     execution_mode: ExecutionMode = Field(default="sequential", description="Operator scheduling.")
+    intra_op_spinning: bool | None = Field(
+        default=None,
+        description="Whether onnxruntime's intra-op threads spin while waiting for work (unset: onnxruntime's "
+        "default, on). Off gives the cores back to neighbours (the HTTP layer, other processes); the build "
+        "tries both at more than one thread.",
+    )
     graph_optimization: GraphOptimization = Field(default="all", description="onnxruntime graph optimizations.")
     allow_fallback: bool = Field(
         default=False,

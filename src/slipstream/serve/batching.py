@@ -11,9 +11,12 @@ case with a fake clock. A batch is flushed when
 Requests whose tensors differ on a non-batch axis (or dtype) carry different keys and are never put
 in one batch; each caller gets back exactly its own rows. A full queue answers 503; a request that
 waits past its timeout answers 504 and leaves the queue, so neither hangs nor grows memory.
-:class:`Batcher` drives the queue from asyncio. The model runs in one worker thread, so the event
+:class:`Batcher` drives the queue from asyncio. The model runs in a worker thread, so the event
 loop parses the next requests meanwhile; a fast model serving a lone caller runs inline instead,
-because the hop to a thread would cost more than the model.
+because the hop to a thread would cost more than the model. An engine that runs several calls at once
+on separate cores (OpenVINO with several streams: ``EngineBase.parallel_requests``) gets up to that many
+batches in flight, each in its own worker thread; the queue forms the next batch as soon as one of them
+is free. With one (onnxruntime, and OpenVINO on one stream), a batch runs while the next one gathers.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
@@ -134,7 +137,11 @@ InlinePolicy = Literal["never", "alone", "always"]
 
 
 class Batcher:
-    """Runs a :class:`BatchQueue` on the event loop; the model runs in one worker thread, or inline."""
+    """Runs a :class:`BatchQueue` on the event loop; the model runs in worker threads, or inline.
+
+    ``parallel``: most model calls in flight at once (the engine's ``parallel_requests``). Each caller's
+    rows still come back from its own batch's call, whatever order the batches finish in.
+    """
 
     def __init__(
         self,
@@ -146,15 +153,22 @@ class Batcher:
         on_batch: BatchObserver | None = None,
         name: str = "model",
         inline: InlinePolicy = "never",
+        parallel: int = 1,
     ) -> None:
+        if parallel < 1:
+            raise ValueError(f"parallel must be at least 1; got {parallel}")  # a bug in the caller, not a refusal
         self.queue = BatchQueue(settings, batchable=batchable)
+        self.parallel = parallel
+        self.in_flight = 0  # model calls running now (never above ``parallel``)
+        self.peak_in_flight = 0  # the most that ever ran at once: reported by benchmarks and tests
+        self._running: dict[asyncio.Task[None], list[Pending]] = {}  # batches in their own tasks (parallel > 1)
         self._run = run
         self._timeout_s = settings.timeout_ms / 1000.0
         self._clock = clock
         self._on_batch = on_batch
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slipstream-{name}")
+        self._executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix=f"slipstream-{name}")
         self._name = name
         # A model call of a few µs costs less than the hop to a worker thread (~20-50 µs), so a fast
         # model serving a lone caller runs inline ("alone"). With others waiting, the worker thread lets
@@ -197,11 +211,21 @@ class Batcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            decision = self.queue.poll(self._clock())
+            # With every call slot busy, the queue is left alone: requests keep gathering into the next batch
+            # (and a request that waits too long is answered by its own timer, _expire).
+            decision = self.queue.poll(self._clock()) if self.in_flight < self.parallel else Decision()
             for item in decision.expired:
                 _fail(item, self._timeout_error(item))
             if decision.batch:
-                await self._flush(loop, decision.batch)
+                # Counted here, before the call starts: the next poll must already see the slot as taken.
+                self.in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+                if self.parallel == 1:  # one call at a time: run it here, no task to create and wake on
+                    await self._flush(loop, decision.batch)
+                else:
+                    task = loop.create_task(self._flush(loop, decision.batch))
+                    self._running[task] = decision.batch
+                    task.add_done_callback(self._finished)
                 continue
             self._wake.clear()
             if decision.wake_at is None:
@@ -210,13 +234,28 @@ class Batcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), max(decision.wake_at - self._clock(), 0.0))
 
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        self._wake.set()  # a call slot is free: the loop may start the batch that gathered meanwhile
+
     async def _flush(self, loop: asyncio.AbstractEventLoop, batch: list[Pending]) -> None:
+        """Run one batch that the loop has counted in ``in_flight``; the slot is given back when it ends."""
+        try:
+            await self._call(loop, batch)
+        except asyncio.CancelledError:  # stop() while the batch runs: its callers are told, not left waiting
+            _fail_all(batch)
+            raise
+        finally:
+            self.in_flight -= 1
+
+    async def _call(self, loop: asyncio.AbstractEventLoop, batch: list[Pending]) -> None:
         started = self._clock()
         for item in batch:
             item.queue_s = item.queue_s or started - item.enqueued_at
         rows = sum(item.rows for item in batch)
         try:
-            if self.inline == "always" or (self.inline == "alone" and not self.queue.items and not self.queue.joining):
+            alone = not self.queue.items and not self.queue.joining and self.in_flight == 1
+            if self.inline == "always" or (self.inline == "alone" and alone):
                 outputs = self._run(join_rows(batch))
             else:
                 outputs = await loop.run_in_executor(self._executor, self._run, join_rows(batch))
@@ -227,7 +266,7 @@ class Batcher:
             # One caller's bad values (an id past a table's end) must not fail the callers it shared the
             # call with: run each alone, so each gets its own answer or its own error.
             for item in batch:
-                await self._flush(loop, [item])
+                await self._call(loop, [item])
             return
         if self._on_batch is not None:
             self._on_batch(rows, self._clock() - started)
@@ -243,14 +282,20 @@ class Batcher:
         )
 
     async def stop(self) -> None:
-        """Stop the loop; requests still queued are answered 503."""
+        """Stop the loop; requests still queued, or in a batch still running, are answered 503."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for item in self.queue.items:
-            _fail(item, ServerBusyError("The server is shutting down.", hint="Retry on another replica."))
+        running = dict(self._running)
+        for task in running:
+            task.cancel()
+        for task, batch in running.items():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            _fail_all(batch)  # a task cancelled before it started never ran its own handler
+        _fail_all(self.queue.items)
         self.queue.items.clear()
         self._executor.shutdown(wait=False)
 
@@ -287,3 +332,8 @@ class Slot:
 def _fail(item: Pending, exc: BaseException) -> None:
     if item.future is not None and not item.future.done():
         item.future.set_exception(exc)
+
+
+def _fail_all(items: Iterable[Pending]) -> None:
+    for item in items:
+        _fail(item, ServerBusyError("The server is shutting down.", hint="Retry on another replica."))

@@ -321,6 +321,7 @@ class Repository:
             on_batch=self.metrics.model(entry.name).on_batch,
             name=f"{entry.name}-{entry.version}",
             inline=_inline_policy(self.settings, entry.warm_call_s),
+            parallel=engine.parallel_requests,
         )
         entry.batcher.start()
         if self.monitors is not None:
