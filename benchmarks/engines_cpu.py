@@ -143,6 +143,10 @@ def minilm(work: Path, threads: int, rounds: int, budget_s: float, build: bool, 
     )  # fmt: skip
     made = {
         "onnxruntime int8 dynamic per-channel": [("quantize.dynamic", {"per_channel": True})],
+        "onnxruntime int8 dynamic fused (QAttention)": [
+            ("graph.optimize", {}),
+            ("quantize.dynamic", {"per_channel": True}),
+        ],
         "OpenVINO f32": [("engine.openvino", {"precision": "f32"})],
         "OpenVINO bf16": [("engine.openvino", {"precision": "bf16"})],
         "OpenVINO int8 (NNCF)": [
@@ -242,7 +246,7 @@ def minilm_build(work: Path, base: Bundle, quick: bool) -> list[str]:
         "output": str(work / "minilm-build"),
     }
     if quick:
-        keep = {"int8-dynamic", "openvino-f32", "openvino-bf16", "openvino-int8"}
+        keep = {"int8-dynamic", "int8-dynamic-fused", "openvino-f32", "openvino-bf16", "openvino-int8"}
         cal = str(work / "minilm-build" / "calibration.npz")
         spec["candidates"] = [
             c.model_dump(mode="json") for c in auto_candidates(parse_recipe(spec), cal) if c.name in keep

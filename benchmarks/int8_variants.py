@@ -30,7 +30,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
+from engines_cpu import interleaved  # noqa: E402  # same interleaving as the engines table
 
 from slipstream.artifact import Bundle  # noqa: E402
 from slipstream.passes.recipe import optimize  # noqa: E402
@@ -81,26 +81,6 @@ class Variant:
 
     def call(self) -> None:
         self.session.run(None, self.feeds)
-
-
-def _round_median(fn: Callable[[], None], budget_s: float) -> float:
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 3 or time.perf_counter() - start < budget_s:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(times)
-
-
-def interleaved(variants: list[Variant], rounds: int, budget_s: float) -> None:
-    for v in variants:
-        for _ in range(3):  # warm-up: arenas, first-call allocations
-            v.call()
-    for r in range(rounds):
-        order = variants[r % len(variants) :] + variants[: r % len(variants)]
-        for v in order:
-            v.rounds.append(_round_median(v.call, budget_s))
 
 
 def session(path: Path, threads: int, config: dict[str, str]) -> ort.InferenceSession:

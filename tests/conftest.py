@@ -22,6 +22,19 @@ def _private_pass_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["SLIPSTREAM_CACHE_DIR"] = str(tmp_path_factory.mktemp("pass-cache"))
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """Tiny torch models on a shared 2-core machine train several times faster on one thread (restored after).
+
+    A module that trains them asks for it with ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("models")

@@ -6,7 +6,6 @@ the quality (benchmarks/slim_transformers.py and a MiniLM build measure that).""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,8 @@ from slipstream.data.datasets import load_dataset
 from slipstream.errors import ConfigError
 from slipstream.runtime import Engine
 from tests.build.conftest import HEADS, HIDDEN, LAYERS, TextEncoderSource
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 TINY = {"amounts": [0.5], "distill_steps": 4, "texts": 32, "score_texts": 16, "seq_len": 16, "batch_size": 8}
 
@@ -55,19 +56,8 @@ def _recipe(src: TextEncoderSource, out: Path, **extra: Any) -> Recipe:
 Builds = tuple[BuildResult, BuildResult, list[str], list[str]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """A tiny model on a shared 2-core machine: one torch thread trains it several times faster (restored after)."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
-def slim_builds(text_encoder_source: TextEncoderSource, one_thread: None) -> Builds:
+def slim_builds(text_encoder_source: TextEncoderSource, torch_one_thread: None) -> Builds:
     auto = _recipe(text_encoder_source, text_encoder_source.work / "out", slim=TINY)
     recipe = auto.model_copy(update={"candidates": text_ladder(auto)})  # the auto ladder's slim part only
     said: tuple[list[str], list[str]] = ([], [])

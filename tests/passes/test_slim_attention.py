@@ -7,7 +7,6 @@ The BERT models are built here from a small BertConfig (not MiniLM), so every te
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,8 @@ from slipstream.passes.text_corpus import clean, side, unlabeled_text
 from slipstream.passes.torch_base import TorchContext
 from slipstream.passes.torch_model import TorchModel
 from tests.passes.helpers import run_pass
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 HEADS, HEAD_DIM, FFN = 4, 8, 64
 
@@ -50,15 +51,6 @@ def tokens(seed: int, batch: int = 4, seq: int = 12) -> tuple[torch.Tensor, torc
 def hidden(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     with torch.no_grad():
         return model(*batch).last_hidden_state  # type: ignore[no-any-return]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared machine: one torch thread is fastest and steadiest (restored afterwards)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,10 @@ Distilling a slimmed text encoder from its original needs sentences, not labels.
 every Python environment carries plenty: the README each installed package ships as its METADATA
 description, and the docstrings of the standard library. Nothing is downloaded. The corpus is
 deterministic for a given environment: packages and files are read in sorted order, paragraphs are cleaned
-of markup and de-duplicated, and :func:`split` puts each text in "train" or "heldout" by its digest, so a
-text is on the same side on every run.
+of markup and de-duplicated, and :func:`side` puts each paragraph in "train" or "heldout" by its digest, so a
+text is on the same side on every run. ``chunks="sentences"`` cuts the paragraphs into sentences (a
+sentence encoder is mostly asked about sentences: shorter, and closer to what it is evaluated on); a
+sentence stays on its paragraph's side, so the two sides share no paragraph.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Literal
 MIN_CHARS = 40
 MAX_CHARS = 600
 HELDOUT_PERCENT = 10
+MIN_SENTENCE_WORDS = 4
 Side = Literal["train", "heldout"]
+Chunks = Literal["paragraphs", "sentences"]
 
 _CODE_FENCE = re.compile(r"```.*?```|~~~.*?~~~", re.DOTALL)
 _LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")  # markdown links and images: keep the label
@@ -32,6 +36,9 @@ _MARKUP = re.compile(r"[`*_#>|=]+|\.\. [a-z-]+::.*")
 _URL = re.compile(r"<?https?://[^\s>]*>?|<[^<>\s]*>")
 _CODE_CHARS = frozenset('(){}[]"=<>;/\\')
 _SPACE = re.compile(r"\s+")
+# A sentence ends at . ! or ? followed by a space and a capital (or an opening quote or bracket), unless the
+# word before is a common abbreviation.
+_SENTENCE_END = re.compile(r"(?<!\be\.g\.)(?<!\bi\.e\.)(?<!\betc\.)(?<!\bvs\.)(?<=[.!?])\s+(?=[A-Z\"'(])")
 
 
 def clean(paragraph: str) -> str | None:
@@ -66,10 +73,20 @@ def package_readmes() -> Iterator[str]:
         yield from _paragraphs(str(body))
 
 
-def stdlib_docstrings(limit_files: int = 400) -> Iterator[str]:
-    """Module, class and function docstrings of the standard library, read with ``ast`` (nothing imported)."""
+def sentences(paragraph: str) -> list[str]:
+    """``paragraph`` cut into sentences of at least MIN_SENTENCE_WORDS words (shorter pieces are dropped)."""
+    return [s for s in _SENTENCE_END.split(paragraph) if len(s.split()) >= MIN_SENTENCE_WORDS]
+
+
+_SKIPPED_STDLIB = ("test", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "tkinter")
+
+
+def stdlib_docstrings(limit_files: int = 800) -> Iterator[str]:
+    """Module, class and function docstrings of the standard library (its modules, then its packages'), read
+    with ``ast`` (nothing imported)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.glob("*.py"))[:limit_files]
+    nested = (p for p in root.glob("*/*.py") if p.parent.name not in _SKIPPED_STDLIB)
+    files = [*sorted(root.glob("*.py")), *sorted(nested)][:limit_files]
     for path in files:
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -88,16 +105,20 @@ def side(text: str) -> Side:
     return "heldout" if bucket < HELDOUT_PERCENT else "train"
 
 
-def unlabeled_text(limit: int = 2000, *, split: Side = "train") -> list[str]:
-    """Up to ``limit`` distinct paragraphs from one side of the split: package READMEs first, then docstrings."""
+def unlabeled_text(limit: int = 2000, *, split: Side = "train", chunks: Chunks = "paragraphs") -> list[str]:
+    """Up to ``limit`` distinct paragraphs (or sentences) from one side of the split: package READMEs first,
+    then docstrings."""
     seen: set[str] = set()
     out: list[str] = []
     for source in (package_readmes(), stdlib_docstrings()):
-        for text in source:
-            if text in seen or side(text) != split:
+        for paragraph in source:
+            if side(paragraph) != split:
                 continue
-            seen.add(text)
-            out.append(text)
-            if len(out) >= limit:
-                return out
+            for text in [paragraph] if chunks == "paragraphs" else sentences(paragraph):
+                if text in seen:
+                    continue
+                seen.add(text)
+                out.append(text)
+                if len(out) >= limit:
+                    return out
     return out
