@@ -40,12 +40,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from engines_cpu import interleaved  # noqa: E402  # same interleaving as the engines table
+from engines_cpu import cpu_section, interleaved  # noqa: E402  # same machine lines and interleaving
 
 from slipstream.artifact import Bundle  # noqa: E402
 from slipstream.passes.recipe import optimize  # noqa: E402
-from slipstream.runtime.choice import cpu_features  # noqa: E402
-from slipstream.runtime.targets import cpu_model, physical_cores  # noqa: E402
+from slipstream.runtime.targets import physical_cores  # noqa: E402
 
 UNSTABLE = 0.25
 REFERENCE = "fp32"
@@ -165,19 +164,6 @@ def run_threads(
     return lines, {v.name: statistics.median(v.rounds) for v in variants}
 
 
-def cpu_lines() -> list[str]:
-    feats = cpu_features()
-    have = ", ".join(f for f, on in feats.items() if on) or "none of them"
-    lacks = ", ".join(f for f, on in feats.items() if not on) or "none"
-    return [
-        f"- CPU: **{cpu_model()}**, {physical_cores()} physical cores",
-        f"- engine-relevant flags present: {have}; absent: {lacks}",
-        f"- onnxruntime {ort.__version__}",
-        f"- load average at start (1, 5, 15 min): {', '.join(f'{v:.1f}' for v in os.getloadavg())} "
-        f"on {os.cpu_count()} CPUs (above the CPU count, neighbours share the cores: ratios are noisier)",
-    ]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 rounds of 0.3 s per variant (noisy).")
@@ -195,7 +181,13 @@ def main() -> None:
     timing = m.tokenize(m.SENTENCES[64:96])
     started = time.perf_counter()
     command = "python benchmarks/int8_variants.py " + " ".join(sys.argv[1:])
-    lines = ["# Dynamic int8 variants of MiniLM on onnxruntime", "", *cpu_lines(), f"- command: `{command}`", ""]
+    lines = [
+        "# Dynamic int8 variants of MiniLM on onnxruntime",
+        "",
+        *cpu_section(max(thread_counts)),
+        f"- command: `{command}`",
+        "",
+    ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def emit(more: list[str]) -> None:  # written section by section, so a late failure keeps what was measured
