@@ -68,6 +68,20 @@ def _export(batch: object, path: Path) -> None:
     )
 
 
+def _victim_pid(candidate: str, root: Path) -> int | None:
+    """The pid of the running child that makes ``candidate``, if one has started."""
+    for task_file in list(Path(root).glob("**/task-*.json")):
+        try:
+            task = json.loads(task_file.read_text())
+            status = json.loads(task_file.with_name(task_file.name.replace("task-", "status-")).read_text())
+        except (OSError, ValueError):
+            continue
+        pid = status.get("pid")
+        if str(task.get("dest") or "").endswith(f"/{candidate}") and pid and psutil.pid_exists(pid):
+            return int(pid)
+    return None
+
+
 @contextmanager
 def oom_killer(candidate: str, root: Path) -> Iterator[list[int]]:
     """Kill -9 the child process that makes and measures ``candidate``, as the kernel's OOM killer would.
@@ -77,20 +91,18 @@ def oom_killer(candidate: str, root: Path) -> Iterator[list[int]]:
     stop = threading.Event()
 
     def watch() -> None:
-        # The build writes each child's task next to the status file the child fills in, its pid first.
+        # The build writes each child's task next to the status file the child fills in, its pid first. The
+        # build makes and removes folders while this walks them, and a child may end between a look and the
+        # kill: either is a miss to retry, never an end of the watch.
         while not stop.is_set() and not killed:
-            for task_file in Path(root).glob("**/task-*.json"):
-                try:
-                    task = json.loads(task_file.read_text())
-                    status = json.loads(task_file.with_name(task_file.name.replace("task-", "status-")).read_text())
-                except (OSError, ValueError):
-                    continue
-                pid = status.get("pid")
-                if str(task.get("dest") or "").endswith(f"/{candidate}") and pid and psutil.pid_exists(pid):
+            try:
+                pid = _victim_pid(candidate, root)
+                if pid is not None:
                     psutil.Process(pid).kill()
                     killed.append(pid)
-                    break
-            stop.wait(0.01)
+            except (OSError, psutil.Error):
+                pass
+            stop.wait(0.005)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
