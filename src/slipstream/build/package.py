@@ -14,6 +14,7 @@ from slipstream.artifact.sbom import SBOM_FILE, environment_sbom
 from slipstream.build.measure import Measurer, first_rows
 from slipstream.build.recipe import Recipe
 from slipstream.build.record import CandidateResult
+from slipstream.build.streams import StreamsTrial, decide_streams, time_streams
 from slipstream.data.datasets import Dataset
 from slipstream.evaluate.bench import BenchSettings, bench
 from slipstream.runtime.choice import ENGINE_KEY, engine_choice, recorded_choice
@@ -60,9 +61,29 @@ def tune(bundle: Bundle, recipe: Recipe, measurer: Measurer, level: str = "all")
     }
     if level != "all":
         chosen["graph_optimization"] = level
-    tuning = {"chosen": chosen, "trials": trials}
+    tuning: dict[str, Any] = {"chosen": chosen, "trials": trials}
+    if modes == ("sequential",) and physical_cores() > 1:
+        streams = _tune_streams(bundle, recipe, measurer, level, feeds[recipe.batch_size], best["intra_op_threads"])
+        tuning["streams"] = streams.model_dump(mode="json")
+        if streams.chosen:
+            chosen["inter_op_threads"] = streams.streams
     measurer.remember(cache_key, tuning)
     return tuning
+
+
+def _tune_streams(
+    bundle: Bundle, recipe: Recipe, measurer: Measurer, level: str, feeds: Any, threads: int
+) -> StreamsTrial:
+    """OpenVINO: one stream per core against one stream, at the tuned thread count (build/streams.py)."""
+    streams = physical_cores()
+    timing = time_streams(
+        lambda n: measurer.engine(bundle, level, intra_op_threads=max(threads, streams), inter_op_threads=n),
+        feeds,
+        streams,
+        min_time_s=recipe.bench_time_s / 2,
+        max_time_s=recipe.bench_time_s,
+    )
+    return decide_streams(timing, streams, objective=recipe.objective, min_speedup=recipe.budget.min_speedup)
 
 
 def package(

@@ -251,6 +251,14 @@ def serve(
         int | None,
         typer.Option(min=1, help="onnxruntime intra-op threads per model (default: the build's tuned count, else 1)."),
     ] = None,
+    streams: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="OpenVINO bundles: inference streams per model, as many batches in flight (more rows/s under "
+            "load, each batch slower); default: the build's measured choice, else 1.",
+        ),
+    ] = None,
     poll_interval: Annotated[float, typer.Option(help="Seconds between repository rescans; 0: off.")] = 0.0,
     workers: Annotated[
         int,
@@ -355,7 +363,8 @@ def serve(
         "rate_per_s": rate_per_s, "burst": burst,
         "max_body_bytes": max_body_bytes, "max_id_chars": max_id_chars, "non_finite": non_finite,
         "cors_origins": tuple(cors_origin or ()),
-        "intra_op_threads": threads, "poll_interval_s": poll_interval, "access_log": access_log, "gc_freeze": gc_freeze,
+        "intra_op_threads": threads, "streams": streams, "poll_interval_s": poll_interval,
+        "access_log": access_log, "gc_freeze": gc_freeze,
         "missing_cpu_features": missing_cpu_features,
         "http_limits": http_limits, "http_max_header_bytes": max_header_bytes,
         "http_max_header_count": max_header_count, "http_max_request_line_bytes": max_request_line_bytes,

@@ -83,4 +83,7 @@ def render_record(record: RunRecord) -> None:
     chosen = record.tuning.get("chosen")
     if chosen:
         console.print(f"session settings: {escape(str(chosen))}", highlight=False)
+    streams = record.tuning.get("streams")
+    if isinstance(streams, dict):  # an OpenVINO winner: whether it serves on one stream per core, measured
+        console.print(f"OpenVINO streams: {escape(str(streams['reason']))}", highlight=False)
     console.print(f"build took {record.duration_s:.1f} s", highlight=False)

@@ -40,7 +40,7 @@ from slipstream.errors import (
     SlipstreamError,
 )
 from slipstream.monitor.process.placement import unpinned
-from slipstream.runtime import EngineBase, Target, open_engine
+from slipstream.runtime import EngineBase, Target, engine_choice, open_engine
 from slipstream.serve.batching import Batcher, InlinePolicy
 from slipstream.serve.metrics import ServeMetrics
 from slipstream.serve.request import RequestedOutput
@@ -143,8 +143,16 @@ def load_version(entry: ModelVersion, settings: ServeSettings, trust: TrustAncho
     session = bundle.manifest.resolved.get("session")
     tuned = isinstance(session, dict) and "intra_op_threads" in session
     threads = None if tuned and "intra_op_threads" not in settings.model_fields_set else settings.intra_op_threads
+    # OpenVINO's streams: the server's --streams, else the build's measured choice (taken by the engine).
+    on_openvino = engine_choice(bundle.manifest).engine == "openvino"
+    streams = settings.streams if on_openvino else None
+    if settings.streams is not None and not on_openvino:
+        log.info("--streams does not apply to %s: an onnxruntime bundle runs one batch at a time", entry.path)
     # The bundle's recorded engine (onnxruntime or OpenVINO), checked against this CPU's features.
-    engine = open_engine(bundle, Target(intra_op_threads=threads, missing_cpu_features=settings.missing_cpu_features))
+    engine = open_engine(
+        bundle,
+        Target(intra_op_threads=threads, inter_op_threads=streams, missing_cpu_features=settings.missing_cpu_features),
+    )
     feeds = placeholder_feeds(bundle.manifest.inputs)
     calls = []
     for _ in range(5):

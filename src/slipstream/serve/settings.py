@@ -305,6 +305,13 @@ class ServeSettings(Frozen):
     intra_op_threads: int = Field(
         default=1, ge=1, description="onnxruntime threads per model; 1 because the HTTP layer shares the cores."
     )
+    streams: int | None = Field(
+        default=None,
+        ge=1,
+        description="OpenVINO bundles: inference streams per model, each a share of the threads, as many "
+        "batches in flight (more rows per second under load, each batch slower). None: the build's measured "
+        "choice (resolved session inter_op_threads), else 1. onnxruntime bundles run one batch at a time.",
+    )
     missing_cpu_features: Literal["warn", "refuse"] = Field(
         default="warn",
         description="A bundle whose recorded engine choice needs CPU features this machine lacks (OpenVINO bf16 "
