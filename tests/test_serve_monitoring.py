@@ -277,13 +277,13 @@ def test_nested_monitor_options_become_the_monitor_settings(tmp_path: Path) -> N
         {"monitor": {"store": {"path": tmp_path / "m.db"}, "group_parameter": "cohort", "standby": False,
                      "restart_max_s": 5.0, "log_max_mb": 1.5,
                      "config": {"sample_rate": 0.25, "threats": {"reject_ood_above": 8.0},
-                                "alerts": {"webhook_url": "http://127.0.0.1:9/hook"}}}},
+                                "alerts": {"webhook_url": "http://127.0.0.1:9/hook", "keep_firing_for_s": 45.0}}}},
         {},
     )  # fmt: skip
     m = settings.monitor
     assert m.enabled and m.db_path == tmp_path / "m.db" and m.group_parameter == "cohort"
     assert m.config.sample_rate == 0.25 and m.ood_reject_above == 8.0 == m.config.threats.reject_ood_above
-    assert m.config.alerts.webhook_url == "http://127.0.0.1:9/hook"
+    assert m.config.alerts.webhook_url == "http://127.0.0.1:9/hook" and m.config.alerts.keep_firing_for_s == 45.0
     assert not m.standby and m.restart_max_s == 5.0 and m.log_max_mb == 1.5
     assert not ServeSettings().monitor.enabled and ServeSettings().monitor.db_path is None
     from slipstream.errors import ConfigError

@@ -9,7 +9,7 @@ from typing import ClassVar
 import pytest
 
 from slipstream.errors import ConfigError
-from slipstream.monitor.alerts import AlertManager, AlertRule, AlertsConfig
+from slipstream.monitor.alerts import DEFAULT_RULES, AlertManager, AlertRule, AlertsConfig
 
 RULE = AlertRule(name="acc", metric="quality.accuracy_drop", threshold=0.05, direction="above", for_s=10)
 
@@ -54,6 +54,35 @@ def test_an_interval_rule_fires_only_when_the_whole_interval_is_past_the_thresho
     assert alerts.firing() == ["dpr"]
     (resolved,) = alerts.update({"f.ratio": 0.9, "f.ratio.low": 0.7, "f.ratio.high": 1.0}, now=4)
     assert resolved.state == "resolved"
+
+
+def test_keep_firing_for_holds_a_firing_alert_through_a_dip_and_resolves_after_it() -> None:
+    rule = AlertRule(
+        name="drift", metric="drift.drifted_features", threshold=0, direction="above", keep_firing_for_s=30
+    )
+    alerts = AlertManager(AlertsConfig(rules=(rule,)))
+    (fired,) = alerts.update({"drift.drifted_features": 3}, now=0)
+    assert fired.state == "firing"
+    # One clean window, then drift again: still the same alert, never a resolve and a second fire.
+    assert alerts.update({"drift.drifted_features": 0}, now=10) == []
+    dipping = alerts.states()[0]
+    assert dipping.state == "firing" and dipping.clearing_since == 10 and "clear for 0 s of the 30 s" in dipping.reason
+    assert alerts.update({"drift.drifted_features": 2}, now=20) == []
+    assert alerts.states()[0].clearing_since is None  # holding again: the clock starts over at the next dip
+    assert alerts.update({"drift.drifted_features": 0}, now=30) == []
+    assert alerts.update({"drift.drifted_features": 0}, now=50) == []
+    assert alerts.states()[0].reason.endswith("clear for 20 s of the 30 s it needs")
+    (resolved,) = alerts.update({"drift.drifted_features": 0}, now=60)
+    assert resolved.state == "resolved" and resolved.at == 60 and alerts.states()[0].clearing_since is None
+    # Without it (the default), the first clean window resolves; the config's value applies to rules without one.
+    plain = AlertManager(AlertsConfig(rules=(rule.model_copy(update={"keep_firing_for_s": None}),)))
+    plain.update({"drift.drifted_features": 3}, now=0)
+    assert [e.state for e in plain.update({"drift.drifted_features": 0}, now=10)] == ["resolved"]
+    held = AlertManager(AlertsConfig(rules=DEFAULT_RULES, keep_firing_for_s=60))
+    held.update({"drift.drifted_features": 3}, now=0)
+    assert held.update({"drift.drifted_features": 0}, now=10) == []  # clear from 10 on
+    assert held.update({"drift.drifted_features": 0}, now=69) == [] and held.firing() == ["input_drift"]
+    assert [e.rule for e in held.update({"drift.drifted_features": 0}, now=70)] == ["input_drift"]
 
 
 def test_duplicate_rule_names_are_refused() -> None:

@@ -147,6 +147,55 @@ def test_alert_state_is_shared_and_survives_a_takeover(
     assert [(s.state, s.since) for s in b.alerts(key)] == [("resolved", 120.0)]
 
 
+def test_a_dip_being_waited_out_survives_a_takeover(pair: tuple[FleetCoordinator, FleetCoordinator], key: Key) -> None:
+    """keep_firing_for_s: the moment the condition stopped holding is fleet state too, so a new evaluator
+    resolves when the old one would have, not a whole wait later."""
+    a, b = pair
+    config = AlertsConfig(rules=(RULE.model_copy(update={"keep_firing_for_s": 30.0}),))
+    assert a.role(key) == "evaluator"
+    a.update_alerts(key, AlertManager(config), FIRE, now=100.0)
+    assert a.update_alerts(key, AlertManager(config), CALM, now=110.0) == []  # dipping: still firing
+    assert [(s.state, s.clearing_since) for s in b.alerts(key)] == [("firing", 110.0)]
+    a.close()
+    _takes_over(b, key)
+    fresh = AlertManager(config)
+    assert b.update_alerts(key, fresh, CALM, now=125.0) == []
+    (resolved,) = b.update_alerts(key, fresh, CALM, now=140.0)  # 30 s after the dip began at 110
+    assert resolved.state == "resolved"
+    assert [(e.state, e.at) for e in b.events(key)] == [("firing", 100.0), ("resolved", 140.0)]
+
+
+def test_a_fleet_table_from_before_keep_firing_gains_its_column(postgres_dsn: str) -> None:
+    """A database whose fleet_alerts predates clearing_since: a replica adds the column and keeps the rows."""
+    name = f"old_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    dsn = postgres_dsn.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(dsn, autocommit=True) as old:
+        old.execute(
+            "CREATE TABLE fleet_alerts (model TEXT NOT NULL, version TEXT NOT NULL, rule TEXT NOT NULL, "
+            "metric TEXT NOT NULL, state TEXT NOT NULL, since DOUBLE PRECISION, value DOUBLE PRECISION, "
+            "low DOUBLE PRECISION, high DOUBLE PRECISION, reason TEXT NOT NULL, fired_at DOUBLE PRECISION, "
+            "resolved_at DOUBLE PRECISION, updated_at DOUBLE PRECISION NOT NULL, evaluator TEXT NOT NULL, "
+            "PRIMARY KEY (model, version, rule))"
+        )
+        old.execute(
+            "INSERT INTO fleet_alerts VALUES ('m', '1', 'drift', 'drift.drifted_features', 'firing', 5, 3, NULL, "
+            "NULL, 'drift.drifted_features = 3 > 0', 5, NULL, 5, 'replica-old')"
+        )
+    c = FleetCoordinator(dsn, name="replica-new")
+    try:
+        assert [(s.rule, s.state, s.since, s.clearing_since) for s in c.alerts(("m", "1"))] == [
+            ("drift", "firing", 5.0, None)
+        ]
+        config = AlertsConfig(rules=(RULE.model_copy(update={"keep_firing_for_s": 30.0}),))
+        assert c.role(("m", "1")) == "evaluator"
+        assert c.update_alerts(("m", "1"), AlertManager(config), CALM, now=10.0) == []
+        assert [s.clearing_since for s in c.alerts(("m", "1"))] == [10.0]
+    finally:
+        c.close()
+
+
 def test_a_follower_publishes_nothing_and_reads_the_evaluators_snapshot(
     pair: tuple[FleetCoordinator, FleetCoordinator], key: Key
 ) -> None:

@@ -309,6 +309,14 @@ def serve(
         ),
     ] = 0.99,
     webhook: Annotated[str | None, typer.Option(help="POST alert transitions to this URL.")] = None,
+    alert_keep_firing: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds a firing alert stays firing after its condition clears: a one-window dip is not a "
+            "resolve and a new alert. 0: resolve at once.",
+        ),
+    ] = 0.0,
     monitor_retention_days: Annotated[float, typer.Option(help="Delete logged predictions older than this.")] = 7.0,
     monitor_max_rows: Annotated[int, typer.Option(help="Keep at most this many logged predictions.")] = 1_000_000,
     monitor_interval: Annotated[float, typer.Option(help="Seconds between monitor evaluations.")] = 10.0,
@@ -384,7 +392,7 @@ def serve(
                 "fairness": {"max_difference": fairness_max_difference, "min_ratio": fairness_min_ratio,
                              "positive_label": fairness_positive_label, "confidence": fairness_confidence},
                 "threats": {"reject_ood_above": ood_reject},
-                "alerts": {"webhook_url": webhook},
+                "alerts": {"webhook_url": webhook, "keep_firing_for_s": alert_keep_firing},
             },
             "group_parameter": group_parameter, "process_nice": monitor_nice, "placement": monitor_placement,
             "standby": monitor_standby, "restart_max_s": monitor_restart_max, "log_max_mb": monitor_log_max_mb,

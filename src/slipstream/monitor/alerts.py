@@ -40,6 +40,14 @@ class AlertRule(Frozen):
     threshold: float = Field(description="The value the metric is compared with.")
     direction: Literal["above", "below"] = Field(description="Fire when the metric is above / below it.")
     for_s: float = Field(default=0.0, ge=0, description="How long the condition must hold before firing.")
+    keep_firing_for_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="How long a firing alert stays firing after its condition stops holding: a metric that "
+        "dips under the threshold for one evaluation and comes back is one alert, not a resolve and a new fire "
+        "(Prometheus' keep_firing_for). 0: resolve at the first evaluation that clears; None: the "
+        "AlertsConfig's keep_firing_for_s.",
+    )
     severity: Literal["info", "warning", "critical"] = Field(default="warning", description="For the receiver.")
     decide_on: Literal["value", "interval"] = Field(
         default="value",
@@ -111,6 +119,11 @@ DEFAULT_RULES: tuple[AlertRule, ...] = (
 
 class AlertsConfig(Frozen):
     rules: tuple[AlertRule, ...] = Field(default=DEFAULT_RULES, description="The rules in force.")
+    keep_firing_for_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="keep_firing_for_s of every rule that sets none (see AlertRule); 0: resolve at once.",
+    )
     webhook_url: str | None = Field(default=None, description="POST every transition here as JSON (None: off).")
     webhook_timeout_s: float = Field(default=2.0, gt=0, description="Per-POST timeout.")
     webhook_queue: int = Field(default=100, ge=1, description="Events waiting for the webhook, at most.")
@@ -128,6 +141,11 @@ class AlertState(Frozen):
     low: float | None = Field(default=None, description="Interval rules: the lower confidence bound.")
     high: float | None = Field(default=None, description="Interval rules: the upper confidence bound.")
     reason: str
+    clearing_since: float | None = Field(
+        default=None,
+        description="Firing, but the condition has not held since then (rules with keep_firing_for_s): it "
+        "resolves once that has lasted keep_firing_for_s.",
+    )
 
 
 class AlertEvent(Frozen):
@@ -222,14 +240,19 @@ class AlertManager:
                 reason = _describe(rule, value, low, high)
                 if holds and rule.metric in self._notes:
                     reason = f"{reason}: {self._notes[rule.metric]}"
-                state, since = old.state, old.since
+                state, since, clearing = old.state, old.since, None
                 if holds:
                     if old.state in ("inactive", "resolved"):
                         state, since = "pending", t
                     if state == "pending" and since is not None and t - since >= rule.for_s:
                         state, since = "firing", t
                 elif old.state == "firing" and not _holds(rule, value):
-                    state, since = "resolved", t
+                    clearing = t if old.clearing_since is None else old.clearing_since
+                    keep = self.config.keep_firing_for_s if rule.keep_firing_for_s is None else rule.keep_firing_for_s
+                    if t - clearing >= keep:
+                        state, since, clearing = "resolved", t, None
+                    else:
+                        reason = f"{reason}; clear for {t - clearing:.0f} s of the {keep:g} s it needs"
                 elif old.state == "pending":
                     state, since = "inactive", t
                 # else: firing with the point estimate still past the threshold (interval rules): undecided
@@ -255,6 +278,7 @@ class AlertManager:
                     low=low,
                     high=high,
                     reason=reason,
+                    clearing_since=clearing,
                 )
         return events
 

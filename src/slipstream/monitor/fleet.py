@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS fleet_alerts (
     reason TEXT NOT NULL, fired_at DOUBLE PRECISION, resolved_at DOUBLE PRECISION,
     updated_at DOUBLE PRECISION NOT NULL, evaluator TEXT NOT NULL, PRIMARY KEY (model, version, rule)
 );
+ALTER TABLE fleet_alerts ADD COLUMN IF NOT EXISTS clearing_since DOUBLE PRECISION;
 CREATE TABLE IF NOT EXISTS fleet_alert_events (
     seq BIGSERIAL PRIMARY KEY, model TEXT NOT NULL, version TEXT NOT NULL, rule TEXT NOT NULL,
     state TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, evaluator TEXT NOT NULL, body TEXT NOT NULL
@@ -77,16 +78,19 @@ CREATE INDEX IF NOT EXISTS fleet_alert_events_key ON fleet_alert_events (model, 
 """The fleet's tables, beside the prediction log's in the same database."""
 
 _UPSERT_ALERT = """
-INSERT INTO fleet_alerts (model, version, rule, metric, state, since, value, low, high, reason, fired_at,
-                          resolved_at, updated_at, evaluator)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+INSERT INTO fleet_alerts (model, version, rule, metric, state, since, value, low, high, reason, clearing_since,
+                          fired_at, resolved_at, updated_at, evaluator)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (model, version, rule) DO UPDATE SET
     metric = excluded.metric, state = excluded.state, since = excluded.since, value = excluded.value,
-    low = excluded.low, high = excluded.high, reason = excluded.reason,
+    low = excluded.low, high = excluded.high, reason = excluded.reason, clearing_since = excluded.clearing_since,
     fired_at = COALESCE(excluded.fired_at, fleet_alerts.fired_at),
     resolved_at = COALESCE(excluded.resolved_at, fleet_alerts.resolved_at),
     updated_at = excluded.updated_at, evaluator = excluded.evaluator
 """
+
+_STATE_COLUMNS = "rule, metric, state, since, value, low, high, reason, clearing_since"
+"""fleet_alerts' columns that make an AlertState, in its field names."""
 
 
 def lock_key(kind: str, model: str, version: str) -> int:
@@ -282,8 +286,7 @@ class FleetCoordinator:
     def alerts(self, key: Key) -> list[AlertState]:
         """The fleet's alert states for a version, as every replica shows them."""
         rows = self._read(
-            "SELECT rule, metric, state, since, value, low, high, reason FROM fleet_alerts "
-            "WHERE model = %s AND version = %s ORDER BY rule",
+            f"SELECT {_STATE_COLUMNS} FROM fleet_alerts WHERE model = %s AND version = %s ORDER BY rule",
             key,
         )
         return [_state(row) for row in rows]
@@ -306,8 +309,7 @@ class FleetCoordinator:
                     with conn.transaction():
                         conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("alerts", *key),))
                         rows = conn.execute(
-                            "SELECT rule, metric, state, since, value, low, high, reason FROM fleet_alerts "
-                            "WHERE model = %s AND version = %s",
+                            f"SELECT {_STATE_COLUMNS} FROM fleet_alerts WHERE model = %s AND version = %s",
                             key,
                         ).fetchall()
                         manager.load(_state(row) for row in rows)
@@ -361,10 +363,7 @@ def coordinator(store: StoreConfig | None) -> FleetCoordinator | None:
 
 
 def _state(row: tuple[Any, ...]) -> AlertState:
-    rule, metric, state, since, value, low, high, reason = row
-    return AlertState(
-        rule=rule, metric=metric, state=state, since=since, value=value, low=low, high=high, reason=reason
-    )
+    return AlertState.model_validate(dict(zip(_STATE_COLUMNS.split(", "), row, strict=True)))
 
 
 def _store(
@@ -389,6 +388,7 @@ def _store(
                     s.low,
                     s.high,
                     s.reason,
+                    s.clearing_since,
                     s.since if s.state == "firing" else None,
                     s.since if s.state == "resolved" else None,
                     now,
