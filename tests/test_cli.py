@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
 from typer.testing import CliRunner
 
 from slipstream.cli import app
+from tests.onnx_models import build_trained_digits_mlp
 
 runner = CliRunner()
 SLIPSTREAM = Path(sys.executable).with_name("slipstream")
@@ -95,3 +98,29 @@ def test_missing_bundle_is_a_clear_error(tmp_path: Path) -> None:
 def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.startswith("slipstream ")
+
+
+def test_build_in_a_log_prints_a_line_per_step_then_the_table(tmp_path: Path) -> None:
+    """Not on a terminal (CI, `> build.log`): progress as timed plain lines on stderr, the result on stdout."""
+    model, x, y = build_trained_digits_mlp()
+    onnx.save_model(model, str(tmp_path / "digits.onnx"))
+    np.savez(tmp_path / "eval.npz", pixels=x[:200], labels=y[:200])
+    recipe = {
+        "name": "digits",
+        "model": str(tmp_path / "digits.onnx"),
+        "data": {"eval": str(tmp_path / "eval.npz")},
+        "budget": {"max_accuracy_drop": 0.02},
+        "batch_size": 32,
+        "bench_time_s": 0.2,
+        "output": str(tmp_path / "out"),
+        "candidates": [{"name": "optimized", "passes": ["graph.optimize"]}],
+    }
+    (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    done = subprocess.run([str(SLIPSTREAM), "build", str(tmp_path / "recipe.yaml")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    steps = [line.split("] ", 1)[1] for line in lines if line.startswith("[") and " s] " in line]
+    assert steps[:3] == ["import", "baseline", "candidate 1/1 optimized"], done.stderr
+    assert "tune" in " ".join(steps) and "report" in " ".join(steps)
+    assert "optimized" in done.stdout and "build took" in done.stdout
+    assert (tmp_path / "out" / "winner" / "manifest.json").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 
 from rich.markup import escape
@@ -23,9 +24,37 @@ def run_with_progress(recipe: Recipe, *, quiet: bool) -> BuildResult:
         return _run(recipe, quiet=quiet)
 
 
+def _describe(event: BuildEvent) -> str:
+    if event.stage == "candidate":
+        best = f" · best so far: {event.best}" if event.best else ""
+        return f"candidate {event.index + 1}/{event.total} {event.candidate or ''}{best}"
+    return event.stage if event.candidate in (None, event.stage) else f"{event.stage} {event.candidate}"
+
+
+LINE_EVERY_S = 10.0
+
+
+class _Lines:
+    """Build progress as plain lines: every new stage or candidate, and within one (distillation steps, say)
+    at most a line per ``every_s`` seconds."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s, self.started, self.last = every_s, time.monotonic(), -every_s
+        self.step: tuple[str, int] | None = None
+
+    def __call__(self, event: BuildEvent) -> None:
+        now, step = time.monotonic(), (event.stage, event.index)
+        if step == self.step and now - self.last < self.every_s:
+            return
+        self.step, self.last = step, now
+        err_console.print(f"[{now - self.started:7.1f} s] {escape(_describe(event))}", highlight=False)
+
+
 def _run(recipe: Recipe, *, quiet: bool) -> BuildResult:
     if quiet:
         return run_build(recipe)
+    if not err_console.is_terminal:  # a log file or CI: a line per step, with the time since the start
+        return run_build(recipe, progress=_Lines(LINE_EVERY_S))
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
