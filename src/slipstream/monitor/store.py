@@ -156,6 +156,27 @@ def prepare_store(config: StoreConfig) -> None:
         SQLiteStore.prepare(config)
 
 
+def retain(execute: Callable[[str, tuple[Any, ...]], Any], config: StoreConfig, now: float, mark: str) -> None:
+    """Apply ``config``'s retention through ``execute`` (a connection's, inside the caller's transaction):
+    the same statements for SQLite and PostgreSQL, with the driver's parameter ``mark`` ('?' or '%s')."""
+    if config.max_age_s is not None:
+        execute(f"DELETE FROM prediction_log WHERE ts_last < {mark}", (now - config.max_age_s,))
+        execute(f"DELETE FROM snapshots WHERE ts < {mark}", (now - config.max_age_s,))
+    if config.max_rows is not None:  # whole batches, newest kept: at most max_rows rows remain
+        execute(
+            "DELETE FROM prediction_log WHERE seq <= (SELECT seq FROM (SELECT seq, SUM(rows) OVER "
+            f"(ORDER BY seq DESC) AS newer FROM prediction_log) AS t WHERE newer > {mark} "
+            "ORDER BY seq DESC LIMIT 1)",
+            (config.max_rows,),
+        )
+    # A label outlives its prediction only while it is young: labels come after their predictions, so one
+    # older than the oldest kept prediction (or than max_age_s) has lost it.
+    row = execute("SELECT MIN(ts_first) FROM prediction_log", ()).fetchone()
+    oldest = None if row is None else row[0]
+    cutoff = now - (config.max_age_s or 7 * 86400)
+    execute(f"DELETE FROM feedback WHERE ts < {mark}", (cutoff if oldest is None else max(cutoff, oldest),))
+
+
 class Store(Protocol):
     """What the server and the monitor need from a prediction log."""
 
@@ -246,22 +267,8 @@ class SQLiteStore(BufferedStore[sqlite3.Connection]):
         self._count_written(sum(len(b) for b in batches), len(labels))
 
     def _retain(self, conn: sqlite3.Connection) -> None:
-        now = self._clock()
         with conn:
-            if self.config.max_age_s is not None:
-                conn.execute("DELETE FROM prediction_log WHERE ts_last < ?", (now - self.config.max_age_s,))
-                conn.execute("DELETE FROM snapshots WHERE ts < ?", (now - self.config.max_age_s,))
-            if self.config.max_rows is not None:  # whole batches, newest kept: at most max_rows rows remain
-                conn.execute(
-                    "DELETE FROM prediction_log WHERE seq <= (SELECT seq FROM (SELECT seq, SUM(rows) OVER "
-                    "(ORDER BY seq DESC) AS newer FROM prediction_log) WHERE newer > ? ORDER BY seq DESC LIMIT 1)",
-                    (self.config.max_rows,),
-                )
-            # A label outlives its prediction only while it is young: labels come after their predictions,
-            # so one older than the oldest kept prediction (or than max_age_s) has lost it.
-            oldest = conn.execute("SELECT MIN(ts_first) FROM prediction_log").fetchone()[0]
-            cutoff = now - (self.config.max_age_s or 7 * 86400)
-            conn.execute("DELETE FROM feedback WHERE ts < ?", (cutoff if oldest is None else max(cutoff, oldest),))
+            retain(conn.execute, self.config, self._clock(), "?")
 
     def run_retention(self) -> None:
         """Apply retention now (the writer also runs it every ``retention_interval_s``)."""

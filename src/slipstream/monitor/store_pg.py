@@ -26,7 +26,7 @@ from slipstream.monitor.buffered import BufferedStore
 from slipstream.monitor.location import redact
 from slipstream.monitor.logfile import collect_labeled
 from slipstream.monitor.records import Feedback, LabeledRow, PredictionBatch, Snapshot, pack, unpack
-from slipstream.monitor.store import Store, StoreConfig
+from slipstream.monitor.store import Store, StoreConfig, retain
 
 if TYPE_CHECKING:
     import psycopg
@@ -241,23 +241,8 @@ class PostgresStore(BufferedStore["psycopg.Connection[Any]"]):
         """More statements in the same transaction as the rows (the monitor process counts them here)."""
 
     def _retain(self, conn: psycopg.Connection[Any]) -> None:
-        now = self._clock()
         with conn.transaction():
-            if self.config.max_age_s is not None:
-                conn.execute("DELETE FROM prediction_log WHERE ts_last < %s", (now - self.config.max_age_s,))
-                conn.execute("DELETE FROM snapshots WHERE ts < %s", (now - self.config.max_age_s,))
-            if self.config.max_rows is not None:  # whole batches, newest kept: at most max_rows rows remain
-                conn.execute(
-                    "DELETE FROM prediction_log WHERE seq <= (SELECT seq FROM (SELECT seq, SUM(rows) OVER "
-                    "(ORDER BY seq DESC) AS newer FROM prediction_log) AS t WHERE newer > %s "
-                    "ORDER BY seq DESC LIMIT 1)",
-                    (self.config.max_rows,),
-                )
-            # A label older than the oldest kept prediction (or than max_age_s) has lost its prediction.
-            row = conn.execute("SELECT MIN(ts_first) FROM prediction_log").fetchone()
-            oldest = None if row is None else row[0]
-            cutoff = now - (self.config.max_age_s or 7 * 86400)
-            conn.execute("DELETE FROM feedback WHERE ts < %s", (cutoff if oldest is None else max(cutoff, oldest),))
+            retain(conn.execute, self.config, self._clock(), "%s")
 
     def run_retention(self) -> None:
         """Apply retention now (the writer also runs it every ``retention_interval_s``)."""
