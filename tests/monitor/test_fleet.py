@@ -165,6 +165,20 @@ def test_a_dip_being_waited_out_survives_a_takeover(pair: tuple[FleetCoordinator
     assert [(e.state, e.at) for e in b.events(key)] == [("firing", 100.0), ("resolved", 140.0)]
 
 
+def test_alert_transitions_older_than_the_logs_retention_go_when_a_new_one_comes(postgres_dsn: str, key: Key) -> None:
+    c = FleetCoordinator(postgres_dsn, name="replica-r", events_max_age_s=100.0)
+    try:
+        assert c.role(key) == "evaluator"
+        manager = AlertManager(AlertsConfig(rules=(RULE,)))
+        for t, metrics in ((0.0, FIRE), (50.0, CALM), (120.0, FIRE)):
+            c.update_alerts(key, manager, metrics, now=t)
+        assert [e.at for e in c.events(key)] == [50.0, 120.0]  # the one at 0 is over 100 s older than 120
+        assert c.update_alerts(key, manager, FIRE, now=400.0) == []  # no transition: nothing written, none go
+        assert [e.at for e in c.events(key)] == [50.0, 120.0]
+    finally:
+        c.close()
+
+
 def test_a_fleet_table_from_before_keep_firing_gains_its_column(postgres_dsn: str) -> None:
     """A database whose fleet_alerts predates clearing_since: a replica adds the column and keeps the rows."""
     name = f"old_{uuid.uuid4().hex[:8]}"

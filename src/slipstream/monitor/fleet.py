@@ -119,9 +119,16 @@ class FleetCoordinator:
     ``name`` identifies this replica in the tables (host:pid by default)."""
 
     def __init__(
-        self, dsn: str, *, name: str | None = None, connect_timeout_s: float = 5.0, required: bool = True
+        self,
+        dsn: str,
+        *,
+        name: str | None = None,
+        connect_timeout_s: float = 5.0,
+        required: bool = True,
+        events_max_age_s: float | None = None,
     ) -> None:
         self.dsn = dsn
+        self.events_max_age_s = events_max_age_s  # alert transitions older than this go when a new one comes
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.connect_timeout_s = connect_timeout_s
         self._pg = _psycopg()
@@ -315,6 +322,11 @@ class FleetCoordinator:
                         manager.load(_state(row) for row in rows)
                         events = manager.step(metrics, now)
                         _store(conn, key, manager.states(), events, now, self.name)
+                        if events and self.events_max_age_s is not None:  # the table grows only here
+                            conn.execute(
+                                "DELETE FROM fleet_alert_events WHERE model = %s AND version = %s AND at < %s",
+                                (*key, now - self.events_max_age_s),
+                            )
                 except self._pg.Error as exc:
                     self._lost(exc)
                 else:
@@ -359,7 +371,12 @@ def coordinator(store: StoreConfig | None) -> FleetCoordinator | None:
     """The coordinator for a log a fleet shares (a PostgreSQL URL); None for a SQLite file (one machine)."""
     if store is None or store.url is None:
         return None
-    return FleetCoordinator(store.url, connect_timeout_s=store.connect_timeout_s, required=not store.degraded_start)
+    return FleetCoordinator(
+        store.url,
+        connect_timeout_s=store.connect_timeout_s,
+        required=not store.degraded_start,
+        events_max_age_s=store.max_age_s,
+    )
 
 
 def _state(row: tuple[Any, ...]) -> AlertState:
