@@ -373,9 +373,11 @@ def build_section(
         needs = f"measured without {', '.join(choice.needs_any)}, so it depends on none of them"
     else:
         needs = "depends on no special CPU feature"
+    lines += [f"Recorded in the winner: engine {choice.engine}, precision {choice.precision}; {needs}.", ""]
+    streams = record.tuning.get("streams")
+    if isinstance(streams, dict):  # an OpenVINO winner: streams were timed by the build's tuning
+        lines += [f"OpenVINO streams (timed by the build, objective {record.objective}): {streams['reason']}.", ""]
     lines += [
-        f"Recorded in the winner: engine {choice.engine}, precision {choice.precision}; {needs}.",
-        "",
         "| candidate | engine, precision | quality | build p50 ms | why not chosen |",
         "|---|---|---|---|---|",
     ]
