@@ -62,12 +62,17 @@ class QuantizeStaticConfig(PassConfig):
 
 
 class _Reader:
-    """An onnxruntime CalibrationDataReader over in-memory arrays."""
+    """An onnxruntime CalibrationDataReader over in-memory arrays, in batches of one size.
+
+    A shorter last batch is left out (when there is a full one): onnxruntime's histogram calibrators (entropy,
+    percentile, distribution) stack every batch's activations into one array and fail on a ragged last one
+    ("setting an array element with a sequence ... inhomogeneous shape", seen on MiniLM's 126 sentences)."""
 
     def __init__(self, arrays: dict[str, np.ndarray], batch_size: int) -> None:
         n = min(len(a) for a in arrays.values())
+        size = max(1, min(batch_size, n))
         self._batches: Iterator[dict[str, np.ndarray]] = iter(
-            [{k: v[i : i + batch_size] for k, v in arrays.items()} for i in range(0, n, batch_size)]
+            [{k: v[i : i + size] for k, v in arrays.items()} for i in range(0, n - size + 1, size)]
         )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
