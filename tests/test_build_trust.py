@@ -21,7 +21,7 @@ from slipstream.build.recipe import Budget, parse_recipe
 from slipstream.build.record import CandidateMetrics, CandidateResult, RunRecord
 from slipstream.build.report import headline, headline_mismatches
 from slipstream.build.search import BuildResult, run_build
-from slipstream.build.select import select
+from slipstream.build.select import runner_up, select
 from slipstream.evaluate.sidebyside import interleave, side_by_side
 from slipstream.evaluate.torch_eager import torch_side_by_side
 from slipstream.runtime import Engine, Target
@@ -331,3 +331,55 @@ def test_an_engine_uses_the_bundles_tuned_session_unless_the_caller_sets_it(tmp_
     mine = Engine(bundle, target("cpu", intra_op_threads=1, execution_mode="sequential")).resolved()
     assert (mine.intra_op_threads, mine.execution_mode, mine.graph_optimization) == (1, "sequential", "basic")
     assert Engine(plain, Target()).resolved().from_bundle == ()
+
+
+def _confirmed(name: str, first_ms: float, base_ms: float, cand_ms: float) -> CandidateResult:
+    """A candidate measured at ``first_ms`` on its first pass, then re-timed against the baseline."""
+    timing = side_by_side("baseline", name, [base_ms] * 30, [cand_ms] * 30)
+    return CandidateResult(name=name, passes=("x",), status="ok", metrics=_m(first_ms)).model_copy(
+        update={"confirmed_gain": timing.ratio, "confirmation": timing}
+    )
+
+
+def _two_engines() -> RunRecord:
+    """The ResNet case of benchmarks/engines_cpu.py: OpenVINO int8 first-pass fastest (2.0×), but its re-timing
+    came out 1.2× against static int8's 2.1×, each taken at another moment."""
+    ov, ort = _confirmed("openvino-int8", 5.0, 12.0, 10.0), _confirmed("int8-static", 6.0, 21.0, 10.0)
+    base = CandidateResult(name="baseline", passes=(), status="ok", metrics=_m(10.0))
+    return RunRecord(
+        name="r", recipe={}, recipe_sha256="0", metric="accuracy", higher_is_better=True, objective="latency",
+        batch_size=8, baseline=base, candidates=(ov, ort),
+    )  # fmt: skip
+
+
+def test_a_runner_up_whose_first_pass_was_faster_is_timed_against_the_winner() -> None:
+    record = _two_engines()
+    budget = Budget(max_accuracy_drop=0.01)
+    selection = select(record, budget)
+    assert selection.winner == "int8-static" and selection.runners == ("openvino-int8",)
+    runner = runner_up(record, selection)
+    assert runner is not None and runner.name == "openvino-int8"
+    # Timed together, OpenVINO is 1.25x faster: it wins, and both reasons say so with the pair's own ratio.
+    duel = side_by_side("int8-static", "openvino-int8", [10.0] * 30, [8.0] * 30)
+    decided = record.model_copy(update={"head_to_head": duel})
+    after = select(decided, budget)
+    assert after.winner == "openvino-int8" and "openvino-int8 1.25× faster than int8-static" in after.reason
+    (lost,) = [r for r in after.rejections if r.name == "int8-static"]
+    assert lost.reason.startswith("within budget but slower; head to head with openvino-int8")
+    lines = headline(decided.model_copy(update={"selection": after}))
+    assert headline_mismatches(decided.model_copy(update={"selection": after, "headline": lines})) == []
+    assert runner_up(decided, after) is None  # the new winner's first pass was the fastest: no second duel
+
+
+def test_a_small_or_unsteady_head_to_head_keeps_the_confirmed_winner() -> None:
+    record, budget = _two_engines(), Budget(max_accuracy_drop=0.01)
+    close = side_by_side("int8-static", "openvino-int8", [10.0] * 30, [9.8] * 30)  # 1.02x: under min_speedup
+    kept = select(record.model_copy(update={"head_to_head": close}), budget)
+    assert kept.winner == "int8-static"
+    (other,) = [r for r in kept.rejections if r.name == "openvino-int8"]
+    assert "short of the 1.05× a change of winner needs" in other.reason
+    noisy = side_by_side("int8-static", "openvino-int8", [10.0] * 20 + [40.0] * 10, [5.0] * 30)
+    assert noisy.unstable
+    unsteady = select(record.model_copy(update={"head_to_head": noisy}), budget)
+    assert unsteady.winner == "int8-static"
+    assert "confirmed order stands" in next(r.reason for r in unsteady.rejections if r.name == "openvino-int8")

@@ -124,3 +124,15 @@ def test_build_in_a_log_prints_a_line_per_step_then_the_table(tmp_path: Path) ->
     assert "tune" in " ".join(steps) and "report" in " ".join(steps)
     assert "optimized" in done.stdout and "build took" in done.stdout
     assert (tmp_path / "out" / "winner" / "manifest.json").is_file()
+
+
+def test_build_progress_lines_name_each_step_and_its_place() -> None:
+    from slipstream.build.search import BuildEvent
+    from slipstream.cli.build import _describe
+
+    assert _describe(BuildEvent("import")) == "import"
+    assert _describe(BuildEvent("baseline", "baseline")) == "baseline"
+    assert _describe(BuildEvent("candidate", "int8", 2, 5, "fp16 (first pass 1.10×)")) == (
+        "candidate 3/5 int8 · best so far: fp16 (first pass 1.10×)"
+    )
+    assert _describe(BuildEvent("sensitivity", "/layer.0/MatMul", 0, 48)) == "sensitivity 1/48 /layer.0/MatMul"

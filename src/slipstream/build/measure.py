@@ -175,10 +175,18 @@ class Measurer:
         return open_engine(bundle, self.target.model_copy(update={"graph_optimization": level, **settings}))
 
     def confirm(
-        self, baseline: Bundle, candidate: Bundle, name: str, *, levels: tuple[str, str] = ("all", "all")
+        self,
+        baseline: Bundle,
+        candidate: Bundle,
+        name: str,
+        *,
+        levels: tuple[str, str] = ("all", "all"),
+        reference: str = "baseline",
     ) -> SideBySide:
-        """The candidate against the baseline, timed call by call in alternation (see evaluate/sidebyside.py)."""
-        key = "confirm:" + sha256_json([self.key(baseline), self.key(candidate), name, levels])
+        """The candidate against ``baseline`` (named ``reference``: the baseline, or the winner in a
+        head-to-head), timed call by call in alternation (see evaluate/sidebyside.py)."""
+        salt = [name, levels] if reference == "baseline" else [name, levels, reference]  # old cache keys hold
+        key = "confirm:" + sha256_json([self.key(baseline), self.key(candidate), *salt])
         if key in self.cache:
             return SideBySide.model_validate(self.cache[key])
         n = self.recipe.batch_size
@@ -192,7 +200,7 @@ class Measurer:
             min_time_s=budget / 2,
             max_time_s=budget,
         )
-        result = side_by_side("baseline", name, base_ms, cand_ms, threads=self.target.resolved_intra_op_threads())
+        result = side_by_side(reference, name, base_ms, cand_ms, threads=self.target.resolved_intra_op_threads())
         self.remember(key, result.model_dump(mode="json"))
         return result
 

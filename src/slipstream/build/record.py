@@ -107,6 +107,7 @@ class Selection(_Frozen):
     winner: str = Field(description="The chosen candidate's name ('baseline' when nothing beat it).")
     reason: str
     rejections: tuple[Rejection, ...]
+    runners: tuple[str, ...] = Field(default=(), description="The other candidates within budget, best first.")
 
 
 class RunRecord(_Frozen):
@@ -127,6 +128,12 @@ class RunRecord(_Frozen):
     tuning: dict[str, JsonValue] = Field(default_factory=dict, description="Session settings tried on the winner.")
     sensitivity: SensitivityReport | None = Field(
         default=None, description="Per-layer sensitivity, when the build computed it (see build/sensitivity.py)."
+    )
+    head_to_head: SideBySide | None = Field(
+        default=None,
+        description="The winner (reference) against the runner-up whose first pass was faster (subject), timed "
+        "side by side: their two confirmations against the baseline were taken at different times and reversed "
+        "the first pass, so the pair is timed together and that decides between them (build/select.py).",
     )
     source_timing: SideBySide | None = Field(
         default=None,

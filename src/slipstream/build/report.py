@@ -87,6 +87,8 @@ def headline(record: RunRecord) -> tuple[str, ...]:
         winner = record.candidate(sel.winner)
         if winner.confirmation is not None:
             lines.append(winner.confirmation.text())
+        if record.head_to_head is not None:
+            lines.append(record.head_to_head.text())
     if record.source_timing is not None:
         lines.append(record.source_timing.text())
     if (robust := robust_headline(record)) is not None:
@@ -103,8 +105,11 @@ def headline(record: RunRecord) -> tuple[str, ...]:
 def headline_mismatches(record: RunRecord) -> list[str]:
     """Every 'N.NN×' in the headline that is not a side-by-side ratio recorded in the run (empty: all match)."""
     measured = {f"{c.confirmation.ratio:.2f}×" for c in record.candidates if c.confirmation is not None}
-    if record.source_timing is not None:
-        measured.add(f"{record.source_timing.ratio:.2f}×")
+    for timing in (record.source_timing, record.head_to_head):
+        if timing is not None:
+            measured.add(f"{timing.ratio:.2f}×")
+            if timing.ratio < 1:  # a head-to-head is said as the faster one's ratio
+                measured.add(f"{1 / timing.ratio:.2f}×")
     return [
         f"{shown} in {line!r}"
         for line in record.headline

@@ -30,7 +30,7 @@ from slipstream.build.package import package, tune
 from slipstream.build.recipe import Candidate, Recipe, precheck_recipe_data
 from slipstream.build.record import CandidateMetrics, CandidateResult, RunRecord, SensitivityReport
 from slipstream.build.robustness import measure_robustness
-from slipstream.build.select import quality_drop, select
+from slipstream.build.select import quality_drop, runner_up, select
 from slipstream.build.sensitivity import analyze_sensitivity
 from slipstream.build.text_slim import training_steps
 from slipstream.build.torch_source import (
@@ -269,7 +269,14 @@ def _search(
 
     if recipe.candidates == "auto":
         rescue = _sensitivity_candidate(
-            recipe, baseline_bundle, measurer.dataset, measurer.metric, base.metrics, results, calibration
+            recipe,
+            baseline_bundle,
+            measurer.dataset,
+            measurer.metric,
+            base.metrics,
+            results,
+            calibration,
+            lambda i, n, layer: notify(BuildEvent("sensitivity", layer, i, n)),
         )
         if rescue is not None:
             sensitivity, rescued = rescue
@@ -302,6 +309,11 @@ def _search(
             selection = again
             break
         selection = again
+    if (runner := runner_up(record, selection)) is not None:
+        # The confirmations, taken at different times, reversed the first pass: time the two together.
+        notify(BuildEvent(stage="head to head", candidate=f"{selection.winner} vs {runner.name}"))
+        record = record.model_copy(update={"head_to_head": _head_to_head(record, selection.winner, runner, measurer)})
+        selection = select(record, recipe.budget)
     run.record = record = record.model_copy(update={"selection": selection})
     winner_result = record.candidate(selection.winner)
     winner_src = Bundle.load(winner_result.bundle) if winner_result.bundle else baseline_bundle
@@ -338,8 +350,10 @@ def _sensitivity_candidate(
     base: CandidateMetrics,
     results: list[CandidateResult],
     calibration: Path,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> tuple[SensitivityReport, Candidate | None] | None:
-    """When every static int8 candidate broke the budget: find the layers to keep in fp32, and try that."""
+    """When every static int8 candidate broke the budget: find the layers to keep in fp32 (one quantization
+    and evaluation per layer, each reported to ``progress``), and try that."""
     relative = recipe.budget.kind == "relative"
     drops = [
         quality_drop(base.quality, r.metrics.quality, higher_is_better=metric.higher_is_better, relative=relative)
@@ -351,7 +365,14 @@ def _sensitivity_candidate(
     allowed = recipe.budget.max_accuracy_drop * (abs(base.quality) if relative else 1.0)
     options = {"data": str(calibration), "per_channel": True}
     report = analyze_sensitivity(
-        baseline, dataset, metric, pass_name="quantize.static", options=options, data=str(calibration), seed=recipe.seed
+        baseline,
+        dataset,
+        metric,
+        pass_name="quantize.static",
+        options=options,
+        data=str(calibration),
+        seed=recipe.seed,
+        progress=progress,
     )
     exclude = report.most_sensitive(allowed)
     if not exclude:
@@ -422,6 +443,18 @@ def _try_candidate(
         graph_optimization=measured.graph_optimization,
         warnings=(*measured.notes, *warnings),
         training=training_steps(bundle),
+    )
+
+
+def _head_to_head(record: RunRecord, winner: str, runner: CandidateResult, measurer: Measurer) -> SideBySide:
+    """The confirmed winner (reference) against the runner-up (subject), timed in alternation."""
+    first = record.candidate(winner)
+    return measurer.confirm(
+        Bundle.load(first.bundle or ""),
+        Bundle.load(runner.bundle or ""),
+        runner.name,
+        levels=(first.graph_optimization, runner.graph_optimization),
+        reference=winner,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from slipstream.build.recipe import Budget
 from slipstream.build.record import CandidateMetrics, CandidateResult, Rejection, RunRecord, Selection
 from slipstream.evaluate.robust import worst_drop
+from slipstream.evaluate.sidebyside import SideBySide
 
 
 def quality_drop(baseline: float, candidate: float, *, higher_is_better: bool, relative: bool) -> float:
@@ -124,15 +125,69 @@ def select(record: RunRecord, budget: Budget) -> Selection:
             rejections=tuple(rejections),
         )
     eligible.sort(key=lambda item: (item[0], item[1]), reverse=True)
+    duel = _duel(record, eligible)
+    if duel is not None and not duel.unstable and duel.ratio >= budget.min_speedup:  # the runner-up wins
+        eligible.insert(0, eligible.pop(next(i for i, e in enumerate(eligible) if e[2].name == duel.subject)))
     best_gain, best_neg_drop, best = eligible[0]
     for gain, _, cand in eligible[1:]:
-        rejections.append(
-            Rejection(
-                name=cand.name, reason=f"within budget but beaten by {best.name}: {gain:.2f}× vs {best_gain:.2f}×"
-            )
-        )
+        text = f"within budget but beaten by {best.name}: {gain:.2f}× vs {best_gain:.2f}×"
+        if duel is not None and cand.name in (duel.reference, duel.subject):
+            text = _duel_rejection(duel, best.name, budget.min_speedup)
+        rejections.append(Rejection(name=cand.name, reason=text))
     reason = (
         f"best {record.objective} within budget: {gain_text(best, best_gain)}, "
         f"{record.metric} drop {_fmt_drop(-best_neg_drop, relative)}"
     )
-    return Selection(winner=best.name, reason=reason, rejections=tuple(rejections))
+    if duel is not None and best.name in (duel.reference, duel.subject):
+        loser = duel.reference if best.name == duel.subject else duel.subject
+        reason += f"; against {loser} head to head, timed side by side: {_duel_text(duel)}"
+    return Selection(
+        winner=best.name, reason=reason, rejections=tuple(rejections), runners=tuple(c.name for _, _, c in eligible[1:])
+    )
+
+
+def _duel(record: RunRecord, eligible: list[tuple[float, float, CandidateResult]]) -> SideBySide | None:
+    """The recorded head-to-head, when both of its candidates are eligible and its reference (the confirmed
+    winner) is the best. Its subject (the runner-up) wins only on a stable gain of at least ``min_speedup``;
+    otherwise the reference stays ahead."""
+    duel = record.head_to_head
+    names = {c.name for _, _, c in eligible}
+    if duel is None or not {duel.reference, duel.subject} <= names or eligible[0][2].name != duel.reference:
+        return None
+    return duel
+
+
+def _duel_rejection(duel: SideBySide, best: str, min_speedup: float) -> str:
+    """Why the head-to-head's other candidate is not the winner."""
+    timed = f"head to head with {best}, timed side by side: {_duel_text(duel)}"
+    if duel.unstable:
+        return f"within budget; {timed}, so the confirmed order stands"
+    if best == duel.reference and duel.ratio >= 1:
+        return f"within budget; {timed}, short of the {min_speedup:.2f}× a change of winner needs"
+    return f"within budget but slower; {timed}"
+
+
+def _duel_text(duel: SideBySide) -> str:
+    if duel.unstable:
+        return f"{duel.subject} against {duel.reference}: {duel.ratio_text()}"
+    faster, slower = (duel.subject, duel.reference) if duel.ratio >= 1 else (duel.reference, duel.subject)
+    ratio = duel.ratio if duel.ratio >= 1 else 1 / duel.ratio
+    return f"{faster} {ratio:.2f}× faster than {slower}"
+
+
+def runner_up(record: RunRecord, selection: Selection) -> CandidateResult | None:
+    """The eligible candidate the winner beat whose first pass was faster than the winner's: confirmations
+    taken at different times reversed the first pass, so the two are worth timing together (None: no such)."""
+    base = record.baseline.metrics
+    if base is None or selection.winner == record.baseline.name or record.objective == "size":
+        return None
+    winner = record.candidate(selection.winner)
+    if winner.metrics is None:
+        return None
+    first = objective_gain(base, winner.metrics, record.objective)
+    faster = [
+        (objective_gain(base, c.metrics, record.objective), c)
+        for c in (record.candidate(n) for n in selection.runners)
+        if c.metrics is not None and objective_gain(base, c.metrics, record.objective) > first
+    ]
+    return max(faster, key=lambda item: item[0])[1] if faster else None

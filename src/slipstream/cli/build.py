@@ -28,7 +28,8 @@ def _describe(event: BuildEvent) -> str:
     if event.stage == "candidate":
         best = f" · best so far: {event.best}" if event.best else ""
         return f"candidate {event.index + 1}/{event.total} {event.candidate or ''}{best}"
-    return event.stage if event.candidate in (None, event.stage) else f"{event.stage} {event.candidate}"
+    what = "" if event.candidate in (None, event.stage) else f" {event.candidate}"
+    return f"{event.stage} {event.index + 1}/{event.total}{what}" if event.total else f"{event.stage}{what}"
 
 
 LINE_EVERY_S = 10.0
@@ -75,8 +76,11 @@ def _run(recipe: Recipe, *, quiet: bool) -> BuildResult:
                     completed=event.index,
                     total=event.total,
                 )
+            elif event.total:  # a stage with steps of its own (sensitivity: one per layer)
+                what = escape(event.candidate or "")
+                bar.update(task, description=f"{event.stage} {what}", completed=event.index, total=event.total)
             else:
-                bar.update(task, description=f"{event.stage} {escape(event.candidate or '')}")
+                bar.update(task, description=f"{event.stage} {escape(event.candidate or '')}", total=None)
 
         return run_build(recipe, progress=on_event)
 
@@ -86,7 +90,12 @@ def render_record(record: RunRecord) -> None:
     decisions = {r.name: r.reason for r in sel.rejections} if sel else {}
     table = Table(title=f"{record.name}: {record.metric} and {record.objective} at batch {record.batch_size}")
     for col in ("candidate", "status", record.metric, "p50 ms", "samples/s", "KiB", "decision"):
-        table.add_column(col, justify="right" if col in ("p50 ms", "samples/s", "KiB") else "left")
+        # names fold rather than end in an ellipsis: two cut to "int8-dyna…" could not be told apart
+        table.add_column(
+            col,
+            justify="right" if col in ("p50 ms", "samples/s", "KiB") else "left",
+            overflow="fold" if col == "candidate" else "ellipsis",
+        )
     for c in (record.baseline, *record.candidates):
         m = c.metrics
         decision = "winner" if sel and sel.winner == c.name else decisions.get(c.name, "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,8 +15,19 @@ from rich.console import Console
 
 from slipstream.errors import SlipstreamError
 
-console = Console()
-err_console = Console(stderr=True)
+LOG_WIDTH = 140  # columns when writing to a file or a pipe (rich's 80 folds the build table into a tall one)
+
+
+def _console(*, stderr: bool = False) -> Console:
+    """A console at the terminal's width, or LOG_WIDTH for a log (COLUMNS, when set, still wins)."""
+    plain = Console(stderr=stderr)
+    if plain.is_terminal or os.environ.get("COLUMNS"):
+        return plain
+    return Console(stderr=stderr, width=LOG_WIDTH)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 def print_json(value: BaseModel | dict[str, Any]) -> None:
