@@ -27,7 +27,7 @@ RESULTS = HERE / "results"
 ORDER = [
     "model_speed", "passes", "pruning", "build", "serving", "serving-grpc", "workers", "monitoring",
     "monitor_overhead", "fleet", "drift", "torch-import", "keras-export", "trust", "robustness", "hostile", "zoo",
-    "engines", "engines_cpu", "int8_variants", "serve_minilm", "slim_transformers", "deploy",
+    "engines", "engines_cpu", "interleave_bias", "int8_variants", "serve_minilm", "slim_transformers", "deploy",
 ]  # fmt: skip
 # Modules another script runs as its sections (benchmarks/hostile.py, serving.py --grpc) or its load client
 # (grpc_load.py), not benchmarks of their own.
