@@ -31,6 +31,10 @@ from slipstream.evaluate.sidebyside import interleave
 from slipstream.runtime import Target, open_engine
 from slipstream.runtime.targets import physical_cores
 
+TORCH_SPIN = "torch eager against onnxruntime, call by call, onnxruntime spinning"
+TORCH_QUIET = "torch eager against onnxruntime, call by call, onnxruntime not spinning (what the build does now)"
+TORCH_ALONE = "torch eager against onnxruntime, in blocks, onnxruntime spinning"
+
 
 def _block(first: Callable[[], object], second: Callable[[], object], seconds: float) -> tuple[float, float]:
     """Per-call ms of each, timed alone for ``seconds``, one after the other."""
@@ -90,6 +94,17 @@ def main() -> None:
         }
         control = "call by call, onnxruntime fp32 twice (both spinning; the ratio should be 1)"
         ways[control] = lambda: _call_by_call(run(ort_spin), run(ort_spin_2), args.block_s)
+        # The build's "N× torch eager" line: torch's own module against onnxruntime, the same batch.
+        net, pixels = digits.build().eval(), torch.from_numpy(x[:256])
+        torch.set_num_threads(t)
+
+        def eager() -> object:
+            with torch.inference_mode():
+                return net(pixels)
+
+        ways[TORCH_SPIN] = lambda: _call_by_call(run(ort_spin), eager, args.block_s)
+        ways[TORCH_QUIET] = lambda: _call_by_call(run(ort_quiet), eager, args.block_s)
+        ways[TORCH_ALONE] = lambda: _block(run(ort_spin), eager, args.block_s / 2)
         ratios: dict[str, list[float]] = {w: [] for w in ways}
         times: dict[str, list[tuple[float, float]]] = {w: [] for w in ways}
         names = list(ways)
@@ -106,7 +121,7 @@ def main() -> None:
         f"- command: `python benchmarks/interleave_bias.py {' '.join(sys.argv[1:])}`",
         "",
         f"digits CNN, batch 256, {args.threads} threads each; {args.rounds} rounds, the ways rotated each round. "
-        "Ratio: onnxruntime ms / the other side's ms (> 1: the other side is faster).",
+        "Ratio: onnxruntime ms / the other side's ms (> 1: the other side is faster; < 1: onnxruntime is).",
         "",
         "| way | onnxruntime ms | other side ms | ratio (median) | range |",
         "|---|---|---|---|---|",
@@ -122,6 +137,12 @@ def main() -> None:
         "",
         f"OpenVINO against onnxruntime: {spin:.2f}× call by call with spinning, {quiet:.2f}× without, "
         f"{blocks:.2f}× in blocks. The build's confirmations run onnxruntime without spinning (build/measure.py).",
+        "",
+        "onnxruntime against torch eager (the build's 'N× torch eager'): "
+        f"{1 / statistics.median(ratios[TORCH_SPIN]):.2f}× call by call with spinning, "
+        f"{1 / statistics.median(ratios[TORCH_QUIET]):.2f}× without, "
+        f"{1 / statistics.median(ratios[TORCH_ALONE]):.2f}× in blocks. torch's time moves with what ran just "
+        "before it on the same cores; the build and `bench --compare` time it against onnxruntime not spinning.",
         "",
         f"Total time: {time.perf_counter() - started:.0f} s.",
         "",

@@ -287,6 +287,14 @@ def test_cli_entry_point_then_inspect(tmp_path: Path) -> None:
     assert human.returncode == 0 and "import.torch@1" in human.stdout
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert manifest["parity"]["status"] == "passed"
+    timed = subprocess.run(
+        [str(SLIPSTREAM), "bench", "bundle", "--batch", "8", "--max-time", "0.2", "--compare", "my_model.py:build",
+         "--json"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    assert timed.returncode == 0, timed.stderr
+    (compared,) = json.loads(timed.stdout)["comparisons"]  # torch eager against the bundle, side by side
+    assert compared["reference"] == "torch eager (fp32)" and compared["ratio"] > 0
 
     refused = subprocess.run(
         [str(SLIPSTREAM), "convert", "my_model.py:build", "-o", "other"], cwd=tmp_path, capture_output=True, text=True

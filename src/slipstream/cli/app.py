@@ -195,10 +195,13 @@ def bench(
                 return engines[-1]
 
             report = do_bench(build_engine, settings)
-            if compare is not None:  # side by side with the same engine, torch at its thread count
+            if compare is not None:  # side by side with the same bundle and threads, torch at its thread count
                 from slipstream.evaluate.torch_eager import TORCH_EAGER, compare_torch_source
 
-                timed = compare_torch_source(compare, engines[-1], settings, trust_pickle=trust_pickle)
+                # onnxruntime not spinning: its idle threads would take the cores torch's next call needs
+                # (build/search.py _torch_side_by_side has the numbers)
+                quiet = open_engine(b, tgt.model_copy(update={"intra_op_spinning": False}))
+                timed = compare_torch_source(compare, quiet, settings, trust_pickle=trust_pickle)
                 report = report.model_copy(update={"source_framework": TORCH_EAGER, "comparisons": timed})
     if as_json:
         print_json(report)
