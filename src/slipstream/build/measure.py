@@ -24,7 +24,7 @@ from slipstream.build.recipe import Recipe
 from slipstream.build.record import CandidateMetrics
 from slipstream.data.datasets import Dataset, arrays_digest
 from slipstream.evaluate.metrics import Metric
-from slipstream.evaluate.sidebyside import SideBySide, interleave, side_by_side
+from slipstream.evaluate.sidebyside import ALTERNATING, SideBySide, interleave, side_by_side
 from slipstream.runtime.base import EngineBase
 from slipstream.runtime.choice import engine_key
 from slipstream.runtime.open import open_engine
@@ -186,13 +186,9 @@ class Measurer:
     ) -> SideBySide:
         """The candidate against ``baseline`` (named ``reference``: the baseline, or the winner in a
         head-to-head), timed call by call in alternation (see evaluate/sidebyside.py); ``again``: a second
-        timing of the same pair, cached apart from the first.
-
-        onnxruntime sessions run here without intra-op spinning: after each call a session's idle threads
-        spin, on the cores the other side's next call needs. Measured on the digits CNN at 2 threads,
-        OpenVINO against a spinning onnxruntime came out 0.42× call by call, 0.76× with spinning off, and
-        0.66× in blocks of calls (where nothing interleaves): spinning biased every comparison against the
-        engine that followed it. Serving settings, spinning included, are tuned on the winner afterwards."""
+        timing of the same pair, cached apart from the first. Both engines run with the ``ALTERNATING``
+        settings (onnxruntime not spinning; see evaluate/sidebyside.py); serving settings, spinning included,
+        are tuned on the winner afterwards."""
         salt: list[Any] = [name, levels, "no-spin"] + ([] if reference == "baseline" else [reference])
         if again:
             salt.append("again")
@@ -202,8 +198,8 @@ class Measurer:
         n = self.recipe.batch_size
         feeds = first_rows(self.dataset, n)
         engines = [
-            self.engine(baseline, levels[0], intra_op_spinning=False),
-            self.engine(candidate, levels[1], intra_op_spinning=False),
+            self.engine(baseline, levels[0], **ALTERNATING),
+            self.engine(candidate, levels[1], **ALTERNATING),
         ]
         checked = [e.check_inputs(feeds) for e in engines]
         budget = self.recipe.bench_time_s

@@ -36,13 +36,14 @@ def tune(bundle: Bundle, recipe: Recipe, measurer: Measurer, level: str = "all")
     settings = BenchSettings(batch_sizes=(recipe.batch_size,), warmup_runs=3, min_time_s=budget / 4, max_time_s=budget)
     trials: list[dict[str, Any]] = []
     # OpenVINO has no execution mode to choose (its streams are the target's inter_op_threads): threads only.
-    modes = ("sequential",) if engine_choice(bundle.manifest).engine == "openvino" else ("sequential", "parallel")
+    on_openvino = engine_choice(bundle.manifest).engine == "openvino"
+    modes = ("sequential",) if on_openvino else ("sequential", "parallel")
     for threads in sorted({1, physical_cores()}):
         for mode in modes:
             engine = measurer.engine(bundle, level, intra_op_threads=threads, execution_mode=mode)
             report = bench(lambda engine=engine: engine, settings, feeds=feeds)  # type: ignore[misc]
             trials.append({"intra_op_threads": threads, "execution_mode": mode, "p50_ms": report.results[0].p50_ms})
-        if threads > 1 and modes != ("sequential",):
+        if threads > 1 and not on_openvino:
             # onnxruntime's idle threads spin; on a shared CPU that costs the other work its cores (measured:
             # MiniLM int8 at 2 threads beside other load, 1.55x -> 2.85x fp32 without spinning).
             engine = measurer.engine(bundle, level, intra_op_threads=threads, intra_op_spinning=False)
@@ -62,7 +63,7 @@ def tune(bundle: Bundle, recipe: Recipe, measurer: Measurer, level: str = "all")
     if level != "all":
         chosen["graph_optimization"] = level
     tuning: dict[str, Any] = {"chosen": chosen, "trials": trials}
-    if modes == ("sequential",) and physical_cores() > 1:
+    if on_openvino and physical_cores() > 1:
         streams = _tune_streams(bundle, recipe, measurer, level, feeds[recipe.batch_size], best["intra_op_threads"])
         tuning["streams"] = streams.model_dump(mode="json")
         if streams.chosen:

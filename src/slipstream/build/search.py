@@ -48,7 +48,7 @@ from slipstream.build.torch_source import (
 from slipstream.data.datasets import Dataset, load_dataset
 from slipstream.errors import ConfigError, EngineError, SlipstreamError
 from slipstream.evaluate.metrics import Metric, get_metric
-from slipstream.evaluate.sidebyside import SideBySide
+from slipstream.evaluate.sidebyside import ALTERNATING, SideBySide
 from slipstream.runtime.choice import cpu_features, engine_key
 from slipstream.runtime.targets import cpu_model, physical_cores, target
 
@@ -313,11 +313,13 @@ def _search(
         # The confirmations, taken at different times, reversed the first pass: time the two together.
         notify(BuildEvent(stage="head to head", candidate=f"{selection.winner} vs {runner.name}"))
         record = record.model_copy(update={"head_to_head": _head_to_head(record, selection.winner, runner, measurer)})
-        if (decided := select(record, recipe.budget)).winner != selection.winner:
+        decided = select(record, recipe.budget)
+        if decided.winner != selection.winner:
             # Its gain over the baseline was the low re-timing that lost it the first place: time it again.
             notify(BuildEvent(stage="confirm", candidate=decided.winner))
             record = _with_confirmed_gain(record, decided.winner, baseline_bundle, measurer, again=True)
-        selection = select(record, recipe.budget)
+            decided = select(record, recipe.budget)
+        selection = decided
     run.record = record = record.model_copy(update={"selection": selection})
     winner_result = record.candidate(selection.winner)
     winner_src = Bundle.load(winner_result.bundle) if winner_result.bundle else baseline_bundle
@@ -334,11 +336,9 @@ def _search(
 def _torch_side_by_side(
     ctx: TorchSourceContext, bundle: Bundle, name: str, tuning: dict[str, Any], measurer: Measurer, recipe: Recipe
 ) -> SideBySide:
-    """torch eager against the winner at the winner's tuned settings, but with onnxruntime not spinning
-    (cached by content, like every timing). A spinning session's idle threads take the cores torch's next call
-    needs: on the digits CNN at 2 threads, onnxruntime came out 3.45× torch call by call with spinning and
-    2.36× without (benchmarks/interleave_bias.py); the lower figure is the one a user can count on."""
-    chosen = {**tuning["chosen"], "intra_op_spinning": False}
+    """torch eager against the winner at the winner's tuned settings, with the ``ALTERNATING`` ones on top
+    (onnxruntime not spinning: evaluate/sidebyside.py), cached by content like every timing."""
+    chosen = {**tuning["chosen"], **ALTERNATING}
     key = "torch-eager:" + sha256_json([measurer.key(bundle), ctx.data_key, chosen, name])
     if key in measurer.cache:
         return SideBySide.model_validate(measurer.cache[key])

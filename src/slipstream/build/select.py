@@ -185,9 +185,10 @@ def runner_up(record: RunRecord, selection: Selection) -> CandidateResult | None
     if winner.metrics is None:
         return None
     first = objective_gain(base, winner.metrics, record.objective)
-    faster = [
+    gains = [
         (objective_gain(base, c.metrics, record.objective), c)
         for c in (record.candidate(n) for n in selection.runners)
-        if c.metrics is not None and objective_gain(base, c.metrics, record.objective) > first
+        if c.metrics is not None
     ]
+    faster = [(gain, c) for gain, c in gains if gain > first]
     return max(faster, key=lambda item: item[0])[1] if faster else None

@@ -196,12 +196,11 @@ def bench(
 
             report = do_bench(build_engine, settings)
             if compare is not None:  # side by side with the same bundle and threads, torch at its thread count
+                from slipstream.evaluate.sidebyside import ALTERNATING
                 from slipstream.evaluate.torch_eager import TORCH_EAGER, compare_torch_source
 
-                # onnxruntime not spinning: its idle threads would take the cores torch's next call needs
-                # (build/search.py _torch_side_by_side has the numbers)
-                quiet = open_engine(b, tgt.model_copy(update={"intra_op_spinning": False}))
-                timed = compare_torch_source(compare, quiet, settings, trust_pickle=trust_pickle)
+                alternating = open_engine(b, tgt.model_copy(update=ALTERNATING))  # see ALTERNATING's comment
+                timed = compare_torch_source(compare, alternating, settings, trust_pickle=trust_pickle)
                 report = report.model_copy(update={"source_framework": TORCH_EAGER, "comparisons": timed})
     if as_json:
         print_json(report)

@@ -76,11 +76,9 @@ def _run(recipe: Recipe, *, quiet: bool) -> BuildResult:
                     completed=event.index,
                     total=event.total,
                 )
-            elif event.total:  # a stage with steps of its own (sensitivity: one per layer)
-                what = escape(event.candidate or "")
-                bar.update(task, description=f"{event.stage} {what}", completed=event.index, total=event.total)
-            else:
-                bar.update(task, description=f"{event.stage} {escape(event.candidate or '')}", total=None)
+            else:  # a stage; with steps of its own (sensitivity: one per layer) when it has a total
+                description = f"{event.stage} {escape(event.candidate or '')}"
+                bar.update(task, description=description, completed=event.index, total=event.total or None)
 
         return run_build(recipe, progress=on_event)
 

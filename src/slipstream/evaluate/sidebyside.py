@@ -22,6 +22,13 @@ Clock = Callable[[], float]
 # p90 / p50 above this on either side, and the ratio of the two p50s is not shown as a number.
 UNSTABLE_SPREAD = 2.0
 
+# Target settings for an engine timed in alternation with another (interleave): onnxruntime without intra-op
+# spinning. A spinning session's idle threads take the cores the other side's next call needs. Measured on
+# the digits CNN at 2 threads (benchmarks/interleave_bias.py): OpenVINO against a spinning onnxruntime 0.40×
+# call by call, 0.79× with spinning off, 0.68× in blocks where nothing interleaves; onnxruntime against torch
+# eager 3.45× with spinning, 2.36× without. Off, onnxruntime runs ~6-8 % below its best: the safer figure.
+ALTERNATING: dict[str, object] = {"intra_op_spinning": False}
+
 
 class Spread(Frozen):
     """One side's per-call latencies, summarised."""
